@@ -1,0 +1,310 @@
+//! The `backtree` command: argument parsing, progress display and output formatting. All the
+//! work is done by `backtree-core` and `backtree-store`; this file only wires them together and
+//! turns errors into one clear sentence and an exit code.
+//!
+//! Exit codes (docs/cli.md): 0 success; 1 error, nothing committed; 2 usage error;
+//! 3 the generation was committed but some paths were skipped (each was reported).
+
+mod output;
+
+use anyhow::{bail, Context, Result};
+use backtree_core::ingest::{self, IngestOptions, Progress};
+use backtree_core::manifest::SkippedPath;
+use backtree_core::Repository;
+use backtree_store::{DynStore, LocalStore};
+use clap::{Args, Parser, Subcommand};
+use std::io::IsTerminal;
+use std::os::unix::fs::MetadataExt;
+use std::path::PathBuf;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Exit code when a generation was committed but some paths were skipped.
+const EXIT_PARTIAL: i32 = 3;
+
+#[derive(Parser)]
+#[command(
+    name = "backtree",
+    version,
+    about = "Every host's backups as a plain, browsable, read-only directory tree",
+    long_about = "backtree stores generations of directory trees in a deduplicated, compressed \
+                  repository (a local directory), and lists them.\n\n\
+                  Exit codes: 0 success; 1 error (nothing committed); 2 usage error; \
+                  3 generation committed but some paths were skipped."
+)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Args, Clone)]
+struct RepoArg {
+    /// Repository location: a local directory.
+    #[arg(long, short = 'r', env = "BACKTREE_REPO", value_name = "PATH")]
+    repo: String,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Create a new, empty repository.
+    Init {
+        #[command(flatten)]
+        repo: RepoArg,
+    },
+    /// Store directories and files as a new generation of a host.
+    ///
+    /// A single directory becomes the generation's root, so that
+    /// `rsync -a MOUNT/HOST/latest/ /target/` restores it. Several paths (or one file) appear at
+    /// the generation's root under their own names.
+    Ingest {
+        #[command(flatten)]
+        repo: RepoArg,
+        /// Host the generation belongs to (letters, digits, '.', '-', '_').
+        #[arg(long)]
+        host: String,
+        /// Time the generation represents (RFC 3339); default: now.
+        #[arg(long, value_name = "RFC3339")]
+        time: Option<String>,
+        /// A free-form label stored with the generation.
+        #[arg(long, value_name = "L")]
+        label: Option<String>,
+        /// Leave out matching entries. Without '/', the pattern matches names at any depth
+        /// ('*.tmp', 'cache'); with '/', the path below the source ('var/cache/**').
+        #[arg(long, value_name = "GLOB")]
+        exclude: Vec<String>,
+        /// Print the result as JSON (the generation's manifest and every skipped path).
+        #[arg(long)]
+        json: bool,
+        /// Directories and files to ingest.
+        #[arg(required = true, value_name = "PATH")]
+        paths: Vec<PathBuf>,
+    },
+    /// List hosts, a host's generations, or files in a generation.
+    ///
+    /// `ls` lists hosts; `ls HOST` its generations (time, files, logical size, new bytes
+    /// stored); `ls HOST/GENERATION[/PATH]` files with `ls -l`-like columns. GENERATION may be
+    /// `latest`.
+    Ls {
+        #[command(flatten)]
+        repo: RepoArg,
+        /// Print JSON instead of columns.
+        #[arg(long)]
+        json: bool,
+        #[arg(value_name = "HOST[/GENERATION[/PATH]]")]
+        what: Option<String>,
+    },
+}
+
+fn main() {
+    // Like other Unix tools, die quietly when the reader of our output goes away (`| head`).
+    // SAFETY: setting a signal disposition to the default before any thread is started.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("BACKTREE_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let code = match run(cli) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("backtree: {}", chain(&e));
+            1
+        }
+    };
+    std::process::exit(code);
+}
+
+/// One sentence: the error and its causes, without repeating a cause already in the message.
+fn chain(e: &anyhow::Error) -> String {
+    let mut out = e.to_string();
+    for cause in e.chain().skip(1) {
+        let c = cause.to_string();
+        if !out.contains(&c) {
+            out.push_str(": ");
+            out.push_str(&c);
+        }
+    }
+    out
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")
+}
+
+fn store_for(location: &str, create: bool) -> Result<DynStore> {
+    if location.starts_with("s3://") {
+        bail!("S3 repositories are not supported by this version yet: {location}");
+    }
+    let store = if create {
+        LocalStore::create(location)
+    } else {
+        if !std::path::Path::new(location).exists() {
+            bail!("repository {location} does not exist; create it with `backtree init --repo {location}`");
+        }
+        LocalStore::open(location)
+    }?;
+    Ok(Arc::new(store))
+}
+
+fn run(cli: Cli) -> Result<i32> {
+    let rt = runtime()?;
+    match cli.cmd {
+        Cmd::Init { repo } => {
+            let store = store_for(&repo.repo, true)?;
+            rt.block_on(Repository::init(store))?;
+            println!("created backtree repository at {}", repo.repo);
+            Ok(0)
+        }
+        Cmd::Ingest {
+            repo,
+            host,
+            time,
+            label,
+            exclude,
+            json,
+            paths,
+        } => {
+            let time = time
+                .map(|t| {
+                    chrono::DateTime::parse_from_rfc3339(&t)
+                        .map(|t| t.with_timezone(&chrono::Utc))
+                        .with_context(|| {
+                            format!(
+                                "--time {t:?} is not an RFC 3339 time such as 2026-11-20T01:00:00Z"
+                            )
+                        })
+                })
+                .transpose()?;
+            let store = store_for(&repo.repo, false)?;
+            let r = rt.block_on(Repository::open(store))?;
+            // Never back up the repository into itself.
+            let skip_dirs = std::fs::metadata(&repo.repo)
+                .map(|m| vec![(m.dev(), m.ino())])
+                .unwrap_or_default();
+            let opts = IngestOptions {
+                host,
+                sources: paths,
+                time,
+                label,
+                excludes: exclude,
+                skip_dirs,
+                checkpoint_bytes: None,
+            };
+            ingest_cmd(&rt, r, opts, json)
+        }
+        Cmd::Ls { repo, json, what } => {
+            let store = store_for(&repo.repo, false)?;
+            let r = rt.block_on(Repository::open(store))?;
+            rt.block_on(output::ls(&r, what.as_deref(), json))?;
+            Ok(0)
+        }
+    }
+}
+
+fn ingest_cmd(
+    rt: &tokio::runtime::Runtime,
+    repo: Repository,
+    opts: IngestOptions,
+    json: bool,
+) -> Result<i32> {
+    let progress = Arc::new(Progress::default());
+    let bar = std::io::stderr().is_terminal().then(|| {
+        let b = indicatif::ProgressBar::new_spinner();
+        b.set_style(
+            indicatif::ProgressStyle::with_template("{spinner} {elapsed_precise} {msg}")
+                .unwrap_or_else(|_| indicatif::ProgressStyle::default_spinner()),
+        );
+        b.enable_steady_tick(Duration::from_millis(120));
+        b
+    });
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let ticker = bar.clone().map(|b| {
+        let p = progress.clone();
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            let start = std::time::Instant::now();
+            while !stop.load(Ordering::Relaxed) {
+                let bytes = p.bytes.load(Ordering::Relaxed);
+                let rate = bytes as f64 / start.elapsed().as_secs_f64().max(0.001);
+                b.set_message(format!(
+                    "{} files, {}, {}/s{}",
+                    p.files.load(Ordering::Relaxed),
+                    output::size(bytes),
+                    output::size(rate as u64),
+                    match p.skipped.load(Ordering::Relaxed) {
+                        0 => String::new(),
+                        n => format!(", {n} skipped"),
+                    }
+                ));
+                std::thread::sleep(Duration::from_millis(200));
+            }
+        })
+    });
+    let bar_for_skip = bar.clone();
+    let on_skip = move |s: &SkippedPath| {
+        let line = format!("backtree: skipped {}: {}", s.path, s.error);
+        match &bar_for_skip {
+            Some(b) => b.println(line),
+            None => eprintln!("{line}"),
+        }
+    };
+    let handle = rt.handle().clone();
+    let result = std::thread::scope(|scope| {
+        scope
+            .spawn(|| ingest::ingest(&repo, &handle, &opts, &progress, &on_skip))
+            .join()
+    });
+    stop.store(true, Ordering::Relaxed);
+    if let Some(t) = ticker {
+        let _ = t.join();
+    }
+    if let Some(b) = &bar {
+        b.finish_and_clear();
+    }
+    let report = match result {
+        Ok(r) => r?,
+        Err(_) => bail!("the ingest crashed; nothing was committed"),
+    };
+    let m = &report.manifest;
+    if json {
+        let v = serde_json::json!({ "generation": m, "skipped": report.skipped, "seconds": report.seconds });
+        println!("{}", serde_json::to_string_pretty(&v)?);
+    } else {
+        let s = &m.stats;
+        let ratio = if s.new_stored_bytes > 0 {
+            format!("{:.1}x", s.logical_bytes as f64 / s.new_stored_bytes as f64)
+        } else {
+            "all deduplicated".to_owned()
+        };
+        println!(
+            "{}/{}: {} files, {} read, {} new, {} stored, ratio {}, {:.1} s{}",
+            m.host,
+            m.name,
+            s.files,
+            output::size(s.read_bytes),
+            output::size(s.new_raw_bytes),
+            output::size(s.new_stored_bytes),
+            ratio,
+            report.seconds,
+            if report.skipped.is_empty() {
+                String::new()
+            } else {
+                format!(", {} paths skipped", report.skipped.len())
+            }
+        );
+    }
+    Ok(if report.skipped.is_empty() {
+        0
+    } else {
+        EXIT_PARTIAL
+    })
+}

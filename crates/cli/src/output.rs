@@ -1,0 +1,218 @@
+//! Human and JSON output of `backtree ls`.
+
+use anyhow::{bail, Result};
+use backtree_core::tree::{Entry, Kind};
+use backtree_core::Repository;
+use chrono::{TimeZone, Utc};
+use serde_json::json;
+
+/// Bytes in binary units, like `ls -h`.
+pub fn size(n: u64) -> String {
+    const UNITS: [&str; 6] = ["B", "KiB", "MiB", "GiB", "TiB", "PiB"];
+    let mut v = n as f64;
+    let mut u = 0;
+    while v >= 1024.0 && u < UNITS.len() - 1 {
+        v /= 1024.0;
+        u += 1;
+    }
+    if u == 0 {
+        format!("{n} B")
+    } else {
+        format!("{v:.1} {}", UNITS[u])
+    }
+}
+
+/// `drwxr-xr-x`-style mode string, with setuid/setgid/sticky.
+pub fn mode_string(kind: Kind, mode: u32) -> String {
+    let t = match kind {
+        Kind::File => '-',
+        Kind::Dir => 'd',
+        Kind::Symlink => 'l',
+        Kind::Chardev => 'c',
+        Kind::Blockdev => 'b',
+        Kind::Fifo => 'p',
+        Kind::Socket => 's',
+    };
+    let mut s = String::with_capacity(10);
+    s.push(t);
+    for (i, special, lower, upper) in [
+        (6, 0o4000, 's', 'S'),
+        (3, 0o2000, 's', 'S'),
+        (0, 0o1000, 't', 'T'),
+    ] {
+        let bits = (mode >> i) & 7;
+        s.push(if bits & 4 != 0 { 'r' } else { '-' });
+        s.push(if bits & 2 != 0 { 'w' } else { '-' });
+        let x = bits & 1 != 0;
+        s.push(match (mode & special != 0, x) {
+            (true, true) => lower,
+            (true, false) => upper,
+            (false, true) => 'x',
+            (false, false) => '-',
+        });
+    }
+    s
+}
+
+fn time(secs: i64) -> String {
+    Utc.timestamp_opt(secs, 0)
+        .single()
+        .map(|t| t.format("%Y-%m-%d %H:%M").to_string())
+        .unwrap_or_else(|| secs.to_string())
+}
+
+fn entry_json(e: &Entry) -> serde_json::Value {
+    json!({
+        "name": String::from_utf8_lossy(&e.name),
+        "type": e.kind,
+        "mode": format!("{:04o}", e.mode),
+        "uid": e.uid, "gid": e.gid, "user": e.user, "group": e.group,
+        "size": e.size,
+        "mtime": e.mtime.0, "mtime_nsec": e.mtime.1,
+        "target": e.target.as_ref().map(|t| String::from_utf8_lossy(t).into_owned()),
+    })
+}
+
+pub async fn ls(repo: &Repository, what: Option<&str>, json: bool) -> Result<()> {
+    let what = what.unwrap_or("").trim_matches('/');
+    if what.is_empty() {
+        let hosts = repo.hosts().await?;
+        let mut rows = Vec::new();
+        for h in &hosts {
+            let gens = repo.generations(h).await?;
+            rows.push((
+                h.clone(),
+                gens.len(),
+                gens.last().cloned().unwrap_or_default(),
+            ));
+        }
+        if json {
+            let v: Vec<_> = rows
+                .iter()
+                .map(|(h, n, l)| json!({"host": h, "generations": n, "latest": l}))
+                .collect();
+            println!("{}", serde_json::to_string_pretty(&v)?);
+        } else {
+            println!("{:<24} {:>11}  LATEST", "HOST", "GENERATIONS");
+            for (h, n, l) in rows {
+                println!("{h:<24} {n:>11}  {l}");
+            }
+        }
+        return Ok(());
+    }
+    let mut parts = what.splitn(3, '/');
+    let host = parts.next().unwrap_or_default();
+    let gen = parts.next();
+    let path = parts.next().unwrap_or("");
+    let Some(gen) = gen else {
+        let gens = repo.generations(host).await?;
+        if gens.is_empty() {
+            bail!("host {host:?} has no generations in this repository");
+        }
+        let mut ms = Vec::new();
+        for g in &gens {
+            ms.push(repo.manifest(host, g).await?);
+        }
+        if json {
+            println!("{}", serde_json::to_string_pretty(&ms)?);
+        } else {
+            println!(
+                "{:<22} {:<20} {:>9} {:>11} {:>11}  LABEL",
+                "GENERATION", "TIME", "FILES", "SIZE", "NEW STORED"
+            );
+            for m in ms {
+                let t = m
+                    .datetime()
+                    .map(|t| t.format("%Y-%m-%d %H:%M:%S").to_string())
+                    .unwrap_or(m.time.clone());
+                println!(
+                    "{:<22} {:<20} {:>9} {:>11} {:>11}  {}",
+                    m.name,
+                    t,
+                    m.stats.files,
+                    size(m.stats.logical_bytes),
+                    size(m.stats.new_stored_bytes),
+                    m.label.unwrap_or_default()
+                );
+            }
+        }
+        return Ok(());
+    };
+    let gen = if gen == "latest" {
+        match repo.latest(host).await? {
+            Some(g) => g,
+            None => bail!("host {host:?} has no generations in this repository"),
+        }
+    } else {
+        gen.to_owned()
+    };
+    let m = repo.manifest(host, &gen).await?;
+    let entry = match repo
+        .resolve(
+            &m.root.tree.unwrap_or(backtree_core::Id([0; 32])),
+            path.as_bytes(),
+        )
+        .await?
+    {
+        Some(e) => e,
+        None => m.root.clone(),
+    };
+    let entries = match (entry.kind, entry.tree) {
+        (Kind::Dir, Some(t)) => repo.dir_entries(&t).await?,
+        _ => vec![entry],
+    };
+    if json {
+        let v: Vec<_> = entries.iter().map(entry_json).collect();
+        println!("{}", serde_json::to_string_pretty(&v)?);
+        return Ok(());
+    }
+    for e in entries {
+        let owner = e.user.clone().unwrap_or_else(|| e.uid.to_string());
+        let group = e.group.clone().unwrap_or_else(|| e.gid.to_string());
+        let sz = match (e.kind, e.rdev) {
+            (Kind::Chardev | Kind::Blockdev, Some(r)) => {
+                format!("{}, {}", libc_major(r), libc_minor(r))
+            }
+            _ => e.size.to_string(),
+        };
+        let name = String::from_utf8_lossy(&e.name);
+        let target = e
+            .target
+            .as_ref()
+            .map(|t| format!(" -> {}", String::from_utf8_lossy(t)))
+            .unwrap_or_default();
+        println!(
+            "{} {:<8} {:<8} {:>12} {} {}{}",
+            mode_string(e.kind, e.mode),
+            owner,
+            group,
+            sz,
+            time(e.mtime.0),
+            name,
+            target
+        );
+    }
+    Ok(())
+}
+
+fn libc_major(dev: u64) -> u64 {
+    ((dev >> 32) & 0xffff_f000) | ((dev >> 8) & 0x0000_0fff)
+}
+
+fn libc_minor(dev: u64) -> u64 {
+    ((dev >> 12) & 0xffff_ff00) | (dev & 0x0000_00ff)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn modes_and_sizes() {
+        assert_eq!(mode_string(Kind::File, 0o4755), "-rwsr-xr-x");
+        assert_eq!(mode_string(Kind::Dir, 0o1777), "drwxrwxrwt");
+        assert_eq!(mode_string(Kind::File, 0o2644), "-rw-r-Sr--");
+        assert_eq!(size(512), "512 B");
+        assert_eq!(size(1536), "1.5 KiB");
+    }
+}

@@ -1,0 +1,463 @@
+//! The index: blob id → (pack, offset, length), written as immutable per-ingest files.
+//!
+//! # File format (`index/<blake3 of the file, hex>`)
+//! ```text
+//! "BTIDX001"                       8-byte magic
+//! pack_count u32, entry_count u32
+//! fanout: 256 × u32                fanout[b] = number of entries whose id's first byte <= b
+//! packs: pack_count × 33 bytes     kind u8, pack id [32]
+//! entries: entry_count × 52 bytes  id [32], pack u32 (row in the pack table), offset u32,
+//!                                  stored_len u32, raw_len u32, flags u8, 3 zero bytes
+//! ```
+//! Entries are sorted by id. All integers little-endian. Entries have a fixed size so a reader
+//! can fetch exactly the entries of one id prefix ("bucket") with one ranged read, using the
+//! fanout table, without reading the rest of the file.
+//!
+//! # Reading lazily
+//! [`IndexSet`] is what readers (`ls`, the mount) use. It lists `index/` when first needed and
+//! loads, per index file, only the header and then the buckets (1/256 of the id space) that
+//! lookups actually touch. Reading one small file therefore costs one ranged read per index file
+//! for one bucket, not the whole index of every host. A loaded entry costs about 60 bytes of
+//! memory (32-byte id, 20-byte location, hash-table overhead). When a lookup misses, the set
+//! lists `index/` again, so blobs of generations committed after the mount started are found.
+//!
+//! The writer instead wants every id (to deduplicate against the whole repository) and reads
+//! each index file whole into a set of ids: about 40 bytes per chunk (1 TiB of unique data in
+//! 1 MiB chunks ≈ 1 M chunks ≈ 40 MB).
+//!
+//! Many index files make first lookups slower (one ranged read per file); a later `compact`
+//! step merges them into sorted shards by id prefix. Entries are idempotent facts about
+//! immutable packs, so duplicates across files are harmless and merging needs no lock.
+
+use crate::error::{Error, Result};
+use crate::id::{pack_key, BlobKind, Id};
+use crate::pack::PackEntry;
+use backtree_store::DynStore;
+use std::collections::{HashMap, HashSet};
+use tokio::sync::RwLock;
+
+pub const MAGIC: &[u8; 8] = b"BTIDX001";
+pub const INDEX_PREFIX: &str = "index/";
+const HEADER_LEN: usize = 8 + 8 + 256 * 4;
+const PACK_ROW: usize = 33;
+const ENTRY_LEN: usize = 52;
+
+/// Where a blob lives.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Location {
+    pub kind: BlobKind,
+    pub pack: Id,
+    pub offset: u32,
+    pub stored_len: u32,
+    pub raw_len: u32,
+    pub flags: u8,
+}
+
+impl Location {
+    /// The store key of the pack holding the blob.
+    pub fn pack_key(&self) -> String {
+        pack_key(self.kind, &self.pack)
+    }
+}
+
+/// Builds one index file from the packs an ingest wrote.
+#[derive(Debug, Default)]
+pub struct IndexBuilder {
+    packs: Vec<(BlobKind, Id)>,
+    entries: Vec<(Id, u32, PackEntry)>,
+}
+
+impl IndexBuilder {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Adds every blob of one pack.
+    pub fn add_pack(&mut self, kind: BlobKind, pack: Id, entries: &[PackEntry]) {
+        let row = self.packs.len() as u32;
+        self.packs.push((kind, pack));
+        self.entries.extend(entries.iter().map(|e| (e.id, row, *e)));
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    /// Encodes the file; returns its store key and bytes.
+    pub fn encode(mut self) -> (String, Vec<u8>) {
+        self.entries.sort_by(|a, b| a.0.cmp(&b.0));
+        self.entries.dedup_by(|a, b| a.0 == b.0);
+        let mut fanout = [0u32; 256];
+        for (id, _, _) in &self.entries {
+            fanout[id.0[0] as usize] += 1;
+        }
+        for b in 1..256 {
+            fanout[b] += fanout[b - 1];
+        }
+        let mut out = Vec::with_capacity(
+            HEADER_LEN + self.packs.len() * PACK_ROW + self.entries.len() * ENTRY_LEN,
+        );
+        out.extend_from_slice(MAGIC);
+        out.extend_from_slice(&(self.packs.len() as u32).to_le_bytes());
+        out.extend_from_slice(&(self.entries.len() as u32).to_le_bytes());
+        for f in fanout {
+            out.extend_from_slice(&f.to_le_bytes());
+        }
+        for (kind, id) in &self.packs {
+            out.push(*kind as u8);
+            out.extend_from_slice(&id.0);
+        }
+        for (id, row, e) in &self.entries {
+            out.extend_from_slice(&id.0);
+            out.extend_from_slice(&row.to_le_bytes());
+            out.extend_from_slice(&e.offset.to_le_bytes());
+            out.extend_from_slice(&e.stored_len.to_le_bytes());
+            out.extend_from_slice(&e.raw_len.to_le_bytes());
+            out.push(e.flags);
+            out.extend_from_slice(&[0, 0, 0]);
+        }
+        let key = format!("{INDEX_PREFIX}{}", Id::of(&out).to_hex());
+        (key, out)
+    }
+}
+
+fn u32_at(b: &[u8], i: usize) -> u32 {
+    u32::from_le_bytes([b[i], b[i + 1], b[i + 2], b[i + 3]])
+}
+
+/// The parsed fixed-size head of an index file.
+#[derive(Debug, Clone)]
+struct Header {
+    pack_count: u32,
+    entry_count: u32,
+    fanout: Vec<u32>,
+}
+
+impl Header {
+    fn parse(key: &str, b: &[u8], file_len: u64) -> Result<Header> {
+        if b.len() < HEADER_LEN || &b[..8] != MAGIC {
+            return Err(Error::corrupt(key, "not an index file (bad magic)"));
+        }
+        let pack_count = u32_at(b, 8);
+        let entry_count = u32_at(b, 12);
+        let fanout: Vec<u32> = (0..256).map(|i| u32_at(b, 16 + 4 * i)).collect();
+        let monotone = fanout.windows(2).all(|w| w[0] <= w[1]);
+        let expected = HEADER_LEN as u64
+            + pack_count as u64 * PACK_ROW as u64
+            + entry_count as u64 * ENTRY_LEN as u64;
+        if !monotone || fanout[255] != entry_count || expected != file_len {
+            return Err(Error::corrupt(
+                key,
+                "index header inconsistent with its size",
+            ));
+        }
+        Ok(Header {
+            pack_count,
+            entry_count,
+            fanout,
+        })
+    }
+
+    fn entries_start(&self) -> u64 {
+        HEADER_LEN as u64 + self.pack_count as u64 * PACK_ROW as u64
+    }
+
+    fn bucket_range(&self, b: u8) -> (u64, u64) {
+        let lo = if b == 0 {
+            0
+        } else {
+            self.fanout[b as usize - 1]
+        };
+        let hi = self.fanout[b as usize];
+        (lo as u64, hi as u64)
+    }
+}
+
+fn parse_packs(key: &str, b: &[u8]) -> Result<Vec<(BlobKind, Id)>> {
+    b.chunks_exact(PACK_ROW)
+        .map(|r| {
+            let kind = BlobKind::from_u8(r[0])
+                .ok_or_else(|| Error::corrupt(key, "unknown pack kind in index"))?;
+            Ok((kind, Id::from_slice(&r[1..]).unwrap_or(Id([0; 32]))))
+        })
+        .collect()
+}
+
+fn parse_entry(key: &str, r: &[u8], packs: &[(BlobKind, Id)]) -> Result<(Id, Location)> {
+    let id = Id::from_slice(&r[..32]).unwrap_or(Id([0; 32]));
+    let row = u32_at(r, 32) as usize;
+    let (kind, pack) = *packs
+        .get(row)
+        .ok_or_else(|| Error::corrupt(key, "index entry names a pack outside its table"))?;
+    Ok((
+        id,
+        Location {
+            kind,
+            pack,
+            offset: u32_at(r, 36),
+            stored_len: u32_at(r, 40),
+            raw_len: u32_at(r, 44),
+            flags: r[48],
+        },
+    ))
+}
+
+/// Parses a whole index file (used by the writer and by tests).
+pub fn parse_file(key: &str, b: &[u8]) -> Result<Vec<(Id, Location)>> {
+    let h = Header::parse(key, b, b.len() as u64)?;
+    let ps = HEADER_LEN;
+    let pe = ps + h.pack_count as usize * PACK_ROW;
+    let packs = parse_packs(key, &b[ps..pe])?;
+    b[pe..]
+        .chunks_exact(ENTRY_LEN)
+        .map(|r| parse_entry(key, r, &packs))
+        .collect()
+}
+
+/// Reads every index file and returns the set of all indexed ids (what a writer needs to
+/// deduplicate against the whole repository).
+pub async fn load_all_ids(store: &DynStore) -> Result<HashSet<Id>> {
+    let mut ids = HashSet::new();
+    for obj in store.list(INDEX_PREFIX).await? {
+        let bytes = store.get(&obj.key).await?;
+        for (id, _) in parse_file(&obj.key, &bytes)? {
+            ids.insert(id);
+        }
+    }
+    Ok(ids)
+}
+
+#[derive(Debug)]
+struct FileState {
+    key: String,
+    size: u64,
+    header: Option<Header>,
+    packs: Option<Vec<(BlobKind, Id)>>,
+}
+
+#[derive(Debug, Default)]
+struct State {
+    listed: bool,
+    files: Vec<FileState>,
+    buckets: HashMap<u8, HashMap<Id, Location>>,
+}
+
+/// Lazily loaded view of every index file (see the module docs).
+#[derive(Debug)]
+pub struct IndexSet {
+    store: DynStore,
+    state: RwLock<State>,
+}
+
+impl IndexSet {
+    pub fn new(store: DynStore) -> Self {
+        IndexSet {
+            store,
+            state: RwLock::new(State::default()),
+        }
+    }
+
+    /// Finds a blob. Loads its bucket from every index file on first use; on a miss, looks
+    /// for index files written since the last listing.
+    pub async fn lookup(&self, id: &Id) -> Result<Location> {
+        let b = id.0[0];
+        {
+            let st = self.state.read().await;
+            if let Some(loc) = st.buckets.get(&b).and_then(|m| m.get(id)) {
+                return Ok(*loc);
+            }
+        }
+        let mut st = self.state.write().await;
+        if !st.listed {
+            self.refresh(&mut st).await?;
+        }
+        if !st.buckets.contains_key(&b) {
+            let mut map = HashMap::new();
+            for i in 0..st.files.len() {
+                self.load_bucket(&mut st.files[i], b, &mut map).await?;
+            }
+            st.buckets.insert(b, map);
+        }
+        if let Some(loc) = st.buckets.get(&b).and_then(|m| m.get(id)) {
+            return Ok(*loc);
+        }
+        // Not found: maybe it was committed after we last listed.
+        let before = st.files.len();
+        self.refresh(&mut st).await?;
+        let loaded: Vec<u8> = st.buckets.keys().copied().collect();
+        for i in before..st.files.len() {
+            for &lb in &loaded {
+                let mut map = std::mem::take(st.buckets.get_mut(&lb).expect("loaded bucket"));
+                let res = self.load_bucket(&mut st.files[i], lb, &mut map).await;
+                st.buckets.insert(lb, map);
+                res?;
+            }
+        }
+        st.buckets
+            .get(&b)
+            .and_then(|m| m.get(id))
+            .copied()
+            .ok_or(Error::BlobNotIndexed { id: *id })
+    }
+
+    /// Number of index files currently known.
+    pub async fn file_count(&self) -> usize {
+        self.state.read().await.files.len()
+    }
+
+    /// Number of entries loaded into memory.
+    pub async fn loaded_entries(&self) -> usize {
+        self.state
+            .read()
+            .await
+            .buckets
+            .values()
+            .map(|m| m.len())
+            .sum()
+    }
+
+    async fn refresh(&self, st: &mut State) -> Result<()> {
+        let listing = self.store.list(INDEX_PREFIX).await?;
+        let known: HashSet<&str> = st.files.iter().map(|f| f.key.as_str()).collect();
+        let new: Vec<FileState> = listing
+            .into_iter()
+            .filter(|o| !known.contains(o.key.as_str()))
+            .map(|o| FileState {
+                key: o.key,
+                size: o.size,
+                header: None,
+                packs: None,
+            })
+            .collect();
+        st.files.extend(new);
+        st.listed = true;
+        Ok(())
+    }
+
+    async fn load_bucket(
+        &self,
+        f: &mut FileState,
+        b: u8,
+        into: &mut HashMap<Id, Location>,
+    ) -> Result<()> {
+        if f.header.is_none() {
+            let head = self
+                .store
+                .get_range(&f.key, 0..(HEADER_LEN as u64).min(f.size))
+                .await?;
+            f.header = Some(Header::parse(&f.key, &head, f.size)?);
+        }
+        let h = f.header.clone().expect("header loaded above");
+        let (lo, hi) = h.bucket_range(b);
+        if lo == hi {
+            return Ok(());
+        }
+        if f.packs.is_none() {
+            let start = HEADER_LEN as u64;
+            let bytes = self
+                .store
+                .get_range(&f.key, start..h.entries_start())
+                .await?;
+            f.packs = Some(parse_packs(&f.key, &bytes)?);
+        }
+        let packs = f.packs.as_deref().expect("packs loaded above");
+        let es = h.entries_start();
+        let bytes = self
+            .store
+            .get_range(
+                &f.key,
+                es + lo * ENTRY_LEN as u64..es + hi * ENTRY_LEN as u64,
+            )
+            .await?;
+        for r in bytes.chunks_exact(ENTRY_LEN) {
+            let (id, loc) = parse_entry(&f.key, r, packs)?;
+            if id.0[0] != b {
+                return Err(Error::corrupt(&f.key, "index entry in the wrong bucket"));
+            }
+            into.insert(id, loc);
+        }
+        let _ = h.entry_count;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::pack::PackBuilder;
+    use backtree_store::{MemoryStore, ObjectStore};
+    use bytes::Bytes;
+    use proptest::prelude::*;
+    use std::sync::Arc;
+
+    fn pack_of(n: u32, salt: u8) -> crate::pack::FinishedPack {
+        let mut b = PackBuilder::new(BlobKind::Data, 0);
+        for i in 0..n {
+            let data = [salt, (i >> 8) as u8, i as u8];
+            b.add(Id::of(&data), 1, &data, 3);
+        }
+        b.finish()
+    }
+
+    #[tokio::test]
+    async fn lazy_lookup_across_files_and_late_files() {
+        let store: DynStore = Arc::new(MemoryStore::new());
+        let p1 = pack_of(500, 1);
+        let mut b = IndexBuilder::new();
+        b.add_pack(p1.kind, p1.id, &p1.entries);
+        let (k1, bytes1) = b.encode();
+        store.put(&k1, Bytes::from(bytes1)).await.unwrap();
+
+        let set = IndexSet::new(store.clone());
+        let e = p1.entries[17];
+        let loc = set.lookup(&e.id).await.unwrap();
+        assert_eq!(
+            (loc.pack, loc.offset, loc.stored_len),
+            (p1.id, e.offset, e.stored_len)
+        );
+        // Only one bucket was loaded, not the whole file.
+        assert!(set.loaded_entries().await < 20);
+
+        // A second index file written later is found on a miss.
+        let p2 = pack_of(300, 2);
+        let mut b = IndexBuilder::new();
+        b.add_pack(p2.kind, p2.id, &p2.entries);
+        let (k2, bytes2) = b.encode();
+        store.put(&k2, Bytes::from(bytes2)).await.unwrap();
+        for e in p2.entries.iter().chain(p1.entries.iter()) {
+            assert_eq!(set.lookup(&e.id).await.unwrap().offset, e.offset);
+        }
+        assert!(matches!(
+            set.lookup(&Id::of(b"absent")).await,
+            Err(Error::BlobNotIndexed { .. })
+        ));
+        let all = load_all_ids(&store).await.unwrap();
+        assert_eq!(all.len(), 800);
+    }
+
+    proptest! {
+        #[test]
+        fn index_round_trip(n in 0u32..300, salt in any::<u8>()) {
+            let p = pack_of(n, salt);
+            let mut b = IndexBuilder::new();
+            b.add_pack(p.kind, p.id, &p.entries);
+            let (key, bytes) = b.encode();
+            let parsed = parse_file(&key, &bytes).unwrap();
+            prop_assert_eq!(parsed.len(), n as usize);
+            for (id, loc) in parsed {
+                let e = p.entries.iter().find(|e| e.id == id).unwrap();
+                prop_assert_eq!(loc.offset, e.offset);
+                prop_assert_eq!(loc.pack, p.id);
+            }
+        }
+
+        #[test]
+        fn corrupt_index_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..2000)) {
+            let _ = parse_file("i", &bytes);
+        }
+    }
+}

@@ -1,0 +1,706 @@
+//! The writer: turns directory trees into a generation.
+//!
+//! An ingest walks its sources depth-first in name order. Per directory it `lstat`s every
+//! entry, reads the regular files (several at once, via rayon), recurses into subdirectories,
+//! and finally stores the directory as a tree blob; so trees are written bottom-up and each
+//! directory is finished before its parent. Memory is bounded by the depth of the tree times the
+//! size of a directory's entries, plus the packs in flight.
+//!
+//! - **Incremental**: a file whose size, mtime, ctime and inode match the same path in the
+//!   host's newest generation, and whose chunks the repository still indexes, is not read again.
+//! - **Hardlinks**: files with `st_nlink > 1` are grouped by (device, inode); each group is read
+//!   once and gets a group number; the generation's hardlink table records how many entries
+//!   each group has within the generation (the true link count to show in the mount).
+//! - **Bad input**: an entry that cannot be read or vanishes is reported through the callback
+//!   with its path, recorded in the manifest and left out; the generation still completes and
+//!   the report says how many were skipped. A missing source or a repository problem is an
+//!   error before anything is written.
+//! - **Commit**: packs, then the index file, then the manifest with create-if-absent (see
+//!   `writer` and `manifest`).
+
+mod meta;
+pub mod read;
+pub mod writer;
+
+use crate::error::{Error, Result};
+use crate::id::Id;
+use crate::index::load_all_ids;
+use crate::manifest::{
+    candidate_name, check_host, generation_name, Manifest, SkippedPath, Stats, MANIFEST_VERSION,
+};
+use crate::repo::Repository;
+use crate::tree::{
+    encode_links, paginate, ChunkList, Entry, Kind, PageRef, Time, Tree, INLINE_CHUNKS,
+};
+use bytes::Bytes;
+use chrono::{DateTime, Utc};
+use globset::{GlobBuilder, GlobSet, GlobSetBuilder};
+use rayon::prelude::*;
+use std::collections::HashMap;
+use std::ffi::OsStr;
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+use tokio::runtime::Handle;
+use writer::BlobWriter;
+
+/// What to ingest and how to name it.
+#[derive(Debug, Clone, Default)]
+pub struct IngestOptions {
+    pub host: String,
+    /// One directory becomes the generation's root; several paths (or one non-directory)
+    /// appear at the root under their own names.
+    pub sources: Vec<PathBuf>,
+    /// The time the generation represents; default: now.
+    pub time: Option<DateTime<Utc>>,
+    pub label: Option<String>,
+    /// Glob patterns. A pattern without `/` matches an entry's name at any depth; a pattern with
+    /// `/` matches the path relative to the source root (`**` crosses directories).
+    pub excludes: Vec<String>,
+    /// Directories never to enter, by (device, inode): the repository itself when it lies inside
+    /// a source.
+    pub skip_dirs: Vec<(u64, u64)>,
+    /// New pack bytes between index checkpoints (default [`writer::CHECKPOINT_BYTES`]).
+    pub checkpoint_bytes: Option<u64>,
+}
+
+/// Live counters for a progress display.
+#[derive(Debug, Default)]
+pub struct Progress {
+    pub files: AtomicU64,
+    pub bytes: AtomicU64,
+    pub skipped: AtomicU64,
+}
+
+/// The outcome of a successful ingest.
+#[derive(Debug, Clone)]
+pub struct IngestReport {
+    pub manifest: Manifest,
+    /// Every skipped path (the manifest keeps the first 100).
+    pub skipped: Vec<SkippedPath>,
+    pub seconds: f64,
+}
+
+/// Called for each skipped path as it happens.
+pub type OnSkip<'a> = &'a (dyn Fn(&SkippedPath) + Sync);
+
+/// Ingests from async code: runs [`ingest`] on a blocking thread.
+pub async fn ingest_async(repo: Arc<Repository>, opts: IngestOptions) -> Result<IngestReport> {
+    let handle = Handle::current();
+    tokio::task::spawn_blocking(move || {
+        ingest(&repo, &handle, &opts, &Progress::default(), &|_| {})
+    })
+    .await
+    .map_err(|e| Error::Invalid(format!("ingest task failed: {e}")))?
+}
+
+/// Ingests `opts.sources` as a new generation of `opts.host`. Must run outside the async
+/// runtime's worker threads (it blocks on `handle`).
+pub fn ingest(
+    repo: &Repository,
+    handle: &Handle,
+    opts: &IngestOptions,
+    progress: &Progress,
+    on_skip: OnSkip<'_>,
+) -> Result<IngestReport> {
+    let started = Instant::now();
+    let started_at = Utc::now();
+    check_host(&opts.host)?;
+    let excludes = Excludes::new(&opts.excludes)?;
+    let layout = Layout::of(&opts.sources)?;
+    let time = opts.time.unwrap_or(started_at);
+
+    let store = repo.store().clone();
+    let known = handle.block_on(load_all_ids(&store))?;
+    let parent = handle.block_on(previous(repo, &opts.host));
+    let cfg = repo.config();
+    let w = BlobWriter::new(
+        store.clone(),
+        handle.clone(),
+        cfg.compression.level,
+        cfg.pack_size as usize,
+        known,
+        opts.checkpoint_bytes.unwrap_or(writer::CHECKPOINT_BYTES),
+    );
+    let walker = Walker {
+        repo,
+        handle,
+        w: &w,
+        excludes,
+        skip_dirs: opts.skip_dirs.clone(),
+        names: meta::Names::default(),
+        links: Mutex::new(Links::default()),
+        stats: Counters::default(),
+        skipped: Mutex::new(Vec::new()),
+        progress,
+        on_skip,
+    };
+
+    let parent_root = parent.as_ref().and_then(|m| m.root.tree);
+    let root = match &layout {
+        Layout::Dir(path) => {
+            let m = std::fs::symlink_metadata(path).map_err(|e| Error::io(path, e))?;
+            let xattrs = meta::xattrs(path).map_err(|e| Error::io(path, e))?;
+            let mut root = meta::entry(b"", &m, &walker.names, xattrs);
+            root.tree = Some(walker.dir(path, b"", parent_root, true)?);
+            root
+        }
+        Layout::Many(items) => {
+            let mut prev = match parent_root {
+                Some(t) => walker.prev_entries(Some(t)),
+                None => HashMap::new(),
+            };
+            let mut entries = Vec::new();
+            for (name, path) in items {
+                let m = match std::fs::symlink_metadata(path) {
+                    Ok(m) => m,
+                    Err(e) => return Err(Error::io(path, e)),
+                };
+                let p = prev.remove(name.as_bytes());
+                if let Some(e) =
+                    walker.entry(path, name.as_bytes(), name.as_bytes(), m, p.as_ref())?
+                {
+                    entries.push(e);
+                }
+            }
+            walker.resolve_hardlinks(&mut entries);
+            entries.sort_by(|a, b| a.name.cmp(&b.name));
+            let t = Time(time.timestamp(), time.timestamp_subsec_nanos());
+            Entry {
+                name: Vec::new(),
+                kind: Kind::Dir,
+                mode: 0o755,
+                uid: 0,
+                gid: 0,
+                user: Some("root".into()),
+                group: Some("root".into()),
+                mtime: t,
+                atime: t,
+                ctime: t,
+                size: 0,
+                ino: 0,
+                link: None,
+                rdev: None,
+                xattrs: Vec::new(),
+                tree: Some(walker.store_dir(entries)?),
+                target: None,
+                chunks: None,
+                chunk_list: None,
+            }
+        }
+    };
+
+    let links_id = {
+        let links = lock(&walker.links);
+        let mut table: Vec<(u64, u32)> = links.counts.iter().map(|(g, c)| (*g, *c)).collect();
+        table.sort_unstable();
+        if table.is_empty() {
+            None
+        } else {
+            Some(w.store_tree(&encode_links(&table))?)
+        }
+    };
+    w.finish()?;
+
+    let skipped = std::mem::take(&mut *lock(&walker.skipped));
+    let c = &walker.stats;
+    let ws = &w.stats;
+    let stats = Stats {
+        files: c.files.load(Ordering::Relaxed),
+        dirs: c.dirs.load(Ordering::Relaxed),
+        symlinks: c.symlinks.load(Ordering::Relaxed),
+        others: c.others.load(Ordering::Relaxed),
+        logical_bytes: c.logical.load(Ordering::Relaxed),
+        read_bytes: c.read.load(Ordering::Relaxed),
+        unchanged_files: c.unchanged.load(Ordering::Relaxed),
+        new_raw_bytes: ws.new_raw_bytes.load(Ordering::Relaxed),
+        new_stored_bytes: ws.new_stored_bytes.load(Ordering::Relaxed),
+        new_chunks: ws.new_chunks.load(Ordering::Relaxed),
+        skipped: skipped.len() as u64,
+    };
+    let mut manifest = Manifest {
+        version: MANIFEST_VERSION,
+        host: opts.host.clone(),
+        name: String::new(),
+        time: time.to_rfc3339_opts(chrono::SecondsFormat::Nanos, true),
+        started: started_at.to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
+        finished: String::new(),
+        label: opts.label.clone(),
+        root,
+        links: links_id,
+        sources: opts
+            .sources
+            .iter()
+            .map(|p| p.display().to_string())
+            .collect(),
+        parent: parent.map(|m| m.name),
+        stats,
+        errors: skipped.iter().take(100).cloned().collect(),
+        session: hex::encode(rand::random::<[u8; 16]>()),
+        tool: format!("backtree {}", env!("CARGO_PKG_VERSION")),
+    };
+    handle.block_on(commit(repo, &mut manifest, &time))?;
+    Ok(IngestReport {
+        manifest,
+        skipped,
+        seconds: started.elapsed().as_secs_f64(),
+    })
+}
+
+/// Writes the manifest under the first free name for its time: the commit point.
+async fn commit(repo: &Repository, m: &mut Manifest, time: &DateTime<Utc>) -> Result<()> {
+    let base = generation_name(time);
+    let existing = repo.generations(&m.host).await?;
+    let mut n = 1;
+    loop {
+        let name = candidate_name(&base, n);
+        n += 1;
+        if existing.contains(&name) {
+            continue;
+        }
+        m.name = name.clone();
+        m.finished = Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
+        let key = Manifest::key(&m.host, &name);
+        if repo
+            .store()
+            .put_if_absent(&key, Bytes::from(m.to_json()))
+            .await?
+        {
+            return Ok(());
+        }
+        if n > 10_000 {
+            return Err(Error::Invalid(format!(
+                "no free generation name for {base}"
+            )));
+        }
+    }
+}
+
+/// The host's newest generation, if it can be read (otherwise the ingest simply reads all).
+async fn previous(repo: &Repository, host: &str) -> Option<Manifest> {
+    let name = repo.latest(host).await.ok()??;
+    match repo.manifest(host, &name).await {
+        Ok(m) => Some(m),
+        Err(e) => {
+            tracing::warn!(
+                "cannot read previous generation {host}/{name}, reading everything: {e}"
+            );
+            None
+        }
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// How the sources map onto the generation's root.
+enum Layout {
+    Dir(PathBuf),
+    Many(Vec<(std::ffi::OsString, PathBuf)>),
+}
+
+impl Layout {
+    fn of(sources: &[PathBuf]) -> Result<Layout> {
+        if sources.is_empty() {
+            return Err(Error::Invalid(
+                "nothing to ingest: no source path given".into(),
+            ));
+        }
+        let mut metas = Vec::new();
+        for s in sources {
+            match std::fs::symlink_metadata(s) {
+                Ok(m) => metas.push(m),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                    return Err(Error::SourceMissing { path: s.clone() })
+                }
+                Err(e) => return Err(Error::io(s, e)),
+            }
+        }
+        if sources.len() == 1 && metas[0].is_dir() {
+            return Ok(Layout::Dir(sources[0].clone()));
+        }
+        let mut seen: HashMap<std::ffi::OsString, PathBuf> = HashMap::new();
+        let mut items = Vec::new();
+        for s in sources {
+            let name = std::fs::canonicalize(s)
+                .ok()
+                .and_then(|c| c.file_name().map(|n| n.to_owned()))
+                .or_else(|| s.file_name().map(|n| n.to_owned()))
+                .ok_or_else(|| {
+                    Error::Invalid(format!(
+                        "{} has no name to use at the generation's root",
+                        s.display()
+                    ))
+                })?;
+            if let Some(first) = seen.get(&name) {
+                return Err(Error::NameClash {
+                    name: name.to_string_lossy().into_owned(),
+                    first: first.clone(),
+                    second: s.clone(),
+                });
+            }
+            seen.insert(name.clone(), s.clone());
+            items.push((name, s.clone()));
+        }
+        Ok(Layout::Many(items))
+    }
+}
+
+/// Compiled exclude patterns.
+struct Excludes {
+    names: GlobSet,
+    paths: GlobSet,
+}
+
+impl Excludes {
+    fn new(patterns: &[String]) -> Result<Excludes> {
+        let mut names = GlobSetBuilder::new();
+        let mut paths = GlobSetBuilder::new();
+        for p in patterns {
+            let pat = p.trim_start_matches('/');
+            let glob = GlobBuilder::new(pat)
+                .literal_separator(true)
+                .backslash_escape(true)
+                .build()
+                .map_err(|e| Error::InvalidExclude {
+                    pattern: p.clone(),
+                    reason: e.kind().to_string(),
+                })?;
+            if p.contains('/') {
+                paths.add(glob);
+            } else {
+                names.add(glob);
+            }
+        }
+        let build = |b: GlobSetBuilder| {
+            b.build().map_err(|e| Error::InvalidExclude {
+                pattern: patterns.join(" "),
+                reason: e.to_string(),
+            })
+        };
+        Ok(Excludes {
+            names: build(names)?,
+            paths: build(paths)?,
+        })
+    }
+
+    fn excluded(&self, name: &[u8], rel: &[u8]) -> bool {
+        self.names.is_match(Path::new(OsStr::from_bytes(name)))
+            || self.paths.is_match(Path::new(OsStr::from_bytes(rel)))
+    }
+}
+
+#[derive(Default)]
+struct Counters {
+    files: AtomicU64,
+    dirs: AtomicU64,
+    symlinks: AtomicU64,
+    others: AtomicU64,
+    logical: AtomicU64,
+    read: AtomicU64,
+    unchanged: AtomicU64,
+}
+
+/// Hardlink bookkeeping.
+#[derive(Default)]
+struct Links {
+    /// (device, inode) → group.
+    groups: HashMap<(u64, u64), u64>,
+    /// group → entries seen in this generation.
+    counts: HashMap<u64, u32>,
+    /// group → content of the first successfully read member.
+    content: HashMap<u64, (Option<ChunkList>, Option<Id>)>,
+}
+
+struct Walker<'a> {
+    repo: &'a Repository,
+    handle: &'a Handle,
+    w: &'a BlobWriter,
+    excludes: Excludes,
+    skip_dirs: Vec<(u64, u64)>,
+    names: meta::Names,
+    links: Mutex<Links>,
+    stats: Counters,
+    skipped: Mutex<Vec<SkippedPath>>,
+    progress: &'a Progress,
+    on_skip: OnSkip<'a>,
+}
+
+fn join(rel: &[u8], name: &[u8]) -> Vec<u8> {
+    if rel.is_empty() {
+        name.to_vec()
+    } else {
+        [rel, b"/", name].concat()
+    }
+}
+
+impl Walker<'_> {
+    fn skip(&self, path: &Path, err: impl std::fmt::Display) {
+        let s = SkippedPath {
+            path: path.display().to_string(),
+            error: err.to_string(),
+        };
+        (self.on_skip)(&s);
+        self.progress.skipped.fetch_add(1, Ordering::Relaxed);
+        lock(&self.skipped).push(s);
+    }
+
+    /// The previous generation's entries of a directory, by name.
+    fn prev_entries(&self, tree: Option<Id>) -> HashMap<Vec<u8>, Entry> {
+        let Some(t) = tree else { return HashMap::new() };
+        match self.handle.block_on(self.repo.dir_entries(&t)) {
+            Ok(es) => es.into_iter().map(|e| (e.name.clone(), e)).collect(),
+            Err(e) => {
+                tracing::warn!(
+                    "previous generation's directory {t} unreadable, reading its files again: {e}"
+                );
+                HashMap::new()
+            }
+        }
+    }
+
+    /// Walks one directory and stores it; returns its tree id. `is_root`: errors reading the
+    /// directory itself are fatal (the source is unreadable) rather than a skipped entry.
+    fn dir(&self, path: &Path, rel: &[u8], prev: Option<Id>, is_root: bool) -> Result<Id> {
+        let mut names: Vec<std::ffi::OsString> = Vec::new();
+        for item in read::list_dir(path).map_err(|e| Error::io(path, e))? {
+            match item {
+                Ok(n) => names.push(n),
+                Err(e) if is_root => return Err(Error::io(path, e)),
+                Err(e) => {
+                    self.skip(path, format!("error while listing: {e}"));
+                    break;
+                }
+            }
+        }
+        names.sort_by(|a, b| a.as_bytes().cmp(b.as_bytes()));
+        let mut prev = self.prev_entries(prev);
+        self.stats.dirs.fetch_add(1, Ordering::Relaxed);
+
+        // lstat everything first; then read regular files in parallel; then recurse.
+        let mut items = Vec::with_capacity(names.len());
+        for name in names {
+            let child = path.join(&name);
+            let crel = join(rel, name.as_bytes());
+            if self.excludes.excluded(name.as_bytes(), &crel) {
+                continue;
+            }
+            match std::fs::symlink_metadata(&child) {
+                Ok(m) => {
+                    let p = prev.remove(name.as_bytes());
+                    items.push((name, child, crel, m, p));
+                }
+                Err(e) => self.skip(&child, e),
+            }
+        }
+        let files: Vec<Option<Entry>> = items
+            .par_iter()
+            .map(|(name, child, crel, m, p)| {
+                if m.is_dir() {
+                    return Ok(None);
+                }
+                self.entry(child, name.as_bytes(), crel, m.clone(), p.as_ref())
+            })
+            .collect::<Result<_>>()?;
+        let mut entries = Vec::with_capacity(items.len());
+        for ((name, child, crel, m, p), e) in items.into_iter().zip(files) {
+            if m.is_dir() {
+                if let Some(e) = self.entry(&child, name.as_bytes(), &crel, m, p.as_ref())? {
+                    entries.push(e);
+                }
+            } else if let Some(e) = e {
+                entries.push(e);
+            }
+            self.w.maybe_checkpoint()?;
+        }
+        self.resolve_hardlinks(&mut entries);
+        self.store_dir(entries)
+    }
+
+    /// Builds the entry for one path (any type); `None` if it was skipped.
+    fn entry(
+        &self,
+        path: &Path,
+        name: &[u8],
+        rel: &[u8],
+        m: std::fs::Metadata,
+        prev: Option<&Entry>,
+    ) -> Result<Option<Entry>> {
+        let xattrs = match meta::xattrs(path) {
+            Ok(x) => x,
+            Err(e) => {
+                self.skip(path, format!("cannot read extended attributes: {e}"));
+                return Ok(None);
+            }
+        };
+        let mut e = meta::entry(name, &m, &self.names, xattrs);
+        match e.kind {
+            Kind::Dir => {
+                if self.skip_dirs.contains(&(m.dev(), m.ino())) {
+                    return Ok(None);
+                }
+                let prev_tree = prev.filter(|p| p.kind == Kind::Dir).and_then(|p| p.tree);
+                match self.dir(path, rel, prev_tree, false) {
+                    Ok(t) => e.tree = Some(t),
+                    Err(Error::Io { path, source }) => {
+                        self.skip(&path, source);
+                        return Ok(None);
+                    }
+                    Err(other) => return Err(other),
+                }
+            }
+            Kind::Symlink => {
+                match std::fs::read_link(path) {
+                    Ok(t) => {
+                        // Reading a link updates its atime and no flag prevents that: take the
+                        // metadata again after the read, so the next backup sees the same atime
+                        // and an unchanged directory stays the same tree blob.
+                        if let Ok(after) = std::fs::symlink_metadata(path) {
+                            if after.is_symlink() {
+                                e.atime = Time(after.atime(), after.atime_nsec() as u32);
+                            }
+                        }
+                        e.size = t.as_os_str().len() as u64;
+                        e.target = Some(t.as_os_str().as_bytes().to_vec());
+                    }
+                    Err(err) => {
+                        self.skip(path, err);
+                        return Ok(None);
+                    }
+                }
+                self.stats.symlinks.fetch_add(1, Ordering::Relaxed);
+            }
+            Kind::File => {
+                if m.nlink() > 1 {
+                    let mut links = lock(&self.links);
+                    let next = links.groups.len() as u64 + 1;
+                    let g = *links.groups.entry((m.dev(), m.ino())).or_insert(next);
+                    e.link = Some(g);
+                    if let Some((c, l)) = links.content.get(&g) {
+                        e.chunks = c.clone();
+                        e.chunk_list = *l;
+                        drop(links);
+                        self.count_file(&e, 0, true);
+                        return Ok(Some(e));
+                    }
+                }
+                if !self.read_content(path, &mut e, &m, prev)? {
+                    return Ok(None);
+                }
+                if let Some(g) = e.link {
+                    lock(&self.links)
+                        .content
+                        .entry(g)
+                        .or_insert((e.chunks.clone(), e.chunk_list));
+                }
+            }
+            _ => {
+                self.stats.others.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        Ok(Some(e))
+    }
+
+    fn count_file(&self, e: &Entry, read: u64, unchanged: bool) {
+        self.stats.files.fetch_add(1, Ordering::Relaxed);
+        self.stats.logical.fetch_add(e.size, Ordering::Relaxed);
+        self.stats.read.fetch_add(read, Ordering::Relaxed);
+        if unchanged {
+            self.stats.unchanged.fetch_add(1, Ordering::Relaxed);
+        }
+        self.progress.files.fetch_add(1, Ordering::Relaxed);
+        self.progress.bytes.fetch_add(e.size, Ordering::Relaxed);
+    }
+
+    /// Fills a regular file's content, from the previous generation when unchanged. Returns
+    /// false if the file was skipped.
+    fn read_content(
+        &self,
+        path: &Path,
+        e: &mut Entry,
+        m: &std::fs::Metadata,
+        prev: Option<&Entry>,
+    ) -> Result<bool> {
+        if let Some(p) = prev.filter(|p| unchanged(p, e)) {
+            let inline_known = p
+                .chunks
+                .as_ref()
+                .is_none_or(|c| c.0.iter().all(|r| r.id.is_none_or(|id| self.w.known(&id))));
+            let list_known = p.chunk_list.is_none_or(|id| self.w.known(&id));
+            if inline_known && list_known {
+                e.chunks = p.chunks.clone();
+                e.chunk_list = p.chunk_list;
+                self.count_file(e, 0, true);
+                return Ok(true);
+            }
+        }
+        let chunker = self.repo.config().chunker;
+        match read::read_file(path, m.len(), &chunker, self.w) {
+            Ok((list, read)) => {
+                e.size = list.size();
+                self.count_file(e, read, false);
+                if list.0.len() > INLINE_CHUNKS {
+                    e.chunk_list = Some(self.w.store_tree(&list.encode())?);
+                } else if !list.0.is_empty() {
+                    e.chunks = Some(list);
+                }
+                Ok(true)
+            }
+            Err(err) => {
+                // A failure of the repository side is fatal; a source read error skips the file.
+                self.w.check()?;
+                self.skip(path, err);
+                Ok(false)
+            }
+        }
+    }
+
+    /// Counts hardlink members and fills the content of members processed (in parallel) before
+    /// their group's first member finished.
+    fn resolve_hardlinks(&self, entries: &mut [Entry]) {
+        let mut links = lock(&self.links);
+        for e in entries.iter_mut() {
+            if let Some(g) = e.link {
+                *links.counts.entry(g).or_insert(0) += 1;
+                if e.chunks.is_none() && e.chunk_list.is_none() && e.size > 0 {
+                    if let Some((c, l)) = links.content.get(&g) {
+                        e.chunks = c.clone();
+                        e.chunk_list = *l;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Stores a directory's entries (sorted by name), paginating large ones; returns its id.
+    fn store_dir(&self, mut entries: Vec<Entry>) -> Result<Id> {
+        entries.sort_by(|a, b| a.name.cmp(&b.name));
+        let mut pages = paginate(entries);
+        if pages.len() == 1 {
+            let page = pages.pop().unwrap_or_default();
+            return self.w.store_tree(&Tree::leaf(page).encode());
+        }
+        let mut refs = Vec::with_capacity(pages.len());
+        for page in pages {
+            let first = page.first().map(|e| e.name.clone()).unwrap_or_default();
+            let count = page.len() as u64;
+            let id = self.w.store_tree(&Tree::leaf(page).encode())?;
+            refs.push(PageRef { first, id, count });
+        }
+        self.w.store_tree(&Tree::paged(refs).encode())
+    }
+}
+
+/// Whether a file is unchanged since the previous generation: same type, size, mtime, ctime
+/// and inode (the same test rsync and restic use, plus ctime and inode to catch `touch -r`).
+fn unchanged(prev: &Entry, now: &Entry) -> bool {
+    prev.kind == Kind::File
+        && prev.size == now.size
+        && prev.mtime == now.mtime
+        && prev.ctime == now.ctime
+        && prev.ino == now.ino
+}

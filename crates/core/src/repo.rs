@@ -1,0 +1,278 @@
+//! A repository: the config, the lazily loaded index, and everything a reader needs.
+//!
+//! Reading is layered: a manifest names a root tree; a tree lists entries; a file entry holds a
+//! chunk list; a chunk id is looked up in the index to find its pack, offset and length; the
+//! stored bytes are fetched with one ranged read, decompressed and verified against the id.
+//! Nothing is read before it is needed, so opening a repository costs one small GET.
+
+use crate::blob;
+use crate::config::{Config, CONFIG_KEY};
+use crate::error::{Error, Result};
+use crate::id::{BlobKind, Id};
+use crate::index::{IndexSet, Location};
+use crate::manifest::{is_generation_name, Manifest, SNAPSHOTS_PREFIX};
+use crate::tree::{decode_links, ChunkList, Entry, Kind, Tree};
+use backtree_store::DynStore;
+use bytes::Bytes;
+use std::collections::HashMap;
+
+/// An open repository. Share it behind an `Arc`; every method takes `&self`.
+#[derive(Debug)]
+pub struct Repository {
+    store: DynStore,
+    config: Config,
+    index: IndexSet,
+}
+
+impl Repository {
+    /// Creates a new repository in an empty store. Refuses a store that already holds one.
+    pub async fn init(store: DynStore) -> Result<Repository> {
+        let config = Config::new(store.honors_create_if_absent());
+        Self::init_with(store, config).await
+    }
+
+    /// Creates a repository with explicit parameters (tests use small packs).
+    pub async fn init_with(store: DynStore, config: Config) -> Result<Repository> {
+        let location = store.location();
+        if !store.list("").await?.is_empty() {
+            return Err(Error::Invalid(format!(
+                "{location} is not empty and not a backtree repository; choose an empty location"
+            )));
+        }
+        let created = store
+            .put_if_absent(CONFIG_KEY, Bytes::from(config.to_json()))
+            .await?;
+        if !created {
+            return Err(Error::AlreadyInitialized { location });
+        }
+        Ok(Repository {
+            index: IndexSet::new(store.clone()),
+            store,
+            config,
+        })
+    }
+
+    /// Opens an existing repository, checking its format version and features.
+    pub async fn open(store: DynStore) -> Result<Repository> {
+        let location = store.location();
+        let bytes = match store.get(CONFIG_KEY).await {
+            Ok(b) => b,
+            Err(e) if e.is_not_found() => return Err(Error::NotARepository { location }),
+            Err(e) => return Err(e.into()),
+        };
+        let config = Config::parse(&location, &bytes)?;
+        Ok(Repository {
+            index: IndexSet::new(store.clone()),
+            store,
+            config,
+        })
+    }
+
+    pub fn store(&self) -> &DynStore {
+        &self.store
+    }
+
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
+    pub fn index(&self) -> &IndexSet {
+        &self.index
+    }
+
+    /// Hosts with at least one generation, sorted.
+    pub async fn hosts(&self) -> Result<Vec<String>> {
+        Ok(self.store.list_dirs(SNAPSHOTS_PREFIX).await?)
+    }
+
+    /// A host's generation names, oldest first.
+    pub async fn generations(&self, host: &str) -> Result<Vec<String>> {
+        let prefix = format!("{SNAPSHOTS_PREFIX}{host}/");
+        let mut names: Vec<String> = self
+            .store
+            .list(&prefix)
+            .await?
+            .into_iter()
+            .filter_map(|o| o.key.strip_prefix(&prefix).map(str::to_owned))
+            .filter(|n| is_generation_name(n))
+            .collect();
+        names.sort();
+        Ok(names)
+    }
+
+    /// A host's newest generation, if any.
+    pub async fn latest(&self, host: &str) -> Result<Option<String>> {
+        Ok(self.generations(host).await?.pop())
+    }
+
+    pub async fn manifest(&self, host: &str, name: &str) -> Result<Manifest> {
+        let key = Manifest::key(host, name);
+        let bytes = match self.store.get(&key).await {
+            Ok(b) => b,
+            Err(e) if e.is_not_found() => {
+                return Err(Error::NotFound {
+                    what: format!("generation {host}/{name}"),
+                })
+            }
+            Err(e) => return Err(e.into()),
+        };
+        Manifest::parse(&key, &bytes)
+    }
+
+    /// Where a blob is stored.
+    pub async fn locate(&self, id: &Id) -> Result<Location> {
+        self.index.lookup(id).await
+    }
+
+    /// Reads, decompresses and verifies one blob.
+    pub async fn read_blob(&self, id: &Id) -> Result<Vec<u8>> {
+        let loc = self.locate(id).await?;
+        self.read_blob_at(id, &loc).await
+    }
+
+    /// Reads a blob whose location is already known.
+    pub async fn read_blob_at(&self, id: &Id, loc: &Location) -> Result<Vec<u8>> {
+        let key = loc.pack_key();
+        let start = loc.offset as u64;
+        let stored = self
+            .store
+            .get_range(&key, start..start + loc.stored_len as u64)
+            .await?;
+        let what = format!("blob {id} in pack {key}");
+        // Decompression and hashing of up to 8 MiB is CPU work: keep it off the async workers.
+        let id = *id;
+        let loc = *loc;
+        tokio::task::spawn_blocking(move || {
+            blob::decode(&id, &stored, loc.flags, loc.raw_len, &what)
+        })
+        .await
+        .map_err(|e| Error::Invalid(format!("blob decoding task failed: {e}")))?
+    }
+
+    /// Reads and parses a tree blob.
+    pub async fn tree(&self, id: &Id) -> Result<Tree> {
+        let loc = self.locate(id).await?;
+        if loc.kind != BlobKind::Tree {
+            return Err(Error::corrupt(
+                format!("tree {id}"),
+                "indexed as a data blob",
+            ));
+        }
+        let raw = self.read_blob_at(id, &loc).await?;
+        Tree::decode(&format!("tree {id}"), &raw)
+    }
+
+    /// Every entry of a directory, in name order, following its pages.
+    pub async fn dir_entries(&self, id: &Id) -> Result<Vec<Entry>> {
+        let t = self.tree(id).await?;
+        if !t.is_paged() {
+            return Ok(t.entries);
+        }
+        let mut out = Vec::with_capacity(t.count() as usize);
+        for p in &t.pages {
+            out.extend(self.tree(&p.id).await?.entries);
+        }
+        Ok(out)
+    }
+
+    /// One entry of a directory by name, loading at most one page.
+    pub async fn lookup(&self, dir: &Id, name: &[u8]) -> Result<Option<Entry>> {
+        let t = self.tree(dir).await?;
+        let entries = if t.is_paged() {
+            match t.page_for(name) {
+                Some(p) => self.tree(&p.id).await?.entries,
+                None => return Ok(None),
+            }
+        } else {
+            t.entries
+        };
+        Ok(entries
+            .binary_search_by(|e| e.name.as_slice().cmp(name))
+            .ok()
+            .map(|i| entries[i].clone()))
+    }
+
+    /// Resolves a `/`-separated path below a root tree. The empty path is the root itself,
+    /// returned as `None` (the root has no entry of its own).
+    pub async fn resolve(&self, root: &Id, path: &[u8]) -> Result<Option<Entry>> {
+        let mut dir = *root;
+        let mut cur: Option<Entry> = None;
+        for comp in path.split(|&b| b == b'/').filter(|c| !c.is_empty()) {
+            if let Some(e) = &cur {
+                dir = match (e.kind, e.tree) {
+                    (Kind::Dir, Some(t)) => t,
+                    _ => {
+                        return Err(Error::NotFound {
+                            what: format!("{} (not a directory)", String::from_utf8_lossy(path)),
+                        })
+                    }
+                };
+            }
+            cur = Some(
+                self.lookup(&dir, comp)
+                    .await?
+                    .ok_or_else(|| Error::NotFound {
+                        what: String::from_utf8_lossy(path).into_owned(),
+                    })?,
+            );
+        }
+        Ok(cur)
+    }
+
+    /// A file entry's chunk list, loading it if it is stored separately.
+    pub async fn chunk_list(&self, e: &Entry) -> Result<ChunkList> {
+        if let Some(c) = &e.chunks {
+            return Ok(c.clone());
+        }
+        match &e.chunk_list {
+            Some(id) => {
+                let raw = self.read_blob(id).await?;
+                ChunkList::decode(&format!("chunk list {id}"), &raw)
+            }
+            None => Ok(ChunkList::default()),
+        }
+    }
+
+    /// Reads `len` bytes at `offset` of a file, holes as zeros. Short at end of file.
+    pub async fn read_range(&self, chunks: &ChunkList, offset: u64, len: u64) -> Result<Vec<u8>> {
+        let size = chunks.size();
+        let end = offset.saturating_add(len).min(size);
+        let mut out = Vec::with_capacity(end.saturating_sub(offset) as usize);
+        let mut pos = offset;
+        while pos < end {
+            let i = chunks
+                .find(pos)
+                .ok_or_else(|| Error::Invalid("offset past end".into()))?;
+            let (cs, ce) = (chunks.start(i), chunks.0[i].end);
+            let take_end = ce.min(end);
+            match &chunks.0[i].id {
+                None => out.resize(out.len() + (take_end - pos) as usize, 0),
+                Some(id) => {
+                    let data = self.read_blob(id).await?;
+                    if data.len() as u64 != ce - cs {
+                        return Err(Error::corrupt(
+                            format!("chunk {id}"),
+                            "size differs from the file's chunk list",
+                        ));
+                    }
+                    out.extend_from_slice(&data[(pos - cs) as usize..(take_end - cs) as usize]);
+                }
+            }
+            pos = take_end;
+        }
+        Ok(out)
+    }
+
+    /// The hardlink table of a generation: link group → number of entries.
+    pub async fn links(&self, m: &Manifest) -> Result<HashMap<u64, u32>> {
+        match &m.links {
+            None => Ok(HashMap::new()),
+            Some(id) => {
+                let raw = self.read_blob(id).await?;
+                Ok(decode_links(&format!("hardlink table {id}"), &raw)?
+                    .into_iter()
+                    .collect())
+            }
+        }
+    }
+}
