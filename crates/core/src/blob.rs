@@ -73,9 +73,7 @@ mod tests {
         assert!(decode(&id, &stored, flags, 7, "t").is_err());
         assert!(decode(&id, b"garbage", FLAG_ZSTD, 10, "t").is_err());
         // Incompressible data is stored raw.
-        let noise: Vec<u8> = (0..4096u32)
-            .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)
-            .collect();
+        let noise = crate::testing::random_bytes(7, 4096);
         let (stored, flags) = encode(&noise, 3);
         assert_eq!(flags, 0);
         assert_eq!(stored, noise);

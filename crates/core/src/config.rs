@@ -139,6 +139,8 @@ impl Config {
         struct Probe {
             format: Option<String>,
             version: Option<u32>,
+            #[serde(default)]
+            mandatory_features: Vec<String>,
         }
         let probe: Probe = serde_json::from_slice(bytes)
             .map_err(|e| Error::corrupt(CONFIG_KEY, format!("not valid JSON: {e}")))?;
@@ -155,9 +157,9 @@ impl Config {
                 supported: FORMAT_VERSION,
             });
         }
-        let cfg: Config = serde_json::from_slice(bytes)
-            .map_err(|e| Error::corrupt(CONFIG_KEY, format!("bad config: {e}")))?;
-        for f in &cfg.mandatory_features {
+        // Unknown mandatory features before the full schema: a newer repository may use values
+        // this version cannot even parse, and deserves the "upgrade" sentence.
+        for f in &probe.mandatory_features {
             if !KNOWN_FEATURES.contains(&f.as_str()) {
                 return Err(Error::UnsupportedFeature {
                     location: location.to_owned(),
@@ -165,14 +167,22 @@ impl Config {
                 });
             }
         }
+        let cfg: Config = serde_json::from_slice(bytes)
+            .map_err(|e| Error::corrupt(CONFIG_KEY, format!("bad config: {e}")))?;
         if cfg.id_hash != "blake3" || cfg.encryption.is_some() {
             return Err(Error::UnsupportedFeature {
                 location: location.to_owned(),
                 feature: format!("id hash {:?} / encryption", cfg.id_hash),
             });
         }
+        // The limits of the `fastcdc` v2020 chunker, which panics outside them.
         let c = &cfg.chunker;
-        if !(64 <= c.min && c.min <= c.avg && c.avg <= c.max && c.max <= 64 * 1024 * 1024) {
+        let ok = (64..=1 << 20).contains(&c.min)
+            && (256..=4 << 20).contains(&c.avg)
+            && (1024..=16 << 20).contains(&c.max)
+            && c.min <= c.avg
+            && c.avg <= c.max;
+        if !ok {
             return Err(Error::corrupt(
                 CONFIG_KEY,
                 "chunker parameters out of range",

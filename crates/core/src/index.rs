@@ -16,10 +16,13 @@
 //! # Reading lazily
 //! [`IndexSet`] is what readers (`ls`, the mount) use. It lists `index/` when first needed and
 //! loads, per index file, only the header and then the buckets (1/256 of the id space) that
-//! lookups actually touch. Reading one small file therefore costs one ranged read per index file
-//! for one bucket, not the whole index of every host. A loaded entry costs about 60 bytes of
-//! memory (32-byte id, 20-byte location, hash-table overhead). When a lookup misses, the set
-//! lists `index/` again, so blobs of generations committed after the mount started are found.
+//! lookups actually touch. Reading one small file therefore costs, per index file, one ranged
+//! read for one bucket (plus, the first time, one for the header and one for the pack table),
+//! not the whole index of every host. A loaded entry costs about 60–70 bytes of memory (32-byte
+//! id, 20-byte slot that names its pack by a row in a shared pack table, hash-table overhead).
+//! When a lookup misses, the set lists `index/` again, so blobs of generations committed after
+//! the mount started are found; an index file that vanished (merged by its writer or by
+//! compaction) makes the set start over from a fresh listing.
 //!
 //! The writer instead wants every id (to deduplicate against the whole repository) and reads
 //! each index file whole into a set of ids: about 40 bytes per chunk (1 TiB of unique data in
@@ -133,7 +136,6 @@ fn u32_at(b: &[u8], i: usize) -> u32 {
 #[derive(Debug, Clone)]
 struct Header {
     pack_count: u32,
-    entry_count: u32,
     fanout: Vec<u32>,
 }
 
@@ -155,11 +157,7 @@ impl Header {
                 "index header inconsistent with its size",
             ));
         }
-        Ok(Header {
-            pack_count,
-            entry_count,
-            fanout,
-        })
+        Ok(Header { pack_count, fanout })
     }
 
     fn entries_start(&self) -> u64 {
@@ -239,11 +237,38 @@ struct FileState {
     packs: Option<Vec<(BlobKind, Id)>>,
 }
 
+/// A loaded entry: the location with its pack as a row of `State::packs`.
+#[derive(Debug, Clone, Copy)]
+struct Slot {
+    pack: u32,
+    offset: u32,
+    stored_len: u32,
+    raw_len: u32,
+    flags: u8,
+}
+
 #[derive(Debug, Default)]
 struct State {
     listed: bool,
     files: Vec<FileState>,
-    buckets: HashMap<u8, HashMap<Id, Location>>,
+    buckets: HashMap<u8, HashMap<Id, Slot>>,
+    packs: Vec<(BlobKind, Id)>,
+    pack_rows: HashMap<Id, u32>,
+}
+
+impl State {
+    fn get(&self, id: &Id) -> Option<Location> {
+        let s = self.buckets.get(&id.0[0])?.get(id)?;
+        let (kind, pack) = self.packs[s.pack as usize];
+        Some(Location {
+            kind,
+            pack,
+            offset: s.offset,
+            stored_len: s.stored_len,
+            raw_len: s.raw_len,
+            flags: s.flags,
+        })
+    }
 }
 
 /// Lazily loaded view of every index file (see the module docs).
@@ -264,44 +289,48 @@ impl IndexSet {
     /// Finds a blob. Loads its bucket from every index file on first use; on a miss, looks
     /// for index files written since the last listing.
     pub async fn lookup(&self, id: &Id) -> Result<Location> {
-        let b = id.0[0];
-        {
-            let st = self.state.read().await;
-            if let Some(loc) = st.buckets.get(&b).and_then(|m| m.get(id)) {
-                return Ok(*loc);
-            }
+        if let Some(loc) = self.state.read().await.get(id) {
+            return Ok(loc);
         }
         let mut st = self.state.write().await;
+        match self.lookup_locked(&mut st, id).await {
+            Err(Error::Store(e)) if e.is_not_found() => {
+                // An index file we had listed is gone (merged by its writer, or compacted): its
+                // entries live on in another file. Start over from a fresh listing, once.
+                *st = State::default();
+                self.lookup_locked(&mut st, id).await
+            }
+            other => other,
+        }
+    }
+
+    async fn lookup_locked(&self, st: &mut State, id: &Id) -> Result<Location> {
+        let b = id.0[0];
         if !st.listed {
-            self.refresh(&mut st).await?;
+            self.refresh(st).await?;
         }
         if !st.buckets.contains_key(&b) {
-            let mut map = HashMap::new();
+            st.buckets.insert(b, HashMap::new());
             for i in 0..st.files.len() {
-                self.load_bucket(&mut st.files[i], b, &mut map).await?;
+                if let Err(e) = self.load_bucket(st, i, b).await {
+                    st.buckets.remove(&b);
+                    return Err(e);
+                }
             }
-            st.buckets.insert(b, map);
         }
-        if let Some(loc) = st.buckets.get(&b).and_then(|m| m.get(id)) {
-            return Ok(*loc);
+        if let Some(loc) = st.get(id) {
+            return Ok(loc);
         }
         // Not found: maybe it was committed after we last listed.
         let before = st.files.len();
-        self.refresh(&mut st).await?;
+        self.refresh(st).await?;
         let loaded: Vec<u8> = st.buckets.keys().copied().collect();
         for i in before..st.files.len() {
             for &lb in &loaded {
-                let mut map = std::mem::take(st.buckets.get_mut(&lb).expect("loaded bucket"));
-                let res = self.load_bucket(&mut st.files[i], lb, &mut map).await;
-                st.buckets.insert(lb, map);
-                res?;
+                self.load_bucket(st, i, lb).await?;
             }
         }
-        st.buckets
-            .get(&b)
-            .and_then(|m| m.get(id))
-            .copied()
-            .ok_or(Error::BlobNotIndexed { id: *id })
+        st.get(id).ok_or(Error::BlobNotIndexed { id: *id })
     }
 
     /// Number of index files currently known.
@@ -338,49 +367,57 @@ impl IndexSet {
         Ok(())
     }
 
-    async fn load_bucket(
-        &self,
-        f: &mut FileState,
-        b: u8,
-        into: &mut HashMap<Id, Location>,
-    ) -> Result<()> {
-        if f.header.is_none() {
+    /// Loads bucket `b` of file `fi` into `st.buckets[b]` (which must exist).
+    async fn load_bucket(&self, st: &mut State, fi: usize, b: u8) -> Result<()> {
+        let (key, size) = (st.files[fi].key.clone(), st.files[fi].size);
+        if st.files[fi].header.is_none() {
             let head = self
                 .store
-                .get_range(&f.key, 0..(HEADER_LEN as u64).min(f.size))
+                .get_range(&key, 0..(HEADER_LEN as u64).min(size))
                 .await?;
-            f.header = Some(Header::parse(&f.key, &head, f.size)?);
+            st.files[fi].header = Some(Header::parse(&key, &head, size)?);
         }
-        let h = f.header.clone().expect("header loaded above");
+        let h = st.files[fi].header.clone().expect("header loaded above");
         let (lo, hi) = h.bucket_range(b);
         if lo == hi {
             return Ok(());
         }
-        if f.packs.is_none() {
-            let start = HEADER_LEN as u64;
+        if st.files[fi].packs.is_none() {
             let bytes = self
                 .store
-                .get_range(&f.key, start..h.entries_start())
+                .get_range(&key, HEADER_LEN as u64..h.entries_start())
                 .await?;
-            f.packs = Some(parse_packs(&f.key, &bytes)?);
+            st.files[fi].packs = Some(parse_packs(&key, &bytes)?);
         }
-        let packs = f.packs.as_deref().expect("packs loaded above");
         let es = h.entries_start();
         let bytes = self
             .store
-            .get_range(
-                &f.key,
-                es + lo * ENTRY_LEN as u64..es + hi * ENTRY_LEN as u64,
-            )
+            .get_range(&key, es + lo * ENTRY_LEN as u64..es + hi * ENTRY_LEN as u64)
             .await?;
+        let packs = st.files[fi].packs.clone().unwrap_or_default();
+        let mut parsed = Vec::with_capacity(bytes.len() / ENTRY_LEN);
         for r in bytes.chunks_exact(ENTRY_LEN) {
-            let (id, loc) = parse_entry(&f.key, r, packs)?;
+            let (id, loc) = parse_entry(&key, r, &packs)?;
             if id.0[0] != b {
-                return Err(Error::corrupt(&f.key, "index entry in the wrong bucket"));
+                return Err(Error::corrupt(&key, "index entry in the wrong bucket"));
             }
-            into.insert(id, loc);
+            parsed.push((id, loc));
         }
-        let _ = h.entry_count;
+        for (id, loc) in parsed {
+            let next = st.packs.len() as u32;
+            let row = *st.pack_rows.entry(loc.pack).or_insert(next);
+            if row == next {
+                st.packs.push((loc.kind, loc.pack));
+            }
+            let slot = Slot {
+                pack: row,
+                offset: loc.offset,
+                stored_len: loc.stored_len,
+                raw_len: loc.raw_len,
+                flags: loc.flags,
+            };
+            st.buckets.entry(b).or_default().insert(id, slot);
+        }
         Ok(())
     }
 }
@@ -389,7 +426,7 @@ impl IndexSet {
 mod tests {
     use super::*;
     use crate::pack::PackBuilder;
-    use backtree_store::{MemoryStore, ObjectStore};
+    use backtree_store::MemoryStore;
     use bytes::Bytes;
     use proptest::prelude::*;
     use std::sync::Arc;

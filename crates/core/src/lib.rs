@@ -22,6 +22,8 @@ pub mod ingest;
 pub mod manifest;
 pub mod pack;
 pub mod repo;
+#[doc(hidden)]
+pub mod testing;
 pub mod tree;
 
 pub use error::{Error, Result};

@@ -7,7 +7,8 @@
 //!
 //! Generation names are UTC timestamps `YYYY-MM-DDTHHMMSSZ`: sortable as strings, no `:` (they
 //! become directory names on SMB shares and in URLs). A second generation of the same host in the
-//! same second gets `-2`, `-3`, …, which still sorts after the plain name.
+//! same second gets `-2`, `-3`, …; generations are ordered by [`generation_sort_key`]
+//! (timestamp, then suffix as a number).
 
 use crate::error::{Error, Result};
 use crate::id::Id;
@@ -121,6 +122,15 @@ pub fn candidate_name(base: &str, n: u32) -> String {
     }
 }
 
+/// Sort key of a generation name: timestamp, then the numeric suffix (so `-10` sorts after
+/// `-9`, which plain string order would not do).
+pub fn generation_sort_key(s: &str) -> (String, u32) {
+    match s.split_once("Z-") {
+        Some((ts, n)) => (format!("{ts}Z"), n.parse().unwrap_or(u32::MAX)),
+        None => (s.to_owned(), 1),
+    }
+}
+
 /// Whether `s` looks like a generation name.
 pub fn is_generation_name(s: &str) -> bool {
     let (ts, suffix) = match s.split_once("Z-") {
@@ -180,6 +190,10 @@ mod tests {
             ]
         );
         assert!(names.iter().all(|n| is_generation_name(n)));
+        let mut many: Vec<String> = (1..=11).map(|n| candidate_name(&base, n)).rev().collect();
+        many.sort_by_key(|n| generation_sort_key(n));
+        assert_eq!(many.last().unwrap(), "2026-11-20T010000Z-11");
+        assert_eq!(many[9], "2026-11-20T010000Z-10");
         assert!(!is_generation_name("latest"));
         assert!(!is_generation_name("2026-11-20T010000Z-1"));
         assert!(check_host("web-1.example_x").is_ok());

@@ -10,7 +10,7 @@ use crate::config::{Config, CONFIG_KEY};
 use crate::error::{Error, Result};
 use crate::id::{BlobKind, Id};
 use crate::index::{IndexSet, Location};
-use crate::manifest::{is_generation_name, Manifest, SNAPSHOTS_PREFIX};
+use crate::manifest::{generation_sort_key, is_generation_name, Manifest, SNAPSHOTS_PREFIX};
 use crate::tree::{decode_links, ChunkList, Entry, Kind, Tree};
 use backtree_store::DynStore;
 use bytes::Bytes;
@@ -96,7 +96,7 @@ impl Repository {
             .filter_map(|o| o.key.strip_prefix(&prefix).map(str::to_owned))
             .filter(|n| is_generation_name(n))
             .collect();
-        names.sort();
+        names.sort_by_cached_key(|n| generation_sort_key(n));
         Ok(names)
     }
 

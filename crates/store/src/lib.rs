@@ -11,9 +11,11 @@
 //!
 //! The trait is shaped after what S3 offers, so an S3 backend fits without changing callers:
 //! whole-object put and get, ranged get, listing by prefix (flat, or one level with a `/`
-//! delimiter), delete, and create-if-absent. Objects are never modified after they are written;
-//! the only key ever written twice with different content is none: the format avoids it (see
-//! docs/format.md), so a store that silently ignores create-if-absent cannot corrupt anything.
+//! delimiter), delete, and create-if-absent. Objects are never modified after they are written:
+//! packs and index files are named by the hash of their content, so writing one twice writes the
+//! same bytes. The one exception is a generation manifest, whose name is a timestamp; it is
+//! written with create-if-absent, and stores that ignore that condition need the extra care
+//! described in docs/concurrency.md.
 //!
 //! Every error carries the key it concerns, so a log line can always name the object.
 

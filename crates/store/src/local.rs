@@ -5,7 +5,8 @@
 //! into place with `rename` (plain put) or `link` (create-if-absent, which fails atomically if
 //! the target exists), followed by an `fsync` of the parent directory. A reader therefore sees
 //! either no object or the whole object, and a writer killed at any moment leaves at most a
-//! stray file in `.tmp/`, which is never listed and may be deleted at any time.
+//! stray file in `.tmp/`, which is never listed. Stray files older than any running write (a
+//! day, say) may be deleted; deleting a younger one can fail a write in progress.
 //!
 //! Blocking filesystem calls run on tokio's blocking pool.
 

@@ -22,6 +22,8 @@ mod meta;
 pub mod read;
 pub mod writer;
 
+pub use meta::{kind_of as meta_kind, xattrs as meta_xattrs};
+
 use crate::error::{Error, Result};
 use crate::id::Id;
 use crate::index::load_all_ids;
@@ -410,10 +412,30 @@ struct Counters {
 struct Links {
     /// (device, inode) → group.
     groups: HashMap<(u64, u64), u64>,
+    /// Groups in use.
+    used: std::collections::HashSet<u64>,
     /// group → entries seen in this generation.
     counts: HashMap<u64, u32>,
     /// group → content of the first successfully read member.
     content: HashMap<u64, (Option<ChunkList>, Option<Id>)>,
+}
+
+impl Links {
+    /// The group of a source inode. The group number is the inode number itself, so it is the
+    /// same in every generation whatever order files are read in, and directories holding
+    /// hardlinks stay identical (and deduplicated) when nothing changed. Only when two sources
+    /// on different filesystems share an inode number does a later one get a shifted number.
+    fn group(&mut self, dev: u64, ino: u64) -> u64 {
+        if let Some(g) = self.groups.get(&(dev, ino)) {
+            return *g;
+        }
+        let mut g = ino;
+        while !self.used.insert(g) {
+            g = g.wrapping_add(1 << 56);
+        }
+        self.groups.insert((dev, ino), g);
+        g
+    }
 }
 
 struct Walker<'a> {
@@ -577,14 +599,13 @@ impl Walker<'_> {
             Kind::File => {
                 if m.nlink() > 1 {
                     let mut links = lock(&self.links);
-                    let next = links.groups.len() as u64 + 1;
-                    let g = *links.groups.entry((m.dev(), m.ino())).or_insert(next);
+                    let g = links.group(m.dev(), m.ino());
                     e.link = Some(g);
                     if let Some((c, l)) = links.content.get(&g) {
                         e.chunks = c.clone();
                         e.chunk_list = *l;
                         drop(links);
-                        self.count_file(&e, 0, true);
+                        self.count_file(&e, 0, false);
                         return Ok(Some(e));
                     }
                 }

@@ -81,8 +81,9 @@ pub fn read_file(
     let mut batch_bytes = 0usize;
     let flush = |batch: &mut Vec<(u64, Vec<u8>)>, chunks: &mut Vec<ChunkRef>| -> io::Result<()> {
         let prepared: Vec<_> = batch.par_iter().map(|(_, d)| w.prepare(d)).collect();
+        w.append_all(BlobKind::Data, &prepared)
+            .map_err(io::Error::other)?;
         for ((end, _), p) in batch.iter().zip(&prepared) {
-            w.append(BlobKind::Data, p).map_err(io::Error::other)?;
             chunks.push(ChunkRef {
                 end: *end,
                 id: Some(p.id),

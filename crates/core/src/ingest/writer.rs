@@ -1,8 +1,10 @@
 //! The blob writer: deduplication, packing, uploads and index files for one ingest session.
 //!
 //! Callers hash and compress chunks on their own threads ([`BlobWriter::prepare`]), then append
-//! the results in file order ([`BlobWriter::append`]), so a file's new chunks lie contiguous in
-//! packs and a sequential restore reads contiguous ranges. Data and tree blobs go to separate
+//! each batch (up to 32 MiB of a file) in file order under one lock
+//! ([`BlobWriter::append_all`]), so a file's new chunks lie contiguous in packs (at batch
+//! granularity when several files are read in parallel) and a sequential restore reads
+//! contiguous ranges. Data and tree blobs go to separate
 //! packs. A full pack is uploaded by a task on the tokio runtime; at most
 //! [`MAX_UPLOADS_IN_FLIGHT`] packs are in flight, which bounds memory to about that many packs.
 //!
@@ -128,28 +130,35 @@ impl BlobWriter {
 
     /// Appends a prepared blob to the current pack of its kind (no-op if it was not new).
     pub fn append(&self, kind: BlobKind, p: &Prepared) -> Result<()> {
-        let Some((stored, flags)) = &p.new else {
-            return Ok(());
-        };
-        self.stats.new_chunks.fetch_add(1, Ordering::Relaxed);
-        self.stats
-            .new_raw_bytes
-            .fetch_add(p.raw_len as u64, Ordering::Relaxed);
-        let full = {
+        self.append_all(kind, std::slice::from_ref(p))
+    }
+
+    /// Appends prepared blobs in order, holding the pack lock across the whole batch so that
+    /// chunks of one file stay contiguous even while other files are read in parallel.
+    pub fn append_all(&self, kind: BlobKind, ps: &[Prepared]) -> Result<()> {
+        let mut full = Vec::new();
+        {
             let mut b = lock(self.builder(kind));
-            b.add(p.id, *flags, stored, p.raw_len);
-            if b.len() >= self.pack_size {
-                let cap = if kind == BlobKind::Data {
-                    self.pack_size + (1 << 20)
-                } else {
-                    0
+            for p in ps {
+                let Some((stored, flags)) = &p.new else {
+                    continue;
                 };
-                Some(std::mem::replace(&mut *b, PackBuilder::new(kind, cap)))
-            } else {
-                None
+                self.stats.new_chunks.fetch_add(1, Ordering::Relaxed);
+                self.stats
+                    .new_raw_bytes
+                    .fetch_add(p.raw_len as u64, Ordering::Relaxed);
+                b.add(p.id, *flags, stored, p.raw_len);
+                if b.len() >= self.pack_size {
+                    let cap = if kind == BlobKind::Data {
+                        self.pack_size + (1 << 20)
+                    } else {
+                        0
+                    };
+                    full.push(std::mem::replace(&mut *b, PackBuilder::new(kind, cap)));
+                }
             }
-        };
-        if let Some(b) = full {
+        }
+        for b in full {
             self.upload(b.finish())?;
         }
         self.check()
@@ -171,10 +180,11 @@ impl BlobWriter {
 
     /// Returns the first upload error, if any occurred.
     pub fn check(&self) -> Result<()> {
-        match lock(&self.failure).take() {
+        let mut failure = lock(&self.failure);
+        match failure.take() {
             Some(e) => {
-                // Keep failing: put a copy of the message back for later checks.
-                *lock(&self.failure) = Some(Error::Invalid(e.to_string()));
+                // Keep failing: leave a copy of the message for later checks.
+                *failure = Some(Error::Invalid(e.to_string()));
                 Err(e)
             }
             None => Ok(()),

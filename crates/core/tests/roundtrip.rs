@@ -1,0 +1,346 @@
+//! Library-level tests of the writer and reader: exact round trips, deduplication, and crash
+//! safety with a failure-injecting store.
+
+use backtree_core::config::{ChunkerParams, Config};
+use backtree_core::ingest::{self, IngestOptions, Progress};
+use backtree_core::testing::{build_fixture, compare, random_bytes};
+use backtree_core::Repository;
+use backtree_store::{DynStore, Fault, FaultyStore, MemoryStore, ObjectStore};
+use std::path::Path;
+use std::sync::Arc;
+use tokio::runtime::Handle;
+
+/// A config with small chunks and packs, so small test trees exercise many chunks, separate
+/// chunk-list blobs and many packs.
+fn small_config() -> Config {
+    let mut c = Config::new(true);
+    c.chunker = ChunkerParams {
+        min: 16 * 1024,
+        avg: 64 * 1024,
+        max: 256 * 1024,
+        ..ChunkerParams::default()
+    };
+    c.pack_size = 256 * 1024;
+    c
+}
+
+fn opts(host: &str, src: &Path) -> IngestOptions {
+    IngestOptions {
+        host: host.into(),
+        sources: vec![src.to_path_buf()],
+        ..Default::default()
+    }
+}
+
+async fn run(
+    repo: &Arc<Repository>,
+    o: IngestOptions,
+) -> backtree_core::Result<ingest::IngestReport> {
+    let repo = repo.clone();
+    let h = Handle::current();
+    tokio::task::spawn_blocking(move || {
+        ingest::ingest(&repo, &h, &o, &Progress::default(), &|_| {})
+    })
+    .await
+    .expect("ingest thread")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn round_trip_every_file_type_exactly() {
+    let dir = tempfile::tempdir().unwrap();
+    let src = dir.path().join("src");
+    let info = build_fixture(&src, true);
+    let store: DynStore = Arc::new(MemoryStore::new());
+    let repo = Arc::new(Repository::init_with(store, small_config()).await.unwrap());
+    let r = run(&repo, opts("host1", &src)).await.unwrap();
+    assert!(r.skipped.is_empty(), "skipped: {:?}", r.skipped);
+    let diffs = compare(&repo, "host1", &r.manifest.name, &src).await;
+    assert!(diffs.is_empty(), "differences: {diffs:#?}");
+
+    // Spot checks of what the comparison relies on.
+    let root = r.manifest.root.tree.unwrap();
+    let e = repo.resolve(&root, b"multi.bin").await.unwrap().unwrap();
+    assert!(
+        e.chunk_list.is_some(),
+        "a long chunk list is stored as its own blob"
+    );
+    let big = repo.resolve(&root, b"big-dir").await.unwrap().unwrap();
+    assert!(
+        repo.tree(&big.tree.unwrap()).await.unwrap().is_paged(),
+        "large directories are paged"
+    );
+    let f = repo
+        .resolve(&root, b"big-dir/f04200")
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(f.size, 4);
+    if info.sparse {
+        let s = repo.resolve(&root, b"sparse.img").await.unwrap().unwrap();
+        let list = repo.chunk_list(&s).await.unwrap();
+        assert!(list.hole_bytes() >= 60 << 20, "holes recorded, not stored");
+        assert_eq!(list.seek(0, false), Some(4096));
+        assert_eq!(list.seek(4096, true), Some(10 << 20));
+    }
+    let small = repo.resolve(&root, b"small.txt").await.unwrap().unwrap();
+    assert_eq!(small.xattr(b"user.comment"), Some(&b"kept"[..]));
+    if info.acls {
+        let s = repo.resolve(&root, b"secret").await.unwrap().unwrap();
+        assert!(s.xattr(b"system.posix_acl_access").is_some());
+        assert_eq!((s.uid, s.gid), (1234, 5678));
+    }
+    if info.capability {
+        let s = repo.resolve(&root, b"setuid").await.unwrap().unwrap();
+        assert!(s.xattr(b"security.capability").is_some());
+        assert_eq!(s.mode, 0o4755);
+    }
+    let links = repo.links(&r.manifest).await.unwrap();
+    let l = repo
+        .resolve(&root, b"dir/sub/linked3")
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(links.get(&l.link.unwrap()), Some(&3));
+
+    // Random ranges read back exactly.
+    let data = std::fs::read(src.join("multi.bin")).unwrap();
+    let list = repo.chunk_list(&e).await.unwrap();
+    for (off, len) in [
+        (0u64, 1u64),
+        (65_535, 70_000),
+        (5_999_990, 100),
+        (1_234_567, 2_000_000),
+    ] {
+        let got = repo.read_range(&list, off, len).await.unwrap();
+        let end = ((off + len) as usize).min(data.len());
+        assert_eq!(got, &data[off as usize..end], "range {off}+{len}");
+    }
+
+    // A second, unchanged ingest reads nothing and stores (almost) nothing; the result is
+    // still exact.
+    let r2 = run(&repo, opts("host1", &src)).await.unwrap();
+    let s = &r2.manifest.stats;
+    assert_eq!(s.read_bytes, 0);
+    assert!(s.new_stored_bytes * 100 < s.logical_bytes, "{s:?}");
+    assert_eq!(
+        r2.manifest.parent.as_deref(),
+        Some(r.manifest.name.as_str())
+    );
+    // Deterministic trees: hardlink groups, pages and metadata encode identically, so the whole
+    // unchanged tree (hardlinks included) is the same root blob.
+    assert_eq!(r2.manifest.root.tree, r.manifest.root.tree);
+    let diffs = compare(&repo, "host1", &r2.manifest.name, &src).await;
+    assert!(diffs.is_empty(), "differences: {diffs:#?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn several_sources_and_errors_before_writing() {
+    let dir = tempfile::tempdir().unwrap();
+    let a = dir.path().join("a");
+    let b = dir.path().join("b");
+    std::fs::create_dir_all(a.join("etc")).unwrap();
+    std::fs::create_dir_all(b.join("etc")).unwrap();
+    std::fs::write(a.join("etc/x"), b"x").unwrap();
+    std::fs::write(dir.path().join("dump.sql"), b"select 1;").unwrap();
+    let mem = Arc::new(MemoryStore::new());
+    let repo = Arc::new(Repository::init(mem.clone()).await.unwrap());
+    let objects = mem.len();
+
+    // A clash of names and a missing path are errors before anything is written.
+    let mut o = opts("h", &a.join("etc"));
+    o.sources.push(b.join("etc"));
+    let err = run(&repo, o).await.unwrap_err().to_string();
+    assert!(err.contains("\"etc\""), "{err}");
+    let err = run(&repo, opts("h", &dir.path().join("missing")))
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("does not exist") && err.contains("missing"),
+        "{err}"
+    );
+    let err = run(&repo, opts("bad/host", &a))
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("invalid host name"), "{err}");
+    assert_eq!(mem.len(), objects, "nothing written");
+
+    // Several paths appear at the root under their names; excludes apply.
+    let mut o = opts("h", &a.join("etc"));
+    o.sources.push(dir.path().join("dump.sql"));
+    o.label = Some("nightly".into());
+    let r = run(&repo, o).await.unwrap();
+    let root = r.manifest.root.tree.unwrap();
+    let names: Vec<_> = repo
+        .dir_entries(&root)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|e| e.name)
+        .collect();
+    assert_eq!(names, [b"dump.sql".to_vec(), b"etc".to_vec()]);
+    assert_eq!(r.manifest.label.as_deref(), Some("nightly"));
+
+    let mut o = opts("h2", &a);
+    o.excludes = vec!["x".into()];
+    let r = run(&repo, o).await.unwrap();
+    let e = repo
+        .resolve(&r.manifest.root.tree.unwrap(), b"etc")
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(
+        repo.dir_entries(&e.tree.unwrap()).await.unwrap().is_empty(),
+        "excluded by name"
+    );
+    let mut o = opts("h2", &a);
+    o.excludes = vec!["etc/*".into()];
+    let r = run(&repo, o).await.unwrap();
+    let e = repo
+        .resolve(&r.manifest.root.tree.unwrap(), b"etc")
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(
+        repo.dir_entries(&e.tree.unwrap()).await.unwrap().is_empty(),
+        "excluded by path"
+    );
+    assert!(run(&repo, {
+        let mut o = opts("h2", &a);
+        o.excludes = vec!["[".into()];
+        o
+    })
+    .await
+    .is_err());
+
+    // Two ingests of one host within the same second both become generations.
+    let t = chrono::DateTime::parse_from_rfc3339("2026-11-20T01:00:00Z")
+        .unwrap()
+        .to_utc();
+    for _ in 0..3 {
+        let mut o = opts("same", &a);
+        o.time = Some(t);
+        run(&repo, o).await.unwrap();
+    }
+    assert_eq!(
+        repo.generations("same").await.unwrap(),
+        [
+            "2026-11-20T010000Z",
+            "2026-11-20T010000Z-2",
+            "2026-11-20T010000Z-3"
+        ]
+    );
+    assert_eq!(repo.hosts().await.unwrap(), ["h", "h2", "same"]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_changed_byte_in_a_1gb_file_stores_about_one_chunk() {
+    let dir = tempfile::tempdir().unwrap();
+    let src = dir.path().join("vm");
+    std::fs::create_dir(&src).unwrap();
+    let img = src.join("disk.img");
+    {
+        use std::io::Write;
+        let mut f = std::fs::File::create(&img).unwrap();
+        for i in 0..64 {
+            f.write_all(&random_bytes(i, 16 << 20)).unwrap();
+        }
+    }
+    let store: DynStore = Arc::new(MemoryStore::new());
+    let repo = Arc::new(Repository::init(store).await.unwrap());
+    let first = run(&repo, opts("vm", &src)).await.unwrap().manifest.stats;
+    assert_eq!(first.read_bytes, 1 << 30);
+
+    let unchanged = run(&repo, opts("vm", &src)).await.unwrap().manifest.stats;
+    assert!(unchanged.new_stored_bytes * 100 < unchanged.logical_bytes);
+
+    // Change one byte in the middle; the file's mtime changes with it.
+    {
+        use std::os::unix::fs::FileExt;
+        let f = std::fs::OpenOptions::new().write(true).open(&img).unwrap();
+        f.write_all_at(&[0x42], 500_000_000).unwrap();
+    }
+    backtree_core::testing::set_times(&img, (1_700_000_000, 0), (1_700_000_000, 0));
+    let r = run(&repo, opts("vm", &src)).await.unwrap();
+    let s = &r.manifest.stats;
+    assert_eq!(s.read_bytes, 1 << 30, "the changed file is read again");
+    // One data chunk (plus possibly its neighbour if the boundary moved), a chunk list and a
+    // directory: at most a few chunks, at most 2 × 8 MiB of data.
+    assert!(s.new_chunks <= 5, "{s:?}");
+    assert!(s.new_raw_bytes <= 16 << 20, "{s:?}");
+    let diffs = compare(&repo, "vm", &r.manifest.name, &src).await;
+    assert!(diffs.is_empty(), "{diffs:?}");
+}
+
+/// Kills the writer after every possible number of successful writes: no generation appears,
+/// the repository stays readable, and the next ingest completes and reuses what was stored.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn writer_killed_at_any_write_leaves_no_generation() {
+    let dir = tempfile::tempdir().unwrap();
+    let src = dir.path().join("src");
+    build_fixture(&src, false);
+    let mut o = opts("crash", &src);
+    o.checkpoint_bytes = Some(512 * 1024);
+
+    // Count the writes of a clean ingest.
+    let clean_faulty = Arc::new(FaultyStore::new(Arc::new(MemoryStore::new())));
+    let repo = Arc::new(
+        Repository::init_with(clean_faulty.clone(), small_config())
+            .await
+            .unwrap(),
+    );
+    let base = clean_faulty.writes();
+    let full = run(&repo, o.clone())
+        .await
+        .unwrap()
+        .manifest
+        .stats
+        .new_stored_bytes;
+    let total = clean_faulty.writes() - base;
+    assert!(total > 10, "expected many writes, got {total}");
+
+    let mut reused_somewhere = false;
+    for k in 0..total {
+        let mem = Arc::new(MemoryStore::new());
+        let faulty = Arc::new(FaultyStore::new(mem.clone()));
+        let repo = Arc::new(
+            Repository::init_with(faulty.clone(), small_config())
+                .await
+                .unwrap(),
+        );
+        faulty.inject(Fault::FailWritesAfter(faulty.writes() + k));
+        let err = run(&repo, o.clone()).await;
+        assert!(
+            err.is_err(),
+            "write {k} of {total} failed but the ingest succeeded"
+        );
+        assert!(
+            repo.hosts().await.unwrap().is_empty(),
+            "no generation after a failure at write {k}"
+        );
+        // Every index entry that was written points at a stored pack.
+        for obj in mem.list("index/").await.unwrap() {
+            let bytes = mem.get(&obj.key).await.unwrap();
+            for (_, loc) in backtree_core::index::parse_file(&obj.key, &bytes).unwrap() {
+                assert!(
+                    mem.head(&loc.pack_key()).await.unwrap().is_some(),
+                    "index names a missing pack"
+                );
+            }
+        }
+        // A fresh writer (a new process) completes and produces an exact generation.
+        faulty.heal();
+        let repo = Arc::new(Repository::open(faulty.clone()).await.unwrap());
+        let r = run(&repo, o.clone()).await.unwrap();
+        if r.manifest.stats.new_stored_bytes < full {
+            reused_somewhere = true;
+        }
+        let diffs = compare(&repo, "crash", &r.manifest.name, &src).await;
+        assert!(diffs.is_empty(), "after failure at write {k}: {diffs:?}");
+    }
+    assert!(
+        reused_somewhere,
+        "a retry after a late failure reuses checkpointed packs"
+    );
+}

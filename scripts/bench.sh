@@ -1,0 +1,556 @@
+#!/usr/bin/env bash
+# Ingest benchmark: backtree vs restic vs borg on real data, side by side in one run.
+#
+# Datasets
+#   usr    system files from /usr, backed up where they are (no copy), then backed up again
+#          unchanged (incremental "next night" with no changes: metadata-only pass).
+#   image  an ext4 disk image file (sparse, BENCH_IMAGE_GB GiB) filled to ~70% with files
+#          copied from /usr, backed up as one big file; then the image is mounted, changed a
+#          little (new files, in-place edits, appends, deletions) and backed up again.
+#
+# For every dataset and tool: a fresh repository, the page cache dropped before every ingest
+# (cold reads; BENCH_CACHE=warm instead reads the data into the cache first), wall time
+# (including a final `sync`), CPU time, peak RSS, repository size (du -sb). A "read" row gives
+# the time of `tar -cf - PATHS | cat >/dev/null` on the same data: a single-threaded read
+# floor. Results are printed as markdown and spliced into docs/benchmarks.md between the
+# markers `<!-- bench:MODE:begin -->` and `<!-- bench:MODE:end -->` (MODE = cold or warm; the
+# prose around them is kept).
+#
+# Needs root (drop_caches, loop mount). Usage: scripts/bench.sh
+# Environment (defaults in brackets):
+#   BENCH_DIR        work directory, wiped at start          [/tmp/backtree-bench]
+#   BENCH_TARGET     cargo target dir for the release build  [/tmp/backtree-bench-target]
+#   BENCH_BACKTREE   use this backtree binary, skip the build []
+#   BENCH_USR        paths of the usr dataset                [/usr/share /usr/bin /usr/sbin /usr/include /usr/lib/x86_64-linux-gnu]
+#   BENCH_IMAGE_GB   image size, GiB                         [2]
+#   BENCH_IMAGE_FILL percent of the image filesystem to fill [70]
+#   BENCH_IMAGE_SRC  where the image's files are copied from [/usr]
+#   BENCH_CHANGE_MB  approximate MiB changed for next night  [8]
+#   BENCH_DATASETS   datasets to run                         [usr image]
+#   BENCH_TOOLS      tools to run ("read" is the baseline)   [read backtree restic borg]
+#   BENCH_CACHE      cold: drop the page cache before each ingest; warm: read the data
+#                    into the page cache before each ingest  [cold]
+#   BENCH_TIMEOUT    seconds before one ingest is killed     [1800]
+#   BENCH_DOC        markdown file to update, '' for none    [docs/benchmarks.md]
+set -euo pipefail
+
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+BENCH_DIR=${BENCH_DIR:-/tmp/backtree-bench}
+BENCH_TARGET=${BENCH_TARGET:-/tmp/backtree-bench-target}
+BENCH_BACKTREE=${BENCH_BACKTREE:-}
+BENCH_USR=${BENCH_USR:-/usr/share /usr/bin /usr/sbin /usr/include /usr/lib/x86_64-linux-gnu}
+BENCH_IMAGE_GB=${BENCH_IMAGE_GB:-2}
+BENCH_IMAGE_FILL=${BENCH_IMAGE_FILL:-70}
+BENCH_IMAGE_SRC=${BENCH_IMAGE_SRC:-/usr}
+BENCH_CHANGE_MB=${BENCH_CHANGE_MB:-8}
+BENCH_DATASETS=${BENCH_DATASETS:-usr image}
+BENCH_TOOLS=${BENCH_TOOLS:-read backtree restic borg}
+BENCH_CACHE=${BENCH_CACHE:-cold}
+BENCH_TIMEOUT=${BENCH_TIMEOUT:-1800}
+BENCH_DOC=${BENCH_DOC-$ROOT/docs/benchmarks.md}
+
+MNT=$BENCH_DIR/mnt
+RESULTS=$BENCH_DIR/results.tsv
+LOGS=$BENCH_DIR/logs
+CLK_TCK=$(getconf CLK_TCK)
+
+say() { printf '\n==> %s\n' "$*" >&2; }
+info() { printf '    %s\n' "$*" >&2; }
+die() { printf 'bench.sh: %s\n' "$*" >&2; exit 1; }
+
+# ---------------------------------------------------------------------------------------------
+# Prerequisites
+# ---------------------------------------------------------------------------------------------
+
+apt_install() {
+    [ $# -gt 0 ] || return 0
+    command -v apt-get >/dev/null || die "missing $*, and apt-get is not available"
+    say "installing Debian packages: $*"
+    if ! DEBIAN_FRONTEND=noninteractive apt-get install -y "$@"; then
+        info "apt-get install failed; running apt-get update and retrying"
+        apt-get update
+        DEBIAN_FRONTEND=noninteractive apt-get install -y "$@"
+    fi
+}
+
+prerequisites() {
+    [ "$(id -u)" -eq 0 ] || die "run as root (needs drop_caches and loop mounts)"
+    local missing=() pair
+    for pair in restic:restic borg:borgbackup jq:jq /usr/bin/time:time mkfs.ext4:e2fsprogs \
+        truncate:coreutils du:coreutils; do
+        command -v "${pair%%:*}" >/dev/null || missing+=("${pair#*:}")
+    done
+    apt_install "${missing[@]+"${missing[@]}"}"
+    command -v cargo >/dev/null || [ -n "$BENCH_BACKTREE" ] || die "cargo not found"
+}
+
+build_backtree() {
+    if [ -n "$BENCH_BACKTREE" ]; then
+        BT=$BENCH_BACKTREE
+        say "using prebuilt backtree: $BT"
+        return
+    fi
+    say "building backtree (release) into $BENCH_TARGET"
+    (cd "$ROOT" && CARGO_TARGET_DIR=$BENCH_TARGET cargo build --release -p backtree)
+    BT=$BENCH_TARGET/release/backtree
+    [ -x "$BT" ] || die "build produced no $BT"
+}
+
+# ---------------------------------------------------------------------------------------------
+# Work directory (idempotent: everything from a previous run is removed)
+# ---------------------------------------------------------------------------------------------
+
+unmount_leftovers() {
+    if mountpoint -q "$MNT" 2>/dev/null; then
+        info "unmounting $MNT"
+        umount "$MNT" || umount -l "$MNT"
+    fi
+}
+
+prepare_workdir() {
+    case "$BENCH_DIR" in
+        "" | / | /tmp | /root | /home | /usr | "$ROOT" | "${HOME:-/root}") die "refusing BENCH_DIR=$BENCH_DIR" ;;
+    esac
+    if [ -e "$BENCH_DIR" ] && [ ! -e "$BENCH_DIR/.backtree-bench" ] &&
+        [ -n "$(ls -A "$BENCH_DIR" 2>/dev/null)" ]; then
+        die "$BENCH_DIR exists, is not empty and was not made by bench.sh; choose another BENCH_DIR"
+    fi
+    say "cleaning work directory $BENCH_DIR"
+    unmount_leftovers
+    rm -rf "$BENCH_DIR"
+    mkdir -p "$BENCH_DIR" "$LOGS" "$MNT"
+    touch "$BENCH_DIR/.backtree-bench"
+    printf 'dataset\trun\ttool\tlogical\twall\tcpu\trss_kib\trepo_bytes\tadded_bytes\tother_cpu\trc\n' >"$RESULTS"
+}
+
+cleanup() {
+    unmount_leftovers
+}
+trap cleanup EXIT
+
+# ---------------------------------------------------------------------------------------------
+# Measuring
+# ---------------------------------------------------------------------------------------------
+
+# Before each ingest: cold = drop the page cache; warm = read the data ($WARM) into it.
+set_cache() {
+    sync
+    case $BENCH_CACHE in
+        cold)
+            if ! echo 3 >/proc/sys/vm/drop_caches 2>/dev/null; then
+                info "WARNING: cannot drop the page cache; this run is not cold"
+                BENCH_CACHE=not-cold
+            fi
+            ;;
+        warm) read_all "${WARM[@]}" ;;
+    esac
+}
+
+# The read baseline: every byte of PATHS through a pipe (GNU tar skips reading when writing
+# straight to /dev/null).
+read_all() {
+    tar -C / --atime-preserve=system -cf - "$@" 2>/dev/null | cat >/dev/null
+}
+
+# Busy CPU ticks of the whole machine (all cores).
+busy_ticks() {
+    awk '/^cpu / { print $2 + $3 + $4 + $7 + $8 + $9; exit }' /proc/stat
+}
+
+now() { date +%s.%N; }
+
+# measure DATASET RUN TOOL LOGICAL_BYTES REPO_DIR -- COMMAND...
+# Runs COMMAND cold, then `sync`; appends one row to $RESULTS. The command's stdout goes to
+# $LOGS/DATASET-RUN-TOOL.out, stderr to .err.
+measure() {
+    local ds=$1 run=$2 tool=$3 logical=$4 repo=$5
+    shift 6
+    local base=$LOGS/$ds-$run-$tool before after t0 t1 b0 b1 rc=0 user sys rss wall cpu other
+    before=$(du -sb "$repo" | cut -f1)
+    set_cache
+    info "$tool: $*"
+    b0=$(busy_ticks)
+    t0=$(now)
+    /usr/bin/time -o "$base.time" -f '%U %S %M' timeout "$BENCH_TIMEOUT" "$@" \
+        >"$base.out" 2>"$base.err" || rc=$?
+    sync
+    t1=$(now)
+    b1=$(busy_ticks)
+    after=$(du -sb "$repo" | cut -f1)
+    read -r user sys rss < <(tail -n1 "$base.time")
+    wall=$(awk -v a="$t0" -v b="$t1" 'BEGIN { printf "%.2f", b - a }')
+    cpu=$(awk -v u="$user" -v s="$sys" 'BEGIN { printf "%.2f", u + s }')
+    # CPU seconds used by everything else on the machine while this ingest ran: a noise gauge.
+    other=$(awk -v b0="$b0" -v b1="$b1" -v hz="$CLK_TCK" -v c="$cpu" \
+        'BEGIN { o = (b1 - b0) / hz - c; if (o < 0) o = 0; printf "%.1f", o }')
+    if [ "$rc" -ne 0 ]; then
+        # backtree exits 3 when the generation was committed with skipped paths.
+        if [ "$tool" = backtree ] && [ "$rc" -eq 3 ]; then
+            info "$tool skipped some paths (exit $rc), see $base.err"
+            rc=0
+        else
+            info "FAILED (exit $rc): $(tail -n3 "$base.err" | tr '\n' ' ')"
+        fi
+    fi
+    info "$(printf '%s %s %s: %ss wall, %ss CPU, %s MiB RSS, repo %s -> %s bytes, others used %s CPU s' \
+        "$ds" "$run" "$tool" "$wall" "$cpu" "$((rss / 1024))" "$before" "$after" "$other")"
+    printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$ds" "$run" "$tool" "$logical" \
+        "$wall" "$cpu" "$rss" "$after" "$((after - before))" "$other" "$rc" >>"$RESULTS"
+}
+
+# ---------------------------------------------------------------------------------------------
+# Tools
+# ---------------------------------------------------------------------------------------------
+
+export RESTIC_PASSWORD=bench
+export BORG_UNKNOWN_UNENCRYPTED_REPO_ACCESS_IS_OK=yes
+export BORG_RELOCATED_REPO_ACCESS_IS_OK=yes
+export BORG_BASE_DIR=$BENCH_DIR/borg-home # borg's cache and security dirs, wiped with the rest
+
+repo_of() { echo "$BENCH_DIR/repos/$1-$2"; } # DATASET TOOL
+
+init_repo() { # DATASET TOOL
+    local repo
+    repo=$(repo_of "$1" "$2")
+    mkdir -p "$BENCH_DIR/repos"
+    case $2 in
+        read) mkdir -p "$repo" ;;
+        backtree) "$BT" init --repo "$repo" >/dev/null ;;
+        restic) restic --repo "$repo" --cache-dir "$BENCH_DIR/restic-cache" init --quiet ;;
+        borg) borg init --encryption=none "$repo" ;;
+        *) die "unknown tool $2" ;;
+    esac
+}
+
+# ingest DATASET RUN TOOL HOST TIME LOGICAL PATHS...
+ingest() {
+    local ds=$1 run=$2 tool=$3 host=$4 time=$5 logical=$6 repo
+    shift 6
+    repo=$(repo_of "$ds" "$tool")
+    WARM=("$@")
+    case $tool in
+        read)
+            measure "$ds" "$run" "$tool" "$logical" "$repo" -- \
+                bash -c 'tar -C / --atime-preserve=system -cf - "$@" | cat >/dev/null' read-baseline "$@" ;;
+        backtree)
+            measure "$ds" "$run" "$tool" "$logical" "$repo" -- \
+                "$BT" ingest --repo "$repo" --host "$host" --time "$time" --json "$@" ;;
+        restic)
+            measure "$ds" "$run" "$tool" "$logical" "$repo" -- \
+                restic --repo "$repo" --cache-dir "$BENCH_DIR/restic-cache" backup --json --quiet \
+                --compression auto --host "$host" --time "$(date -u -d "$time" '+%Y-%m-%d %H:%M:%S')" "$@" ;;
+        borg)
+            measure "$ds" "$run" "$tool" "$logical" "$repo" -- \
+                borg create --compression zstd,3 --json --timestamp "${time%Z}" "$repo::$host-$run" "$@" ;;
+    esac
+}
+
+# Sum of the sizes of regular files (what every tool calls the logical size).
+logical_size() {
+    find "$@" -xdev -type f -printf '%s\n' | awk '{ s += $1 } END { printf "%d", s }'
+}
+
+# ---------------------------------------------------------------------------------------------
+# Dataset: usr
+# ---------------------------------------------------------------------------------------------
+
+run_usr() {
+    local paths logical files tool
+    read -r -a paths <<<"$BENCH_USR"
+    say "dataset usr: ${paths[*]}"
+    logical=$(logical_size "${paths[@]}")
+    files=$(find "${paths[@]}" -xdev -type f | wc -l)
+    info "$files files, $logical bytes ($(du -sh -c "${paths[@]}" 2>/dev/null | tail -n1 | cut -f1) on disk)"
+    printf 'usr\t%s files, %s MiB in %s\n' "$files" "$((logical / 1048576))" "${paths[*]}" >>"$BENCH_DIR/datasets.txt"
+    for tool in $BENCH_TOOLS; do init_repo usr "$tool"; done
+    say "usr: first ingest"
+    for tool in $BENCH_TOOLS; do
+        ingest usr first "$tool" usr 2026-01-01T01:00:00Z "$logical" "${paths[@]}"
+    done
+    say "usr: next night (nothing changed)"
+    for tool in $BENCH_TOOLS; do
+        ingest usr next "$tool" usr 2026-01-02T01:00:00Z "$logical" "${paths[@]}"
+    done
+}
+
+# ---------------------------------------------------------------------------------------------
+# Dataset: image
+# ---------------------------------------------------------------------------------------------
+
+IMG=$BENCH_DIR/image/disk.img
+IMAGE_MODE=
+
+# pick_files BUDGET_BYTES > list: regular files under BENCH_IMAGE_SRC (paths relative to /),
+# in name order, as long as their 4 KiB-rounded sizes fit in the budget.
+pick_files() {
+    (cd / && find "${BENCH_IMAGE_SRC#/}" -xdev -type f -readable ! -name $'*\n*' -printf '%s %p\n') |
+        LC_ALL=C sort -k2 |
+        awk -v budget="$1" '{
+            s = int(($1 + 4095) / 4096) * 4096
+            if (used + s > budget) next  # skip what does not fit, keep filling with smaller files
+            used += s
+            print substr($0, length($1) + 2)
+        }'
+}
+
+copy_files() { # LIST DEST
+    tar -C / --atime-preserve=system --no-recursion --verbatim-files-from -T "$1" -cf - |
+        tar -C "$2" -xpf -
+}
+
+make_image() {
+    local size used budget list=$BENCH_DIR/image/files.txt
+    mkdir -p "$BENCH_DIR/image"
+    say "image: creating a ${BENCH_IMAGE_GB} GiB ext4 image, filling ~${BENCH_IMAGE_FILL}% from $BENCH_IMAGE_SRC"
+    truncate -s "${BENCH_IMAGE_GB}G" "$IMG"
+    mkfs.ext4 -F -q -E lazy_itable_init=0,lazy_journal_init=0 "$IMG"
+    if mount -o loop "$IMG" "$MNT" 2>"$LOGS/mount.err"; then
+        IMAGE_MODE=loop
+        read -r size used < <(df -B1 --output=size,used "$MNT" | tail -n1)
+        budget=$((size * BENCH_IMAGE_FILL / 100 - used))
+        pick_files "$budget" >"$list"
+        info "copying $(wc -l <"$list") files into the mounted image"
+        copy_files "$list" "$MNT"
+        sync
+        df -h "$MNT" | tail -n1 | awk '{ printf "    image filesystem: %s used of %s (%s)\n", $3, $2, $5 }' >&2
+        IMAGE_FILL=$(df --output=pcent "$MNT" | tail -n1 | tr -d ' ')
+        umount "$MNT"
+    else
+        IMAGE_MODE=mkfs-d
+        info "loop mount failed ($(tr '\n' ' ' <"$LOGS/mount.err")); populating with mkfs.ext4 -d"
+        # ext4 metadata takes ~5% of a small filesystem.
+        budget=$((BENCH_IMAGE_GB * 1073741824 * 95 / 100 * BENCH_IMAGE_FILL / 100))
+        pick_files "$budget" >"$list"
+        mkdir -p "$BENCH_DIR/image/stage"
+        copy_files "$list" "$BENCH_DIR/image/stage"
+        mkfs.ext4 -F -q -d "$BENCH_DIR/image/stage" "$IMG"
+        rm -rf "$BENCH_DIR/image/stage"
+        IMAGE_FILL="~${BENCH_IMAGE_FILL}%"
+    fi
+    info "image: $(du -b "$IMG" | cut -f1) bytes apparent, $(du -B1 "$IMG" | cut -f1) bytes allocated"
+}
+
+# Next night, mounted: new files, in-place edits, appends, deletions; about BENCH_CHANGE_MB MiB.
+change_image_mounted() {
+    local half=$((BENCH_CHANGE_MB / 2)) i n f size list=$BENCH_DIR/image/victims.txt
+    mount -o loop "$IMG" "$MNT"
+    mkdir -p "$MNT/nextnight"
+    # New incompressible files (half the budget), 1 MiB each.
+    for ((i = 0; i < half; i++)); do
+        head -c 1048576 /dev/urandom >"$MNT/nextnight/blob-$i.bin"
+    done
+    # New compressible log-like text (the other half).
+    awk -v n=$((BENCH_CHANGE_MB - half)) 'BEGIN {
+        srand(42)
+        for (b = 0; b < n * 1048576; ) {
+            l = sprintf("2026-01-02T01:%02d:%02d host app[%d]: request id=%d status=%d took=%dms\n",
+                int(rand() * 60), int(rand() * 60), int(rand() * 9000), int(rand() * 1e9),
+                (rand() < 0.9 ? 200 : 500), int(rand() * 2000))
+            printf "%s", l; b += length(l)
+        }
+    }' >"$MNT/nextnight/app.log"
+    # Existing files between 64 KiB and 16 MiB, every 97th: 4 KiB overwritten in the middle.
+    (cd "$MNT" && find . -xdev -type f -size +64k -size -16M ! -path './nextnight/*' -printf '%s %p\n') |
+        LC_ALL=C sort -k2 | awk 'NR % 97 == 0' >"$list"
+    n=0
+    while read -r size f; do
+        dd if=/dev/urandom of="$MNT/$f" bs=4096 count=1 seek=$((size / 8192)) conv=notrunc status=none
+        n=$((n + 1))
+    done <"$list"
+    # Appends to 32 files and 16 deletions, spread over the tree.
+    (cd "$MNT" && find . -xdev -type f ! -path './nextnight/*' -printf '%p\n') | LC_ALL=C sort >"$list.all"
+    awk 'NR % 211 == 5 && ++n <= 32' "$list.all" | while read -r f; do
+        printf 'appended next night\n' >>"$MNT/$f"
+    done
+    awk 'NR % 307 == 7 && ++n <= 16' "$list.all" | while read -r f; do rm -f "$MNT/$f"; done
+    sync
+    umount "$MNT"
+    IMAGE_CHANGE="mounted: +${half} MiB random files, +$((BENCH_CHANGE_MB - half)) MiB new log text, 4 KiB overwritten in $n files, 32 appends, 16 deletions"
+}
+
+# Next night without mounting: random 4 KiB blocks overwritten in place.
+change_image_dd() {
+    local blocks i nblocks
+    nblocks=$(($(stat -c %s "$IMG") / 4096))
+    blocks=$((BENCH_CHANGE_MB * 256))
+    RANDOM=42
+    for ((i = 0; i < blocks; i++)); do
+        dd if=/dev/urandom of="$IMG" bs=4096 count=1 seek=$(((RANDOM * 32768 + RANDOM) % nblocks)) \
+            conv=notrunc status=none
+    done
+    IMAGE_CHANGE="dd conv=notrunc: $blocks random 4 KiB blocks overwritten"
+}
+
+run_image() {
+    local tool logical
+    make_image
+    logical=$(stat -c %s "$IMG")
+    printf 'image\t%s GiB sparse ext4 image (%s), filesystem %s full, %s MiB allocated\n' "$BENCH_IMAGE_GB" \
+        "$IMAGE_MODE" "$IMAGE_FILL" "$(($(du -B1 "$IMG" | cut -f1) / 1048576))" >>"$BENCH_DIR/datasets.txt"
+    for tool in $BENCH_TOOLS; do init_repo image "$tool"; done
+    say "image: first ingest"
+    for tool in $BENCH_TOOLS; do
+        ingest image first "$tool" img 2026-01-01T01:00:00Z "$logical" "$IMG"
+    done
+    say "image: next night (changing about $BENCH_CHANGE_MB MiB)"
+    if [ "$IMAGE_MODE" = loop ]; then change_image_mounted; else change_image_dd; fi
+    info "$IMAGE_CHANGE"
+    printf 'image-next\t%s\n' "$IMAGE_CHANGE" >>"$BENCH_DIR/datasets.txt"
+    for tool in $BENCH_TOOLS; do
+        ingest image next "$tool" img 2026-01-02T01:00:00Z "$logical" "$IMG"
+    done
+}
+
+# ---------------------------------------------------------------------------------------------
+# Report
+# ---------------------------------------------------------------------------------------------
+
+machine_info() {
+    local rev dirty=""
+    rev=$(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo unknown)
+    [ -z "$(git -C "$ROOT" status --porcelain -- crates Cargo.toml Cargo.lock 2>/dev/null)" ] ||
+        dirty=" + uncommitted changes"
+    echo "- Date: $(date -u '+%Y-%m-%d %H:%M UTC')"
+    echo "- CPU: $(nproc) cores, $(awk -F': ' '/model name/ { print $2; exit }' /proc/cpuinfo);" \
+        "RAM $(awk '/MemTotal/ { printf "%.0f GiB", $2 / 1048576 }' /proc/meminfo)"
+    echo "- Kernel: $(uname -r); work dir on $(df --output=source,fstype "$BENCH_DIR" | tail -n1 | tr -s ' ')"
+    echo "- backtree: $("$BT" --version | awk '{ print $2 }') (git $rev$dirty, release build);" \
+        "$(restic version | awk '{ print $1, $2 }'); $(borg --version)"
+    case $BENCH_CACHE in
+        cold) echo "- Page cache: cold, dropped before every ingest (and every read row)" ;;
+        warm) echo "- Page cache: warm, the data read into it before every ingest" ;;
+        *) echo "- Page cache: $BENCH_CACHE" ;;
+    esac
+    echo "- Load average at start $LOAD_START, at end $(cut -d' ' -f1-3 /proc/loadavg)"
+}
+
+report() {
+    awk -F'\t' -v cache="$BENCH_CACHE" '
+    function mib(b) { return sprintf("%.1f", b / 1048576) }
+    function ratio(a, b) { return (b > 0 && a > 0) ? sprintf("%.2f", a / b) : "n/a" }
+    # Ratios of a few KiB of metadata mean nothing: only when both sides added at least 1 MiB.
+    function aratio(a, b) { return (a >= 1048576 && b >= 1048576) ? ratio(a, b) : "-" }
+    NR == 1 { next }
+    {
+        k = $1 SUBSEP $2 SUBSEP $3
+        wall[k] = $5; cpu[k] = $6; rss[k] = $7; repo[k] = $8; added[k] = $9; other[k] = $10
+        rc[k] = $11; logical[$1] = $4; tools[$3] = 1
+        if (!(($1 SUBSEP $2) in seen)) { seen[$1 SUBSEP $2] = 1; rows[++nrows] = $1 SUBSEP $2 }
+        if (!($3 in tseen)) { tseen[$3] = 1; order[++ntools] = $3 }
+    }
+    END {
+        print "| dataset | run | tool | wall s | MB/s | CPU s | peak RSS MiB | repo MiB | added MiB | wall / read | other CPU s |"
+        print "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"
+        for (r = 1; r <= nrows; r++) {
+            split(rows[r], p, SUBSEP)
+            for (t = 1; t <= ntools; t++) {
+                k = rows[r] SUBSEP order[t]
+                if (!(k in wall)) continue
+                fail = (rc[k] != 0) ? " (FAILED)" : ""
+                rd = rows[r] SUBSEP "read"
+                vs = (rd in wall && wall[rd] > 0) ? sprintf("%.2f", wall[k] / wall[rd]) : "n/a"
+                if (order[t] == "read")
+                    printf "| %s | %s | read (tar) | %.1f | %.0f | %.1f | %.0f | - | - | 1.00 | %s |\n",
+                        p[1], p[2], wall[k], logical[p[1]] / 1e6 / wall[k], cpu[k], rss[k] / 1024, other[k]
+                else
+                    printf "| %s | %s | %s%s | %.1f | %.0f | %.1f | %.0f | %s | %s | %s | %s |\n",
+                        p[1], p[2], order[t], fail, wall[k], logical[p[1]] / 1e6 / wall[k], cpu[k],
+                        rss[k] / 1024, mib(repo[k]), mib(added[k]), vs, other[k]
+            }
+        }
+        print ""
+        print "Ratios (backtree / other tool). Throughput: above 1 means backtree is faster." \
+              " Stored: the repository size after the run, and the bytes the run added (\"-\" when" \
+              " under 1 MiB); below 1 means backtree stores less."
+        print ""
+        print "| dataset | run | throughput vs restic | throughput vs borg | stored vs restic | stored vs borg | added vs restic | added vs borg |"
+        print "|---|---|---:|---:|---:|---:|---:|---:|"
+        for (r = 1; r <= nrows; r++) {
+            split(rows[r], p, SUBSEP)
+            b = rows[r] SUBSEP "backtree"; rs = rows[r] SUBSEP "restic"; bo = rows[r] SUBSEP "borg"
+            if (!(b in wall)) continue
+            printf "| %s | %s | %s | %s | %s | %s | %s | %s |\n", p[1], p[2],
+                (rs in wall) ? ratio(wall[rs], wall[b]) : "n/a", (bo in wall) ? ratio(wall[bo], wall[b]) : "n/a",
+                (rs in wall) ? ratio(repo[b], repo[rs]) : "n/a", (bo in wall) ? ratio(repo[b], repo[bo]) : "n/a",
+                (rs in wall) ? aratio(added[b], added[rs]) : "n/a", (bo in wall) ? aratio(added[b], added[bo]) : "n/a"
+        }
+        print ""
+        print "Targets:"
+        print ""
+        for (r = 1; r <= nrows; r++) {
+            split(rows[r], p, SUBSEP)
+            b = rows[r] SUBSEP "backtree"; rs = rows[r] SUBSEP "restic"; bo = rows[r] SUBSEP "borg"
+            if (p[2] == "first" && (b in wall) && (rs in wall)) {
+                tp = wall[rs] / wall[b]
+                ok = (tp >= 2.5 && repo[b] <= repo[rs])
+                printf "- %s, first ingest: throughput %.2fx restic (target >= 2.5x), stored size %.2fx restic (target <= 1): **%s**\n",
+                    p[1], tp, repo[b] / repo[rs], ok ? "met" : "not met"
+            }
+            if (p[1] == "image" && p[2] == "next" && (b in wall) && (bo in wall)) {
+                printf "- image, next night: backtree %.1f s vs borg %.1f s (target: no slower): **%s**\n",
+                    wall[b], wall[bo], (wall[b] <= wall[bo]) ? "met" : "not met"
+            }
+        }
+    }' "$RESULTS"
+}
+
+write_report() {
+    local md=$BENCH_DIR/results.md
+    {
+        echo "### Page cache $BENCH_CACHE: run of $(date -u '+%Y-%m-%d')"
+        echo
+        machine_info
+        echo
+        echo "Datasets:"
+        echo
+        awk -F'\t' '{ printf "- %s: %s\n", $1, $2 }' "$BENCH_DIR/datasets.txt"
+        echo
+        echo "Wall time includes a final \`sync\`; MB/s is logical (apparent) bytes / wall time, 10^6 bytes;" \
+            "CPU s is user + system time of the tool; \"wall / read\" compares with the read (tar) row," \
+            "a single-threaded \`tar -cf - PATHS | cat >/dev/null\` of the same data; \"other CPU s\" is CPU" \
+            "time used by other processes during the ingest (noise gauge; $(nproc) cores give $(nproc) CPU s per second)."
+        echo
+        report
+    } >"$md"
+    say "results"
+    cat "$md"
+    if [ -n "$BENCH_DOC" ]; then
+        local begin="<!-- bench:$BENCH_CACHE:begin -->" end="<!-- bench:$BENCH_CACHE:end -->"
+        if [ ! -f "$BENCH_DOC" ] || ! grep -qF "$begin" "$BENCH_DOC"; then
+            mkdir -p "$(dirname "$BENCH_DOC")"
+            {
+                [ -f "$BENCH_DOC" ] && cat "$BENCH_DOC" || echo "# Benchmarks"
+                printf '\n%s\n%s\n' "$begin" "$end"
+            } >"$BENCH_DOC.tmp"
+            mv "$BENCH_DOC.tmp" "$BENCH_DOC"
+        fi
+        awk -v md="$md" -v begin="$begin" -v end="$end" '
+            $0 == begin { print; while ((getline l < md) > 0) print l; skip = 1; next }
+            $0 == end { skip = 0 }
+            !skip { print }' "$BENCH_DOC" >"$BENCH_DOC.tmp"
+        mv "$BENCH_DOC.tmp" "$BENCH_DOC"
+        say "updated $BENCH_DOC"
+    fi
+}
+
+# ---------------------------------------------------------------------------------------------
+
+main() {
+    local start ds
+    start=$(now)
+    LOAD_START=$(cut -d' ' -f1-3 /proc/loadavg)
+    prerequisites
+    prepare_workdir
+    build_backtree
+    for ds in $BENCH_DATASETS; do
+        case $ds in
+            usr) run_usr ;;
+            image) run_image ;;
+            *) die "unknown dataset $ds" ;;
+        esac
+    done
+    write_report
+    say "done in $(awk -v a="$start" -v b="$(now)" 'BEGIN { printf "%.0f", b - a }') s; logs in $LOGS"
+}
+
+main "$@"
