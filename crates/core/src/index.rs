@@ -92,7 +92,7 @@ impl IndexBuilder {
 
     /// Encodes the file; returns its store key and bytes.
     pub fn encode(mut self) -> (String, Vec<u8>) {
-        self.entries.sort_by(|a, b| a.0.cmp(&b.0));
+        self.entries.sort_by_key(|e| e.0);
         self.entries.dedup_by(|a, b| a.0 == b.0);
         let mut fanout = [0u32; 256];
         for (id, _, _) in &self.entries {
@@ -309,8 +309,8 @@ impl IndexSet {
         if !st.listed {
             self.refresh(st).await?;
         }
-        if !st.buckets.contains_key(&b) {
-            st.buckets.insert(b, HashMap::new());
+        if let std::collections::hash_map::Entry::Vacant(v) = st.buckets.entry(b) {
+            v.insert(HashMap::new());
             for i in 0..st.files.len() {
                 if let Err(e) = self.load_bucket(st, i, b).await {
                     st.buckets.remove(&b);

@@ -124,7 +124,7 @@ pub fn parse_footer(what: &str, footer: &[u8]) -> Result<u32> {
 
 /// Parses a pack's trailer records and checks them against the pack's size.
 pub fn parse_trailer(what: &str, trailer: &[u8], pack_len: u64) -> Result<Vec<PackEntry>> {
-    if trailer.len() % RECORD_LEN != 0 {
+    if !trailer.len().is_multiple_of(RECORD_LEN) {
         return Err(Error::corrupt(what, "pack trailer has a partial record"));
     }
     let data_end = pack_len.saturating_sub((trailer.len() + FOOTER_LEN) as u64);

@@ -34,6 +34,9 @@ impl Repository {
     /// Creates a repository with explicit parameters (tests use small packs).
     pub async fn init_with(store: DynStore, config: Config) -> Result<Repository> {
         let location = store.location();
+        if store.head(CONFIG_KEY).await?.is_some() {
+            return Err(Error::AlreadyInitialized { location });
+        }
         if !store.list("").await?.is_empty() {
             return Err(Error::Invalid(format!(
                 "{location} is not empty and not a backtree repository; choose an empty location"

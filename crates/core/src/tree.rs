@@ -357,7 +357,7 @@ pub fn encode_links(links: &[(u64, u32)]) -> Vec<u8> {
 }
 
 pub fn decode_links(what: &str, b: &[u8]) -> Result<Vec<(u64, u32)>> {
-    if b.len() % 12 != 0 {
+    if !b.len().is_multiple_of(12) {
         return Err(Error::corrupt(what, "bad hardlink table"));
     }
     Ok(b.chunks_exact(12)

@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# The main job on a local repository, from scratch: build backtree, create a repository, ingest a
+# sample tree (two generations, the second after a change), and show what the repository holds.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+scripts/setup.sh
+cargo build --release -p backtree
+bt=target/release/backtree
+work=${DEMO_DIR:-/tmp/backtree-demo}
+rm -rf "$work"
+mkdir -p "$work/sample"
+# A small sample: configuration files, a copy of some binaries, a sparse image and a hardlink.
+cp -a /etc/ssh /etc/apt "$work/sample/" 2>/dev/null || true
+mkdir -p "$work/sample/bin" && cp -a /usr/bin/c* "$work/sample/bin/"
+truncate -s 256M "$work/sample/disk.img"
+dd if=/dev/urandom of="$work/sample/disk.img" bs=1M count=4 seek=100 conv=notrunc status=none
+echo "hello from backtree" > "$work/sample/hello.txt"
+ln "$work/sample/hello.txt" "$work/sample/hello-link.txt"
+
+set -x
+$bt init --repo "$work/repo"
+$bt ingest --repo "$work/repo" --host demo --label first "$work/sample"
+echo "a change" >> "$work/sample/hello.txt"
+$bt ingest --repo "$work/repo" --host demo --label second "$work/sample"
+$bt ls --repo "$work/repo"
+$bt ls --repo "$work/repo" demo
+$bt ls --repo "$work/repo" demo/latest
+du -sh "$work/sample" "$work/repo"
