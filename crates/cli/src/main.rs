@@ -29,7 +29,8 @@ const EXIT_PARTIAL: i32 = 3;
     version,
     about = "Every host's backups as a plain, browsable, read-only directory tree",
     long_about = "backtree stores generations of directory trees in a deduplicated, compressed \
-                  repository (a local directory), and lists them.\n\n\
+                  repository (a local directory), lists them, and mounts them as a read-only \
+                  directory tree.\n\n\
                   Exit codes: 0 success; 1 error (nothing committed); 2 usage error; \
                   3 generation committed but some paths were skipped."
 )]
@@ -94,6 +95,44 @@ enum Cmd {
         #[arg(value_name = "HOST[/GENERATION[/PATH]]")]
         what: Option<String>,
     },
+    /// Show every host's generations as a read-only directory tree (FUSE).
+    ///
+    /// The tree is MOUNTPOINT/HOST/GENERATION/…, with HOST/latest a symlink to the newest
+    /// generation. New generations appear without remounting. Runs in the foreground until
+    /// SIGINT/SIGTERM or `fusermount3 -u MOUNTPOINT`. Restore with cp or `rsync -aHAX
+    /// --numeric-ids MOUNTPOINT/HOST/latest/ /target/`.
+    Mount {
+        #[command(flatten)]
+        repo: RepoArg,
+        /// Let other users see the mount; permissions are then enforced by the kernel from each
+        /// file's mode, owner and ACL (default_permissions).
+        #[arg(long)]
+        allow_other: bool,
+        /// Memory for decompressed file data, e.g. 64M, 1G.
+        #[arg(long, default_value = "64M", value_parser = parse_size, value_name = "SIZE")]
+        cache_size: usize,
+        /// Keep fetched file data in this directory too, for repeated restores.
+        #[arg(long, value_name = "DIR")]
+        cache_dir: Option<PathBuf>,
+        /// Where to mount (an existing, empty directory).
+        mountpoint: PathBuf,
+    },
+}
+
+/// Parses `64M`, `1G`, `512K` or a plain number of bytes.
+fn parse_size(s: &str) -> Result<usize, String> {
+    let s = s.trim();
+    let (num, mult) = match s.chars().last().map(|c| c.to_ascii_uppercase()) {
+        Some('K') => (&s[..s.len() - 1], 1usize << 10),
+        Some('M') => (&s[..s.len() - 1], 1 << 20),
+        Some('G') => (&s[..s.len() - 1], 1 << 30),
+        _ => (s, 1),
+    };
+    num.parse::<usize>()
+        .ok()
+        .and_then(|n| n.checked_mul(mult))
+        .filter(|&n| n >= 1 << 20)
+        .ok_or_else(|| format!("{s:?} is not a size of at least 1M such as 64M or 1G"))
 }
 
 fn main() {
@@ -201,6 +240,25 @@ fn run(cli: Cli) -> Result<i32> {
             };
             ingest_cmd(&rt, r, opts, json)
         }
+        Cmd::Mount {
+            repo,
+            allow_other,
+            cache_size,
+            cache_dir,
+            mountpoint,
+        } => {
+            let store = store_for(&repo.repo, false)?;
+            let r = Arc::new(rt.block_on(Repository::open(store))?);
+            mount_cmd(
+                &rt,
+                r,
+                &repo.repo,
+                mountpoint,
+                allow_other,
+                cache_size,
+                cache_dir,
+            )
+        }
         Cmd::Ls { repo, json, what } => {
             let store = store_for(&repo.repo, false)?;
             let r = rt.block_on(Repository::open(store))?;
@@ -208,6 +266,64 @@ fn run(cli: Cli) -> Result<i32> {
             Ok(0)
         }
     }
+}
+
+fn mount_cmd(
+    rt: &tokio::runtime::Runtime,
+    repo: Arc<Repository>,
+    location: &str,
+    mountpoint: PathBuf,
+    allow_other: bool,
+    cache_size: usize,
+    cache_dir: Option<PathBuf>,
+) -> Result<i32> {
+    use backtree_fs::mount::{mount, MountOptions};
+    let _guard = rt.enter();
+    let fs = Arc::new(backtree_fs::BacktreeFs::new(
+        repo,
+        backtree_fs::FsOptions {
+            cache_size,
+            cache_dir,
+            ..Default::default()
+        },
+    ));
+    let opts = MountOptions {
+        allow_other,
+        fsname: format!("backtree:{location}"),
+        local_repo: Some(PathBuf::from(location)),
+    };
+    let session = mount(fs, rt.handle().clone(), &mountpoint, &opts)?;
+    eprintln!(
+        "backtree: {location} mounted at {}; Ctrl-C or `fusermount3 -u {}` unmounts",
+        mountpoint.display(),
+        mountpoint.display()
+    );
+    let external = rt.block_on(async {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .context("cannot watch for SIGTERM")?;
+        loop {
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => return Ok::<bool, anyhow::Error>(false),
+                _ = term.recv() => return Ok(false),
+                _ = tokio::time::sleep(Duration::from_millis(200)) => {
+                    if session.guard.is_finished() {
+                        return Ok(true);
+                    }
+                }
+            }
+        }
+    })?;
+    if external {
+        session
+            .join()
+            .context("the FUSE session ended with an error")?;
+    } else {
+        session
+            .umount_and_join()
+            .with_context(|| format!("cannot unmount {}", mountpoint.display()))?;
+    }
+    eprintln!("backtree: unmounted {}", mountpoint.display());
+    Ok(0)
 }
 
 fn ingest_cmd(

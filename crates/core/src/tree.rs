@@ -98,6 +98,10 @@ pub struct Entry {
     /// Regular file content, as a separate chunk-list blob (long lists).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub chunk_list: Option<Id>,
+    /// Bytes of holes in a sparse regular file (absent when there are none), so `st_blocks`
+    /// can be reported without loading a separate chunk list.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub holes: Option<u64>,
 }
 
 mod opt_bytes {
@@ -428,6 +432,7 @@ mod tests {
                     target,
                     chunks: Some(chunks),
                     chunk_list: None,
+                    holes: None,
                 }
             })
     }

@@ -116,5 +116,6 @@ pub fn entry(name: &[u8], m: &Metadata, names: &Names, xattrs: Vec<Xattr>) -> En
         target: None,
         chunks: None,
         chunk_list: None,
+        holes: None,
     }
 }

@@ -191,6 +191,7 @@ pub fn ingest(
                 target: None,
                 chunks: None,
                 chunk_list: None,
+                holes: None,
             }
         }
     };
@@ -416,8 +417,8 @@ struct Links {
     used: std::collections::HashSet<u64>,
     /// group → entries seen in this generation.
     counts: HashMap<u64, u32>,
-    /// group → content of the first successfully read member.
-    content: HashMap<u64, (Option<ChunkList>, Option<Id>)>,
+    /// group → content (inline list, list blob, hole bytes) of the first member read.
+    content: HashMap<u64, (Option<ChunkList>, Option<Id>, Option<u64>)>,
 }
 
 impl Links {
@@ -601,9 +602,10 @@ impl Walker<'_> {
                     let mut links = lock(&self.links);
                     let g = links.group(m.dev(), m.ino());
                     e.link = Some(g);
-                    if let Some((c, l)) = links.content.get(&g) {
+                    if let Some((c, l, h)) = links.content.get(&g) {
                         e.chunks = c.clone();
                         e.chunk_list = *l;
+                        e.holes = *h;
                         drop(links);
                         self.count_file(&e, 0, false);
                         return Ok(Some(e));
@@ -613,10 +615,11 @@ impl Walker<'_> {
                     return Ok(None);
                 }
                 if let Some(g) = e.link {
-                    lock(&self.links)
-                        .content
-                        .entry(g)
-                        .or_insert((e.chunks.clone(), e.chunk_list));
+                    lock(&self.links).content.entry(g).or_insert((
+                        e.chunks.clone(),
+                        e.chunk_list,
+                        e.holes,
+                    ));
                 }
             }
             _ => {
@@ -655,6 +658,7 @@ impl Walker<'_> {
             if inline_known && list_known {
                 e.chunks = p.chunks.clone();
                 e.chunk_list = p.chunk_list;
+                e.holes = p.holes;
                 self.count_file(e, 0, true);
                 return Ok(true);
             }
@@ -663,6 +667,7 @@ impl Walker<'_> {
         match read::read_file(path, m.len(), &chunker, self.w) {
             Ok((list, read)) => {
                 e.size = list.size();
+                e.holes = Some(list.hole_bytes()).filter(|&h| h > 0);
                 self.count_file(e, read, false);
                 if list.0.len() > INLINE_CHUNKS {
                     e.chunk_list = Some(self.w.store_tree(&list.encode())?);
@@ -688,9 +693,10 @@ impl Walker<'_> {
             if let Some(g) = e.link {
                 *links.counts.entry(g).or_insert(0) += 1;
                 if e.chunks.is_none() && e.chunk_list.is_none() && e.size > 0 {
-                    if let Some((c, l)) = links.content.get(&g) {
+                    if let Some((c, l, h)) = links.content.get(&g) {
                         e.chunks = c.clone();
                         e.chunk_list = *l;
+                        e.holes = *h;
                     }
                 }
             }

@@ -1,0 +1,142 @@
+//! The decompressed-chunk cache.
+//!
+//! Kernel reads are 128 KiB to 1 MiB while chunks average 1 MiB (up to 8 MiB), so without a cache
+//! every chunk would be fetched and decompressed several times (one project's mount did 150× too
+//! much work this way). Chunks are kept in an LRU bounded by bytes (`--cache-size`). Concurrent
+//! misses of one chunk are merged: the first caller fetches, the others wait for its result.
+//! An optional on-disk cache (`--cache-dir`) keeps fetched chunks across remounts; chunks read
+//! back from it are verified against their id like any other.
+
+use backtree_core::{Id, Repository};
+use bytes::Bytes;
+use lru::LruCache;
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use tokio::sync::OnceCell;
+
+type Shared = Arc<OnceCell<Result<Bytes, String>>>;
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+struct Lru {
+    map: LruCache<Id, Bytes>,
+    bytes: usize,
+}
+
+/// A byte-bounded LRU of decompressed, verified chunks with merged concurrent misses.
+pub struct ChunkCache {
+    limit: usize,
+    lru: Mutex<Lru>,
+    inflight: Mutex<HashMap<Id, Shared>>,
+    disk: Option<PathBuf>,
+}
+
+impl ChunkCache {
+    pub fn new(limit: usize, disk: Option<PathBuf>) -> Self {
+        ChunkCache {
+            limit,
+            lru: Mutex::new(Lru {
+                map: LruCache::unbounded(),
+                bytes: 0,
+            }),
+            inflight: Mutex::new(HashMap::new()),
+            disk,
+        }
+    }
+
+    /// A cached chunk, without fetching.
+    pub fn peek(&self, id: &Id) -> Option<Bytes> {
+        lock(&self.lru).map.get(id).cloned()
+    }
+
+    /// Whether a chunk is cached or being fetched.
+    pub fn present(&self, id: &Id) -> bool {
+        lock(&self.lru).map.contains(id) || lock(&self.inflight).contains_key(id)
+    }
+
+    fn insert(&self, id: Id, data: Bytes) {
+        let mut l = lock(&self.lru);
+        if data.len() > self.limit {
+            return;
+        }
+        l.bytes += data.len();
+        if let Some(old) = l.map.put(id, data) {
+            l.bytes -= old.len();
+        }
+        while l.bytes > self.limit {
+            match l.map.pop_lru() {
+                Some((_, v)) => l.bytes -= v.len(),
+                None => break,
+            }
+        }
+    }
+
+    /// Bytes currently held.
+    pub fn bytes(&self) -> usize {
+        lock(&self.lru).bytes
+    }
+
+    fn disk_path(&self, id: &Id) -> Option<PathBuf> {
+        let hex = id.to_hex();
+        self.disk.as_ref().map(|d| d.join(&hex[..2]).join(hex))
+    }
+
+    /// Returns the chunk, fetching and verifying it if needed. Errors are messages that name
+    /// the blob and its pack.
+    pub async fn get(&self, repo: &Repository, id: &Id) -> Result<Bytes, String> {
+        if let Some(b) = self.peek(id) {
+            return Ok(b);
+        }
+        let cell = lock(&self.inflight)
+            .entry(*id)
+            .or_insert_with(|| Arc::new(OnceCell::new()))
+            .clone();
+        let res = cell
+            .get_or_init(|| async {
+                if let Some(b) = self.peek(id) {
+                    return Ok(b);
+                }
+                let res = self.fetch(repo, id).await;
+                if let Ok(b) = &res {
+                    self.insert(*id, b.clone());
+                }
+                res
+            })
+            .await
+            .clone();
+        lock(&self.inflight).remove(id);
+        res
+    }
+
+    async fn fetch(&self, repo: &Repository, id: &Id) -> Result<Bytes, String> {
+        if let Some(p) = self.disk_path(id) {
+            if let Ok(b) = tokio::fs::read(&p).await {
+                if Id::of(&b) == *id {
+                    return Ok(Bytes::from(b));
+                }
+                // A damaged cache file is simply fetched again.
+                let _ = tokio::fs::remove_file(&p).await;
+            }
+        }
+        let data = repo.read_blob(id).await.map_err(|e| e.to_string())?;
+        let data = Bytes::from(data);
+        if let Some(p) = self.disk_path(id) {
+            let d = data.clone();
+            // Best effort: a full or read-only cache directory only costs refetches.
+            let _ = tokio::task::spawn_blocking(move || write_atomic(&p, &d)).await;
+        }
+        Ok(data)
+    }
+}
+
+fn write_atomic(p: &std::path::Path, data: &[u8]) -> std::io::Result<()> {
+    if let Some(parent) = p.parent() {
+        std::fs::create_dir_all(parent)?;
+    }
+    let tmp = p.with_extension(format!("tmp{}", std::process::id()));
+    std::fs::write(&tmp, data)?;
+    std::fs::rename(&tmp, p)
+}

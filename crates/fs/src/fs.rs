@@ -1,0 +1,967 @@
+//! The filesystem logic: plain async Rust returning `Result`, no FUSE types.
+//!
+//! # Tree
+//! ```text
+//! /                      hosts (listed from the store on every opendir: new hosts appear)
+//! /<host>/               generations, and `latest` → the newest (re-listed on every opendir)
+//! /<host>/<generation>/  the generation's root directory: immutable from here down
+//! ```
+//! Virtual directories get a short TTL ([`SHORT_TTL`]); everything inside a generation never
+//! changes and gets [`LONG_TTL`].
+//!
+//! # Inodes
+//! Inode numbers are derived by hashing, so they are the same on every mount: a host from its
+//! name, a generation from host and name, an entry from its parent's inode and its name, and every
+//! member of a hardlink group from its generation and group, so hardlinks share one inode. The
+//! table from inode to node holds only what the kernel currently knows (entries are added when a
+//! lookup or readdirplus hands an inode to the kernel and removed on `forget`), so its size
+//! follows the kernel's inode cache, not the repository.
+//!
+//! # Reads
+//! A file handle holds the file's chunk list. A read finds its first chunk by binary search,
+//! takes chunks from the [`ChunkCache`] (fetching, decompressing and verifying misses with one
+//! ranged read each), and copies the requested bytes; holes read as zeros. Each handle tracks
+//! whether reading is sequential; while it is, a prefetch window ahead of the reader is fetched
+//! by background tasks, and the window doubles each time the reader moves on, up to
+//! [`MAX_WINDOW`] (bounded by half the cache).
+
+use crate::cache::ChunkCache;
+use backtree_core::manifest::{generation_sort_key, is_generation_name, Manifest};
+use backtree_core::tree::{ChunkList, Entry, Kind};
+use backtree_core::{Id, Repository};
+use bytes::Bytes;
+use lru::LruCache;
+use std::collections::HashMap;
+use std::num::NonZeroUsize;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+/// TTL of the virtual directories (root, hosts, `latest`): new generations show within this.
+pub const SHORT_TTL: Duration = Duration::from_secs(1);
+/// TTL of generation contents, which never change.
+pub const LONG_TTL: Duration = Duration::from_secs(24 * 3600);
+/// First prefetch window: about one chunk plus one kernel read, as mountpoint-s3 starts.
+pub const FIRST_WINDOW: u64 = (1 << 20) + (128 << 10);
+/// Largest prefetch window.
+pub const MAX_WINDOW: u64 = 64 << 20;
+/// A read within this distance after the previous one still counts as sequential (the kernel
+/// reorders readahead requests): +16 MiB / −1 MiB, as mountpoint-s3 tolerates.
+const SEQ_FORWARD: u64 = 16 << 20;
+const SEQ_BACKWARD: u64 = 1 << 20;
+/// Tree blobs kept parsed in memory.
+const TREE_CACHE_ENTRIES: usize = 4096;
+/// st_blksize: asks `cp` and friends for large reads.
+pub const BLKSIZE: u32 = 1 << 20;
+
+pub const ROOT_INO: u64 = 1;
+
+/// Errors of filesystem operations; the FUSE adapter maps each to one errno.
+#[derive(Debug, thiserror::Error)]
+pub enum FsError {
+    #[error("no such entry")]
+    NotFound,
+    #[error("not a directory")]
+    NotDir,
+    #[error("is a directory")]
+    IsDir,
+    #[error("no such attribute")]
+    NoData,
+    #[error("buffer too small")]
+    Range,
+    #[error("offset past the end")]
+    NoXio,
+    #[error("invalid argument")]
+    Invalid,
+    #[error("stale file handle")]
+    BadHandle,
+    /// A repository object is missing, corrupt or unreachable; already logged with context.
+    #[error("I/O error: {0}")]
+    Io(String),
+}
+
+pub type Result<T> = std::result::Result<T, FsError>;
+
+/// File types as the filesystem reports them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FileKind {
+    File,
+    Dir,
+    Symlink,
+    CharDev,
+    BlockDev,
+    Fifo,
+    Socket,
+}
+
+/// Attributes of an inode.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Attr {
+    pub ino: u64,
+    pub kind: FileKind,
+    pub perm: u16,
+    pub nlink: u32,
+    pub uid: u32,
+    pub gid: u32,
+    pub rdev: u32,
+    pub size: u64,
+    pub blocks: u64,
+    pub atime: SystemTime,
+    pub mtime: SystemTime,
+    pub ctime: SystemTime,
+}
+
+/// One generation as seen by the mount.
+#[derive(Debug)]
+pub struct GenCtx {
+    pub host: String,
+    pub name: String,
+    pub ino: u64,
+    pub manifest: Manifest,
+    pub links: HashMap<u64, u32>,
+}
+
+/// What an inode is.
+#[derive(Debug, Clone)]
+pub enum Node {
+    Root,
+    Host(Arc<str>),
+    Latest(Arc<str>),
+    /// Anything inside a generation, including its root directory (empty path).
+    Entry {
+        gen: Arc<GenCtx>,
+        path: Arc<[u8]>,
+        entry: Arc<Entry>,
+    },
+}
+
+/// A directory listing item.
+#[derive(Debug, Clone)]
+pub struct DirItem {
+    pub ino: u64,
+    /// Offset of the *next* item (what the kernel passes back to continue).
+    pub next: u64,
+    pub name: Vec<u8>,
+    pub attr: Attr,
+    pub ttl: Duration,
+    pub node: Node,
+}
+
+struct FileHandle {
+    gen: Arc<GenCtx>,
+    path: Arc<[u8]>,
+    chunks: Arc<ChunkList>,
+    seq: Mutex<SeqState>,
+}
+
+#[derive(Default)]
+struct SeqState {
+    next: u64,
+    window: u64,
+    prefetched_to: u64,
+}
+
+enum DirHandle {
+    /// Root or host directory: a snapshot of names taken at opendir.
+    Virtual(Vec<DirItem>),
+    /// A generation directory, listed page by page.
+    Gen {
+        gen: Arc<GenCtx>,
+        path: Arc<[u8]>,
+        ino: u64,
+        tree: Id,
+    },
+}
+
+struct NodeRec {
+    node: Node,
+    lookups: u64,
+}
+
+/// Mount-time settings.
+#[derive(Debug, Clone)]
+pub struct FsOptions {
+    /// Bytes of decompressed chunks kept in memory.
+    pub cache_size: usize,
+    /// Directory for an on-disk chunk cache.
+    pub cache_dir: Option<std::path::PathBuf>,
+    /// Owner of the virtual directories.
+    pub uid: u32,
+    pub gid: u32,
+}
+
+impl Default for FsOptions {
+    fn default() -> Self {
+        FsOptions {
+            cache_size: 64 << 20,
+            cache_dir: None,
+            // SAFETY: getuid/getgid cannot fail.
+            uid: unsafe { libc::getuid() },
+            gid: unsafe { libc::getgid() },
+        }
+    }
+}
+
+/// The filesystem.
+pub struct BacktreeFs {
+    repo: Arc<Repository>,
+    opts: FsOptions,
+    mounted: SystemTime,
+    nodes: Mutex<HashMap<u64, NodeRec>>,
+    gens: Mutex<HashMap<(String, String), Arc<GenCtx>>>,
+    trees: Mutex<LruCache<Id, Arc<backtree_core::tree::Tree>>>,
+    cache: Arc<ChunkCache>,
+    files: Mutex<HashMap<u64, Arc<FileHandle>>>,
+    dirs: Mutex<HashMap<u64, Arc<DirHandle>>>,
+    next_fh: AtomicU64,
+    logged: Mutex<std::collections::HashSet<String>>,
+    /// The runtime prefetch tasks run on (reads may arrive on FUSE threads outside it).
+    rt: Option<tokio::runtime::Handle>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// A stable inode number from parts: BLAKE3, 63 bits, never one of the reserved small numbers.
+fn hash_ino(parts: &[&[u8]]) -> u64 {
+    let mut h = blake3::Hasher::new();
+    for p in parts {
+        h.update(&(p.len() as u64).to_le_bytes());
+        h.update(p);
+    }
+    let b = h.finalize();
+    let v = u64::from_le_bytes(b.as_bytes()[..8].try_into().unwrap_or([0; 8])) >> 1;
+    if v < 16 {
+        v + 16
+    } else {
+        v
+    }
+}
+
+fn systime(t: backtree_core::tree::Time) -> SystemTime {
+    if t.0 >= 0 {
+        UNIX_EPOCH + Duration::new(t.0 as u64, t.1.min(999_999_999))
+    } else {
+        UNIX_EPOCH - Duration::from_secs(t.0.unsigned_abs()) + Duration::from_nanos(t.1 as u64)
+    }
+}
+
+fn kind_of(k: Kind) -> FileKind {
+    match k {
+        Kind::File => FileKind::File,
+        Kind::Dir => FileKind::Dir,
+        Kind::Symlink => FileKind::Symlink,
+        Kind::Chardev => FileKind::CharDev,
+        Kind::Blockdev => FileKind::BlockDev,
+        Kind::Fifo => FileKind::Fifo,
+        Kind::Socket => FileKind::Socket,
+    }
+}
+
+impl BacktreeFs {
+    /// Creates the filesystem. Call inside a tokio runtime: prefetch tasks are spawned on it.
+    pub fn new(repo: Arc<Repository>, opts: FsOptions) -> Self {
+        let cache = Arc::new(ChunkCache::new(opts.cache_size, opts.cache_dir.clone()));
+        let mut nodes = HashMap::new();
+        nodes.insert(
+            ROOT_INO,
+            NodeRec {
+                node: Node::Root,
+                lookups: 1,
+            },
+        );
+        BacktreeFs {
+            repo,
+            opts,
+            mounted: SystemTime::now(),
+            nodes: Mutex::new(nodes),
+            gens: Mutex::new(HashMap::new()),
+            trees: Mutex::new(LruCache::new(
+                NonZeroUsize::new(TREE_CACHE_ENTRIES).unwrap_or(NonZeroUsize::MIN),
+            )),
+            cache,
+            files: Mutex::new(HashMap::new()),
+            dirs: Mutex::new(HashMap::new()),
+            next_fh: AtomicU64::new(1),
+            logged: Mutex::new(Default::default()),
+            rt: tokio::runtime::Handle::try_current().ok(),
+        }
+    }
+
+    pub fn repo(&self) -> &Arc<Repository> {
+        &self.repo
+    }
+
+    /// Bytes of decompressed chunks currently cached.
+    pub fn cached_bytes(&self) -> usize {
+        self.cache.bytes()
+    }
+
+    /// Number of inodes the kernel currently holds.
+    pub fn inode_count(&self) -> usize {
+        lock(&self.nodes).len()
+    }
+
+    // ----- nodes and attributes -------------------------------------------------------------
+
+    fn node(&self, ino: u64) -> Result<Node> {
+        lock(&self.nodes)
+            .get(&ino)
+            .map(|r| r.node.clone())
+            .ok_or(FsError::NotFound)
+    }
+
+    /// Records that the kernel received `ino` once more (lookup, readdirplus entry).
+    pub fn remember(&self, ino: u64, node: &Node) {
+        lock(&self.nodes)
+            .entry(ino)
+            .or_insert_with(|| NodeRec {
+                node: node.clone(),
+                lookups: 0,
+            })
+            .lookups += 1;
+    }
+
+    /// The kernel dropped `n` references to `ino`.
+    pub fn forget(&self, ino: u64, n: u64) {
+        if ino == ROOT_INO {
+            return;
+        }
+        let mut nodes = lock(&self.nodes);
+        if let Some(r) = nodes.get_mut(&ino) {
+            r.lookups = r.lookups.saturating_sub(n);
+            if r.lookups == 0 {
+                nodes.remove(&ino);
+            }
+        }
+    }
+
+    fn virtual_dir_attr(&self, ino: u64) -> Attr {
+        Attr {
+            ino,
+            kind: FileKind::Dir,
+            perm: 0o555,
+            nlink: 2,
+            uid: self.opts.uid,
+            gid: self.opts.gid,
+            rdev: 0,
+            size: 0,
+            blocks: 0,
+            atime: self.mounted,
+            mtime: self.mounted,
+            ctime: self.mounted,
+        }
+    }
+
+    fn entry_ino(parent: u64, gen: &GenCtx, e: &Entry) -> u64 {
+        match e.link {
+            Some(g) => hash_ino(&[b"link", &gen.ino.to_le_bytes(), &g.to_le_bytes()]),
+            None => hash_ino(&[&parent.to_le_bytes(), &e.name]),
+        }
+    }
+
+    fn entry_attr(ino: u64, gen: &GenCtx, e: &Entry) -> Attr {
+        let kind = kind_of(e.kind);
+        let nlink = match (e.kind, e.link) {
+            (Kind::File, Some(g)) => gen.links.get(&g).copied().unwrap_or(1),
+            // 1 tells find(1) not to use the leaf optimisation (as btrfs does).
+            _ => 1,
+        };
+        let data = e.size.saturating_sub(e.holes.unwrap_or(0));
+        Attr {
+            ino,
+            kind,
+            perm: (e.mode & 0o7777) as u16,
+            nlink,
+            uid: e.uid,
+            gid: e.gid,
+            // The kernel's 32-bit device encoding is the low half of glibc's 64-bit one for
+            // every major below 4096 and minor below 2^20.
+            rdev: e.rdev.unwrap_or(0) as u32,
+            size: e.size,
+            blocks: if kind == FileKind::File {
+                data.div_ceil(512)
+            } else {
+                0
+            },
+            atime: systime(e.atime),
+            mtime: systime(e.mtime),
+            ctime: systime(e.ctime),
+        }
+    }
+
+    /// Attributes of a node.
+    pub fn attr_of(&self, ino: u64, node: &Node) -> (Attr, Duration) {
+        match node {
+            Node::Root | Node::Host(_) => (self.virtual_dir_attr(ino), SHORT_TTL),
+            Node::Latest(_) => {
+                let mut a = self.virtual_dir_attr(ino);
+                a.kind = FileKind::Symlink;
+                a.perm = 0o777;
+                a.nlink = 1;
+                a.size = 18; // a generation name's length; readlink gives the truth
+                (a, SHORT_TTL)
+            }
+            Node::Entry { gen, entry, .. } => (Self::entry_attr(ino, gen, entry), LONG_TTL),
+        }
+    }
+
+    pub fn getattr(&self, ino: u64) -> Result<(Attr, Duration)> {
+        let node = self.node(ino)?;
+        Ok(self.attr_of(ino, &node))
+    }
+
+    // ----- repository access with context -------------------------------------------------
+
+    /// Turns a repository error into EIO, logging it once with what was being read.
+    fn io(&self, what: String, err: impl std::fmt::Display) -> FsError {
+        let line = format!("{what}: {err}");
+        if lock(&self.logged).insert(line.clone()) {
+            tracing::error!("{line}");
+        }
+        FsError::Io(line)
+    }
+
+    async fn tree(
+        &self,
+        gen: &GenCtx,
+        path: &[u8],
+        id: &Id,
+    ) -> Result<Arc<backtree_core::tree::Tree>> {
+        if let Some(t) = lock(&self.trees).get(id).cloned() {
+            return Ok(t);
+        }
+        let t = self.repo.tree(id).await.map_err(|e| {
+            self.io(
+                format!(
+                    "{}/{}/{}: directory",
+                    gen.host,
+                    gen.name,
+                    String::from_utf8_lossy(path)
+                ),
+                e,
+            )
+        })?;
+        let t = Arc::new(t);
+        lock(&self.trees).put(*id, t.clone());
+        Ok(t)
+    }
+
+    async fn generation(&self, host: &str, name: &str) -> Result<Arc<GenCtx>> {
+        let key = (host.to_owned(), name.to_owned());
+        if let Some(g) = lock(&self.gens).get(&key).cloned() {
+            return Ok(g);
+        }
+        let manifest = match self.repo.manifest(host, name).await {
+            Ok(m) => m,
+            Err(backtree_core::Error::NotFound { .. }) => return Err(FsError::NotFound),
+            Err(e) => return Err(self.io(format!("{host}/{name}: manifest"), e)),
+        };
+        let links = self
+            .repo
+            .links(&manifest)
+            .await
+            .map_err(|e| self.io(format!("{host}/{name}: hardlink table"), e))?;
+        let g = Arc::new(GenCtx {
+            host: host.to_owned(),
+            name: name.to_owned(),
+            ino: hash_ino(&[b"gen", host.as_bytes(), name.as_bytes()]),
+            manifest,
+            links,
+        });
+        lock(&self.gens).insert(key, g.clone());
+        Ok(g)
+    }
+
+    async fn hosts(&self) -> Result<Vec<String>> {
+        self.repo
+            .hosts()
+            .await
+            .map_err(|e| self.io("listing hosts".into(), e))
+    }
+
+    async fn generations(&self, host: &str) -> Result<Vec<String>> {
+        self.repo
+            .generations(host)
+            .await
+            .map_err(|e| self.io(format!("listing generations of {host}"), e))
+    }
+
+    // ----- lookup, readlink, xattrs -------------------------------------------------------
+
+    /// Finds `name` in directory `parent`. The caller must [`remember`](Self::remember) the
+    /// returned inode if it hands it to the kernel.
+    pub async fn lookup(&self, parent: u64, name: &[u8]) -> Result<(u64, Node, Attr, Duration)> {
+        let pnode = self.node(parent)?;
+        let name_str = std::str::from_utf8(name).ok();
+        let node = match &pnode {
+            Node::Root => {
+                let host = name_str.ok_or(FsError::NotFound)?;
+                if !self.hosts().await?.iter().any(|h| h == host) {
+                    return Err(FsError::NotFound);
+                }
+                (hash_ino(&[b"host", name]), Node::Host(host.into()))
+            }
+            Node::Host(host) => {
+                let n = name_str.ok_or(FsError::NotFound)?;
+                if n == "latest" {
+                    (
+                        hash_ino(&[b"latest", host.as_bytes()]),
+                        Node::Latest(host.clone()),
+                    )
+                } else {
+                    if !is_generation_name(n) {
+                        return Err(FsError::NotFound);
+                    }
+                    let g = self.generation(host, n).await?;
+                    let entry = Arc::new(g.manifest.root.clone());
+                    (
+                        g.ino,
+                        Node::Entry {
+                            gen: g,
+                            path: Arc::from(&b""[..]),
+                            entry,
+                        },
+                    )
+                }
+            }
+            Node::Latest(_) => return Err(FsError::NotDir),
+            Node::Entry { gen, path, entry } => {
+                let tree = match (entry.kind, entry.tree) {
+                    (Kind::Dir, Some(t)) => t,
+                    _ => return Err(FsError::NotDir),
+                };
+                let t = self.tree(gen, path, &tree).await?;
+                let page = if t.is_paged() {
+                    match t.page_for(name) {
+                        Some(p) => self.tree(gen, path, &p.id).await?,
+                        None => return Err(FsError::NotFound),
+                    }
+                } else {
+                    t
+                };
+                let i = page
+                    .entries
+                    .binary_search_by(|e| e.name.as_slice().cmp(name))
+                    .map_err(|_| FsError::NotFound)?;
+                let e = Arc::new(page.entries[i].clone());
+                let ino = Self::entry_ino(parent, gen, &e);
+                let cpath: Arc<[u8]> = if path.is_empty() {
+                    Arc::from(name)
+                } else {
+                    Arc::from([&path[..], b"/", name].concat())
+                };
+                (
+                    ino,
+                    Node::Entry {
+                        gen: gen.clone(),
+                        path: cpath,
+                        entry: e,
+                    },
+                )
+            }
+        };
+        let (attr, ttl) = self.attr_of(node.0, &node.1);
+        Ok((node.0, node.1, attr, ttl))
+    }
+
+    pub async fn readlink(&self, ino: u64) -> Result<Vec<u8>> {
+        match self.node(ino)? {
+            Node::Latest(host) => {
+                let gens = self.generations(&host).await?;
+                gens.last()
+                    .map(|g| g.as_bytes().to_vec())
+                    .ok_or(FsError::NotFound)
+            }
+            Node::Entry { entry, .. } => entry.target.clone().ok_or(FsError::Invalid),
+            _ => Err(FsError::Invalid),
+        }
+    }
+
+    /// The value of an extended attribute. ENODATA when absent, never ENOSYS.
+    pub fn getxattr(&self, ino: u64, name: &[u8]) -> Result<Vec<u8>> {
+        match self.node(ino)? {
+            Node::Entry { entry, .. } => {
+                entry.xattr(name).map(<[u8]>::to_vec).ok_or(FsError::NoData)
+            }
+            _ => Err(FsError::NoData),
+        }
+    }
+
+    /// Names of the extended attributes, each followed by a NUL byte.
+    pub fn listxattr(&self, ino: u64) -> Result<Vec<u8>> {
+        let mut out = Vec::new();
+        if let Node::Entry { entry, .. } = self.node(ino)? {
+            for x in &entry.xattrs {
+                out.extend_from_slice(&x.name);
+                out.push(0);
+            }
+        }
+        Ok(out)
+    }
+
+    // ----- directories --------------------------------------------------------------------
+
+    fn new_fh(&self) -> u64 {
+        self.next_fh.fetch_add(1, Ordering::Relaxed)
+    }
+
+    pub async fn opendir(&self, ino: u64) -> Result<u64> {
+        let node = self.node(ino)?;
+        let handle = match &node {
+            Node::Root => {
+                let mut items = Vec::new();
+                for h in self.hosts().await? {
+                    let hino = hash_ino(&[b"host", h.as_bytes()]);
+                    let n = Node::Host(h.as_str().into());
+                    items.push((hino, h.into_bytes(), n));
+                }
+                DirHandle::Virtual(self.virtual_items(ino, items))
+            }
+            Node::Host(host) => {
+                let mut gens = self.generations(host).await?;
+                gens.sort_by_cached_key(|g| generation_sort_key(g));
+                let mut items = Vec::new();
+                for g in gens {
+                    let gino = hash_ino(&[b"gen", host.as_bytes(), g.as_bytes()]);
+                    items.push((gino, g.into_bytes()));
+                }
+                let mut out = Vec::new();
+                // Generation roots need their manifest for attributes: load them here (one
+                // small GET each, cached for the life of the mount).
+                for (gino, name) in items {
+                    let n = String::from_utf8_lossy(&name).into_owned();
+                    match self.generation(host, &n).await {
+                        Ok(g) => {
+                            let entry = Arc::new(g.manifest.root.clone());
+                            out.push((
+                                gino,
+                                name,
+                                Node::Entry {
+                                    gen: g,
+                                    path: Arc::from(&b""[..]),
+                                    entry,
+                                },
+                            ));
+                        }
+                        Err(FsError::NotFound) => {} // forgotten meanwhile
+                        Err(e) => return Err(e),
+                    }
+                }
+                out.push((
+                    hash_ino(&[b"latest", host.as_bytes()]),
+                    b"latest".to_vec(),
+                    Node::Latest(host.clone()),
+                ));
+                DirHandle::Virtual(self.virtual_items(ino, out))
+            }
+            Node::Latest(_) => return Err(FsError::NotDir),
+            Node::Entry { gen, path, entry } => match (entry.kind, entry.tree) {
+                (Kind::Dir, Some(tree)) => DirHandle::Gen {
+                    gen: gen.clone(),
+                    path: path.clone(),
+                    ino,
+                    tree,
+                },
+                _ => return Err(FsError::NotDir),
+            },
+        };
+        let fh = self.new_fh();
+        lock(&self.dirs).insert(fh, Arc::new(handle));
+        Ok(fh)
+    }
+
+    fn virtual_items(&self, _dir: u64, items: Vec<(u64, Vec<u8>, Node)>) -> Vec<DirItem> {
+        items
+            .into_iter()
+            .enumerate()
+            .map(|(i, (ino, name, node))| {
+                let (attr, ttl) = self.attr_of(ino, &node);
+                DirItem {
+                    ino,
+                    next: i as u64 + 1,
+                    name,
+                    attr,
+                    ttl,
+                    node,
+                }
+            })
+            .collect()
+    }
+
+    /// Directory items from `offset` on (0 = start), at most `max`. `.` and `..` are left to
+    /// the kernel's path walk and not listed.
+    pub async fn readdir(&self, fh: u64, offset: u64, max: usize) -> Result<Vec<DirItem>> {
+        let h = lock(&self.dirs)
+            .get(&fh)
+            .cloned()
+            .ok_or(FsError::BadHandle)?;
+        match &*h {
+            DirHandle::Virtual(items) => Ok(items
+                .iter()
+                .skip(offset as usize)
+                .take(max)
+                .cloned()
+                .collect()),
+            DirHandle::Gen {
+                gen,
+                path,
+                ino,
+                tree,
+            } => {
+                let t = self.tree(gen, path, tree).await?;
+                // Offsets: page index × PAGE_SPAN + index in page + 1, so a paged directory is
+                // listed one page at a time without holding it all in memory.
+                const PAGE_SPAN: u64 = 1 << 20;
+                let mut out = Vec::new();
+                let (mut page, mut idx) = (offset / PAGE_SPAN, offset % PAGE_SPAN);
+                loop {
+                    let entries: Arc<backtree_core::tree::Tree> = if t.is_paged() {
+                        match t.pages.get(page as usize) {
+                            Some(p) => self.tree(gen, path, &p.id).await?,
+                            None => break,
+                        }
+                    } else if page == 0 {
+                        t.clone()
+                    } else {
+                        break;
+                    };
+                    for (i, e) in entries.entries.iter().enumerate().skip(idx as usize) {
+                        if out.len() >= max {
+                            return Ok(out);
+                        }
+                        let cino = Self::entry_ino(*ino, gen, e);
+                        let cpath: Arc<[u8]> = if path.is_empty() {
+                            Arc::from(&e.name[..])
+                        } else {
+                            Arc::from([&path[..], b"/", &e.name[..]].concat())
+                        };
+                        let node = Node::Entry {
+                            gen: gen.clone(),
+                            path: cpath,
+                            entry: Arc::new(e.clone()),
+                        };
+                        out.push(DirItem {
+                            ino: cino,
+                            next: page * PAGE_SPAN + i as u64 + 1,
+                            name: e.name.clone(),
+                            attr: Self::entry_attr(cino, gen, e),
+                            ttl: LONG_TTL,
+                            node,
+                        });
+                    }
+                    page += 1;
+                    idx = 0;
+                    if !t.is_paged() {
+                        break;
+                    }
+                }
+                Ok(out)
+            }
+        }
+    }
+
+    pub fn releasedir(&self, fh: u64) {
+        lock(&self.dirs).remove(&fh);
+    }
+
+    // ----- files --------------------------------------------------------------------------
+
+    pub async fn open(&self, ino: u64) -> Result<u64> {
+        let (gen, path, entry) = match self.node(ino)? {
+            Node::Entry { gen, path, entry } => (gen, path, entry),
+            Node::Latest(_) => return Err(FsError::Invalid),
+            _ => return Err(FsError::IsDir),
+        };
+        match entry.kind {
+            Kind::File => {}
+            Kind::Dir => return Err(FsError::IsDir),
+            _ => return Err(FsError::Invalid),
+        }
+        let chunks = self.repo.chunk_list(&entry).await.map_err(|e| {
+            self.io(
+                format!(
+                    "{}/{}/{}: chunk list",
+                    gen.host,
+                    gen.name,
+                    String::from_utf8_lossy(&path)
+                ),
+                e,
+            )
+        })?;
+        let fh = self.new_fh();
+        lock(&self.files).insert(
+            fh,
+            Arc::new(FileHandle {
+                gen,
+                path,
+                chunks: Arc::new(chunks),
+                seq: Mutex::new(SeqState::default()),
+            }),
+        );
+        Ok(fh)
+    }
+
+    pub fn release(&self, fh: u64) {
+        lock(&self.files).remove(&fh);
+    }
+
+    fn file(&self, fh: u64) -> Result<Arc<FileHandle>> {
+        lock(&self.files)
+            .get(&fh)
+            .cloned()
+            .ok_or(FsError::BadHandle)
+    }
+
+    /// Serves a read entirely from cached chunks, or `None` if any chunk is missing (then
+    /// [`read`](Self::read) must be used). Cheap enough to run on the FUSE thread.
+    pub fn read_cached(&self, fh: u64, offset: u64, size: u32) -> Option<Vec<u8>> {
+        let h = self.file(fh).ok()?;
+        let list = &h.chunks;
+        let end = offset.saturating_add(size as u64).min(list.size());
+        let mut out = Vec::with_capacity(end.saturating_sub(offset) as usize);
+        let mut pos = offset;
+        while pos < end {
+            let i = list.find(pos)?;
+            let (cs, ce) = (list.start(i), list.0[i].end);
+            let take = ce.min(end);
+            match &list.0[i].id {
+                None => out.resize(out.len() + (take - pos) as usize, 0),
+                Some(id) => {
+                    let data = self.cache.peek(id)?;
+                    out.extend_from_slice(data.get((pos - cs) as usize..(take - cs) as usize)?);
+                }
+            }
+            pos = take;
+        }
+        self.note_read(&h, offset, end);
+        Some(out)
+    }
+
+    /// Reads `size` bytes at `offset` (short at end of file), fetching what is not cached.
+    pub async fn read(self: &Arc<Self>, fh: u64, offset: u64, size: u32) -> Result<Vec<u8>> {
+        let h = self.file(fh)?;
+        let list = h.chunks.clone();
+        let end = offset.saturating_add(size as u64).min(list.size());
+        self.note_read(&h, offset, end);
+        let mut out = Vec::with_capacity(end.saturating_sub(offset) as usize);
+        let mut pos = offset;
+        while pos < end {
+            let i = list.find(pos).ok_or(FsError::Invalid)?;
+            let (cs, ce) = (list.start(i), list.0[i].end);
+            let take = ce.min(end);
+            match &list.0[i].id {
+                None => out.resize(out.len() + (take - pos) as usize, 0),
+                Some(id) => {
+                    let data = self.chunk(&h, id).await?;
+                    if data.len() as u64 != ce - cs {
+                        return Err(self.io(
+                            format!(
+                                "{}/{}/{}: chunk {id}",
+                                h.gen.host,
+                                h.gen.name,
+                                String::from_utf8_lossy(&h.path)
+                            ),
+                            "size differs from the file's chunk list",
+                        ));
+                    }
+                    out.extend_from_slice(&data[(pos - cs) as usize..(take - cs) as usize]);
+                }
+            }
+            pos = take;
+        }
+        Ok(out)
+    }
+
+    async fn chunk(&self, h: &FileHandle, id: &Id) -> Result<Bytes> {
+        self.cache.get(&self.repo, id).await.map_err(|e| {
+            self.io(
+                format!(
+                    "{}/{}/{}",
+                    h.gen.host,
+                    h.gen.name,
+                    String::from_utf8_lossy(&h.path)
+                ),
+                e,
+            )
+        })
+    }
+
+    /// Sequential-read detection and prefetch scheduling.
+    fn note_read(&self, h: &Arc<FileHandle>, offset: u64, end: u64) {
+        let (from, to) = {
+            let mut s = lock(&h.seq);
+            let cap = (self.opts.cache_size as u64 / 2).max(1 << 20);
+            let sequential = offset + SEQ_BACKWARD >= s.next && offset <= s.next + SEQ_FORWARD;
+            if !sequential {
+                // Random access: fetch only what is asked, start over.
+                s.window = 0;
+                s.next = end;
+                s.prefetched_to = end;
+                return;
+            }
+            s.window = if s.window == 0 {
+                FIRST_WINDOW
+            } else {
+                s.window.saturating_mul(2)
+            }
+            .min(MAX_WINDOW)
+            .min(cap);
+            s.next = s.next.max(end);
+            let target = end.saturating_add(s.window).min(h.chunks.size());
+            let from = s.prefetched_to.max(end);
+            if target <= from {
+                return;
+            }
+            s.prefetched_to = target;
+            (from, target)
+        };
+        self.prefetch(h, from, to);
+    }
+
+    fn prefetch(&self, h: &Arc<FileHandle>, from: u64, to: u64) {
+        let Some(rt) = &self.rt else { return };
+        let list = &h.chunks;
+        let Some(mut i) = list.find(from) else { return };
+        while i < list.0.len() && list.start(i) < to {
+            if let Some(id) = list.0[i].id {
+                if !self.cache.present(&id) {
+                    let cache = self.cache.clone();
+                    let repo = self.repo.clone();
+                    // Errors surface (and are logged) when the reader gets there.
+                    rt.spawn(async move {
+                        let _ = cache.get(&repo, &id).await;
+                    });
+                }
+            }
+            i += 1;
+        }
+    }
+
+    /// `lseek` with SEEK_DATA (3) or SEEK_HOLE (4).
+    pub fn lseek(&self, fh: u64, offset: i64, whence: i32) -> Result<i64> {
+        let h = self.file(fh)?;
+        if offset < 0 {
+            return Err(FsError::Invalid);
+        }
+        let data = match whence {
+            libc::SEEK_DATA => true,
+            libc::SEEK_HOLE => false,
+            _ => return Err(FsError::Invalid),
+        };
+        h.chunks
+            .seek(offset as u64, data)
+            .map(|o| o as i64)
+            .ok_or(FsError::NoXio)
+    }
+
+    /// Statistics for `statfs`: (total logical bytes of known generations is not cheap to
+    /// compute, so a read-only filesystem reports no free space and no totals).
+    pub fn statfs(&self) -> (u64, u64, u32) {
+        (0, 0, 255)
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,278 @@
+//! The filesystem logic without FUSE, against the in-memory and failure-injecting stores.
+
+use super::*;
+use backtree_core::ingest::{self, IngestOptions, Progress};
+use backtree_core::testing::{build_fixture, random_bytes};
+use backtree_store::{DynStore, Fault, FaultyStore, MemoryStore, ObjectStore};
+
+struct Setup {
+    _dir: tempfile::TempDir,
+    src: std::path::PathBuf,
+    fs: Arc<BacktreeFs>,
+    faulty: Arc<FaultyStore>,
+    mem: Arc<MemoryStore>,
+}
+
+async fn setup() -> Setup {
+    let dir = tempfile::tempdir().unwrap();
+    let src = dir.path().join("src");
+    build_fixture(&src, true);
+    std::fs::write(src.join("big.bin"), random_bytes(9, 20 << 20)).unwrap();
+    let mem = Arc::new(MemoryStore::new());
+    let faulty = Arc::new(FaultyStore::new(mem.clone()));
+    let store: DynStore = faulty.clone();
+    let repo = Arc::new(Repository::init(store).await.unwrap());
+    let (r, s) = (repo.clone(), src.clone());
+    let h = tokio::runtime::Handle::current();
+    tokio::task::spawn_blocking(move || {
+        let o = IngestOptions {
+            host: "h".into(),
+            sources: vec![s],
+            ..Default::default()
+        };
+        ingest::ingest(&r, &h, &o, &Progress::default(), &|_| {}).unwrap()
+    })
+    .await
+    .unwrap();
+    let fs = Arc::new(BacktreeFs::new(
+        repo,
+        FsOptions {
+            cache_size: 16 << 20,
+            ..Default::default()
+        },
+    ));
+    Setup {
+        _dir: dir,
+        src,
+        fs,
+        faulty,
+        mem,
+    }
+}
+
+/// Looks up a `/`-separated path from the root, remembering each inode like the kernel would.
+async fn walk(fs: &BacktreeFs, path: &str) -> Result<(u64, Attr)> {
+    let mut ino = ROOT_INO;
+    let mut attr = fs.getattr(ino)?.0;
+    for c in path.split('/').filter(|c| !c.is_empty()) {
+        let (i, node, a, _) = fs.lookup(ino, c.as_bytes()).await?;
+        fs.remember(i, &node);
+        ino = i;
+        attr = a;
+    }
+    Ok((ino, attr))
+}
+
+async fn read_all(fs: &Arc<BacktreeFs>, ino: u64, size: u64) -> Result<Vec<u8>> {
+    let fh = fs.open(ino).await?;
+    let mut out = Vec::new();
+    let mut off = 0;
+    while off < size {
+        let chunk = fs.read(fh, off, 128 << 10).await?;
+        if chunk.is_empty() {
+            break;
+        }
+        off += chunk.len() as u64;
+        out.extend(chunk);
+    }
+    fs.release(fh);
+    Ok(out)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tree_attributes_and_contents() {
+    let s = setup().await;
+    let fs = &s.fs;
+    // Root lists the host; the host lists its generation and `latest`.
+    let root = fs.opendir(ROOT_INO).await.unwrap();
+    let items = fs.readdir(root, 0, 100).await.unwrap();
+    assert_eq!(
+        items.iter().map(|i| i.name.clone()).collect::<Vec<_>>(),
+        [b"h".to_vec()]
+    );
+    let (host, _) = walk(fs, "h").await.unwrap();
+    let hd = fs.opendir(host).await.unwrap();
+    let names: Vec<_> = fs
+        .readdir(hd, 0, 100)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|i| i.name)
+        .collect();
+    assert_eq!(names.len(), 2);
+    assert_eq!(names[1], b"latest");
+    let gen = String::from_utf8(names[0].clone()).unwrap();
+    let (latest, la) = walk(fs, "h/latest").await.unwrap();
+    assert_eq!(la.kind, FileKind::Symlink);
+    assert_eq!(fs.readlink(latest).await.unwrap(), gen.as_bytes());
+
+    // Attributes match the source.
+    for (p, kind) in [
+        ("small.txt", FileKind::File),
+        ("dir", FileKind::Dir),
+        ("rel-link", FileKind::Symlink),
+        ("fifo", FileKind::Fifo),
+        ("socket", FileKind::Socket),
+    ] {
+        let (_, a) = walk(fs, &format!("h/{gen}/{p}")).await.unwrap();
+        let m = std::fs::symlink_metadata(s.src.join(p)).unwrap();
+        use std::os::unix::fs::MetadataExt;
+        assert_eq!(a.kind, kind, "{p}");
+        assert_eq!(a.perm as u32, m.mode() & 0o7777, "{p}");
+        assert_eq!((a.uid, a.gid), (m.uid(), m.gid()), "{p}");
+        assert_eq!(
+            a.mtime,
+            UNIX_EPOCH + Duration::new(m.mtime() as u64, m.mtime_nsec() as u32),
+            "{p}"
+        );
+        if kind == FileKind::File {
+            assert_eq!(a.size, m.len());
+        }
+    }
+
+    // Contents, including a multi-chunk file read in 128 KiB pieces.
+    let (ino, a) = walk(fs, &format!("h/{gen}/big.bin")).await.unwrap();
+    assert_eq!(
+        read_all(fs, ino, a.size).await.unwrap(),
+        std::fs::read(s.src.join("big.bin")).unwrap()
+    );
+    let (ino, a) = walk(fs, &format!("h/{gen}/dir/sub/random.bin"))
+        .await
+        .unwrap();
+    assert_eq!(
+        read_all(fs, ino, a.size).await.unwrap(),
+        std::fs::read(s.src.join("dir/sub/random.bin")).unwrap()
+    );
+
+    // Hardlinks share one inode and report the true link count.
+    let (a1, at1) = walk(fs, &format!("h/{gen}/linked")).await.unwrap();
+    let (a2, _) = walk(fs, &format!("h/{gen}/dir/linked2")).await.unwrap();
+    let (a3, _) = walk(fs, &format!("h/{gen}/dir/sub/linked3")).await.unwrap();
+    assert!(a1 == a2 && a2 == a3);
+    assert_eq!(at1.nlink, 3);
+
+    // Sparse files: holes via lseek and st_blocks.
+    let (ino, a) = walk(fs, &format!("h/{gen}/sparse.img")).await.unwrap();
+    assert!(
+        a.blocks * 512 < 1 << 20,
+        "blocks reflect holes: {}",
+        a.blocks
+    );
+    let fh = fs.open(ino).await.unwrap();
+    assert_eq!(fs.lseek(fh, 0, libc::SEEK_HOLE).unwrap(), 4096);
+    assert_eq!(fs.lseek(fh, 4096, libc::SEEK_DATA).unwrap(), 10 << 20);
+    assert!(matches!(
+        fs.lseek(fh, 64 << 20, libc::SEEK_DATA),
+        Err(FsError::NoXio)
+    ));
+    assert_eq!(fs.read(fh, 5000, 10).await.unwrap(), vec![0; 10]);
+
+    // Xattrs: values, list, ENODATA for a missing name.
+    let (ino, _) = walk(fs, &format!("h/{gen}/small.txt")).await.unwrap();
+    assert_eq!(fs.getxattr(ino, b"user.comment").unwrap(), b"kept");
+    assert!(matches!(
+        fs.getxattr(ino, b"user.none"),
+        Err(FsError::NoData)
+    ));
+    let list = fs.listxattr(ino).unwrap();
+    assert!(list.windows(13).any(|w| w == b"user.comment\0"));
+
+    // Errors: missing names, files as directories.
+    assert!(matches!(
+        walk(fs, &format!("h/{gen}/nope")).await,
+        Err(FsError::NotFound)
+    ));
+    assert!(matches!(walk(fs, "nohost").await, Err(FsError::NotFound)));
+    assert!(matches!(
+        walk(fs, &format!("h/{gen}/small.txt/x")).await,
+        Err(FsError::NotDir)
+    ));
+
+    // Inode numbers are the same on a second filesystem over the same repository.
+    let fs2 = Arc::new(BacktreeFs::new(fs.repo().clone(), FsOptions::default()));
+    assert_eq!(
+        walk(&fs2, &format!("h/{gen}/dir/linked2")).await.unwrap().0,
+        a2
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn paged_directory_lists_in_pieces() {
+    let s = setup().await;
+    let fs = &s.fs;
+    let (ino, _) = walk(fs, "h/latest").await.unwrap();
+    let gen = String::from_utf8(fs.readlink(ino).await.unwrap()).unwrap();
+    let (d, _) = walk(fs, &format!("h/{gen}/big-dir")).await.unwrap();
+    let fh = fs.opendir(d).await.unwrap();
+    let mut names = Vec::new();
+    let mut off = 0;
+    loop {
+        let items = fs.readdir(fh, off, 333).await.unwrap();
+        let Some(last) = items.last() else { break };
+        off = last.next;
+        names.extend(items.into_iter().map(|i| i.name));
+    }
+    let mut expect: Vec<Vec<u8>> = std::fs::read_dir(s.src.join("big-dir"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_encoded_bytes())
+        .collect();
+    expect.sort();
+    assert_eq!(names, expect);
+    // Lookup in a paged directory loads only the page it needs.
+    assert!(walk(fs, &format!("h/{gen}/big-dir/f04111")).await.is_ok());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn corrupt_or_missing_data_is_eio_and_the_rest_reads() {
+    let s = setup().await;
+    let fs = &s.fs;
+    let (ino, _) = walk(fs, "h/latest").await.unwrap();
+    let gen = String::from_utf8(fs.readlink(ino).await.unwrap()).unwrap();
+    let (big, ba) = walk(fs, &format!("h/{gen}/big.bin")).await.unwrap();
+    let (small, sa) = walk(fs, &format!("h/{gen}/small.txt")).await.unwrap();
+
+    // Corrupt one byte of every data pack: reads of data not yet cached fail with EIO.
+    for o in s.mem.list("packs/data/").await.unwrap() {
+        let mut b = s.mem.get(&o.key).await.unwrap().to_vec();
+        let mid = b.len() / 2;
+        b[mid] ^= 0xff;
+        s.mem.tamper(&o.key, b.into());
+    }
+    let err = read_all(fs, big, ba.size).await.unwrap_err();
+    assert!(
+        matches!(err, FsError::Io(ref m) if m.contains("big.bin") && m.contains("pack")),
+        "{err:?}"
+    );
+    // Metadata still works; a store outage is EIO too, and the filesystem recovers after it.
+    s.faulty.inject(Fault::FailReadsOf("packs/data".into()));
+    assert!(matches!(
+        read_all(fs, small, sa.size).await,
+        Err(FsError::Io(_))
+    ));
+    s.faulty.heal();
+    assert!(walk(fs, &format!("h/{gen}/dir/sub")).await.is_ok());
+    assert_eq!(
+        read_all(fs, small, sa.size).await.unwrap(),
+        b"hello backtree\n"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sequential_reads_prefetch_ahead() {
+    let s = setup().await;
+    let fs = &s.fs;
+    let (ino, _) = walk(fs, "h/latest").await.unwrap();
+    let gen = String::from_utf8(fs.readlink(ino).await.unwrap()).unwrap();
+    let (big, _) = walk(fs, &format!("h/{gen}/big.bin")).await.unwrap();
+    let fh = fs.open(big).await.unwrap();
+    for i in 0..8u64 {
+        fs.read(fh, i * (128 << 10), 128 << 10).await.unwrap();
+    }
+    // Give the prefetch tasks a moment; then more than what was read is cached.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        fs.cached_bytes() > 2 << 20,
+        "prefetched: {}",
+        fs.cached_bytes()
+    );
+}

@@ -1,0 +1,153 @@
+//! Mounting with safe defaults.
+//!
+//! - read-only, `nosuid`, `nodev`: a backup's setuid binaries and device nodes keep their
+//!   metadata (so `rsync -a` restores them) but cannot be used through the mount;
+//! - no `allow_other` unless asked; with it, always `default_permissions`, so the kernel enforces
+//!   every file's mode, owner and ACL for other users;
+//! - no `auto_unmount`: if the daemon dies, the mountpoint answers "Transport endpoint is not
+//!   connected" rather than turning into an empty directory that an `rsync --delete` mirror job
+//!   would happily copy;
+//! - a mountpoint inside a local repository is refused (the walk would recurse into itself).
+
+use crate::fs::BacktreeFs;
+use crate::fuse::FuseAdapter;
+use fuser::{BackgroundSession, Config, MountOption, SessionACL};
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use tokio::runtime::Handle;
+
+/// Why a mount could not be made; each message is one sentence for the administrator.
+#[derive(Debug, thiserror::Error)]
+pub enum MountError {
+    #[error("FUSE is not available: /dev/fuse is missing (load the fuse module, or run the container with --device /dev/fuse)")]
+    NoDevFuse,
+    #[error("FUSE is not available: fusermount3 is not installed (install the fuse3 package)")]
+    NoFusermount,
+    #[error("mountpoint {} does not exist or is not a directory", .0.display())]
+    NotADirectory(PathBuf),
+    #[error("mountpoint {} is inside the repository {}; choose a mountpoint outside it", .mountpoint.display(), .repo.display())]
+    InsideRepository { mountpoint: PathBuf, repo: PathBuf },
+    #[error("mountpoint {} is busy: a previous mount there is gone but not unmounted; run `fusermount3 -u {}`", .0.display(), .0.display())]
+    Stale(PathBuf),
+    #[error("mountpoint {} is already a mount point; unmount it or choose another directory", .0.display())]
+    Busy(PathBuf),
+    #[error("cannot mount at {}: {source}", .mountpoint.display())]
+    Mount {
+        mountpoint: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// How to mount.
+#[derive(Debug, Clone, Default)]
+pub struct MountOptions {
+    /// Let other users access the mount (always with `default_permissions`).
+    pub allow_other: bool,
+    /// Shown in `mount` output as the source.
+    pub fsname: String,
+    /// The repository's directory when it is local (to refuse mounting inside it).
+    pub local_repo: Option<PathBuf>,
+}
+
+fn in_path(cmd: &str) -> bool {
+    std::env::var_os("PATH")
+        .map(|p| std::env::split_paths(&p).any(|d| d.join(cmd).is_file()))
+        .unwrap_or(false)
+        || Path::new("/bin").join(cmd).is_file()
+}
+
+/// Checks everything that can be checked before mounting.
+pub fn preflight(mountpoint: &Path, opts: &MountOptions) -> Result<PathBuf, MountError> {
+    if !Path::new("/dev/fuse").exists() {
+        return Err(MountError::NoDevFuse);
+    }
+    if !in_path("fusermount3") {
+        return Err(MountError::NoFusermount);
+    }
+    let meta = match std::fs::metadata(mountpoint) {
+        Ok(m) => m,
+        Err(e) if e.raw_os_error() == Some(libc::ENOTCONN) => {
+            return Err(MountError::Stale(mountpoint.to_path_buf()))
+        }
+        Err(_) => return Err(MountError::NotADirectory(mountpoint.to_path_buf())),
+    };
+    if !meta.is_dir() {
+        return Err(MountError::NotADirectory(mountpoint.to_path_buf()));
+    }
+    let abs = std::fs::canonicalize(mountpoint)
+        .map_err(|_| MountError::NotADirectory(mountpoint.to_path_buf()))?;
+    if let Some(parent) = abs.parent() {
+        if let Ok(pm) = std::fs::metadata(parent) {
+            if pm.dev() != meta.dev() && abs != Path::new("/") {
+                return Err(MountError::Busy(abs));
+            }
+        }
+    }
+    if let Some(repo) = &opts.local_repo {
+        if let Ok(repo) = std::fs::canonicalize(repo) {
+            if abs.starts_with(&repo) {
+                return Err(MountError::InsideRepository {
+                    mountpoint: abs,
+                    repo,
+                });
+            }
+        }
+    }
+    Ok(abs)
+}
+
+/// Mounts `fs` at `mountpoint` and serves it on background threads until the returned session
+/// is unmounted or dropped.
+pub fn mount(
+    fs: Arc<BacktreeFs>,
+    rt: Handle,
+    mountpoint: &Path,
+    opts: &MountOptions,
+) -> Result<BackgroundSession, MountError> {
+    let abs = preflight(mountpoint, opts)?;
+    let mut config = Config::default();
+    config.mount_options = vec![
+        MountOption::RO,
+        MountOption::NoSuid,
+        MountOption::NoDev,
+        MountOption::NoAtime,
+        MountOption::FSName(if opts.fsname.is_empty() {
+            "backtree".into()
+        } else {
+            opts.fsname.clone()
+        }),
+        MountOption::Subtype("backtree".into()),
+    ];
+    if opts.allow_other {
+        config.mount_options.push(MountOption::DefaultPermissions);
+        config.acl = SessionACL::All;
+    }
+    // Two FUSE threads suffice: anything slow is handed to the async runtime.
+    config.n_threads = Some(2);
+    let session =
+        fuser::spawn_mount(FuseAdapter::new(fs, rt), &abs, &config).map_err(|source| {
+            MountError::Mount {
+                mountpoint: abs.clone(),
+                source,
+            }
+        })?;
+    raise_readahead(&abs);
+    Ok(session)
+}
+
+/// Raises the mount's kernel readahead to 1 MiB (root only; a no-op otherwise): with the default
+/// 128 KiB the kernel sends small reads and sequential throughput drops (measured: 1–2 GB/s
+/// versus 1.2–3.9 GB/s through FUSE itself).
+fn raise_readahead(mountpoint: &Path) {
+    let Ok(m) = std::fs::metadata(mountpoint) else {
+        return;
+    };
+    let dev = m.dev();
+    let (major, minor) = (libc::major(dev), libc::minor(dev));
+    let path = format!("/sys/class/bdi/{major}:{minor}/read_ahead_kb");
+    if let Err(e) = std::fs::write(&path, "1024") {
+        tracing::debug!("could not raise readahead ({path}): {e}");
+    }
+}
