@@ -607,7 +607,9 @@ impl BacktreeFs {
         self.next_fh.fetch_add(1, Ordering::Relaxed)
     }
 
-    pub async fn opendir(&self, ino: u64) -> Result<u64> {
+    /// Opens a directory. Returns the handle and whether its listing is immutable (inside a
+    /// generation: the kernel may cache it) or not (root and host directories change).
+    pub async fn opendir(&self, ino: u64) -> Result<(u64, bool)> {
         let node = self.node(ino)?;
         let handle = match &node {
             Node::Root => {
@@ -667,9 +669,10 @@ impl BacktreeFs {
                 _ => return Err(FsError::NotDir),
             },
         };
+        let immutable = matches!(handle, DirHandle::Gen { .. });
         let fh = self.new_fh();
         lock(&self.dirs).insert(fh, Arc::new(handle));
-        Ok(fh)
+        Ok((fh, immutable))
     }
 
     fn virtual_items(&self, _dir: u64, items: Vec<(u64, Vec<u8>, Node)>) -> Vec<DirItem> {

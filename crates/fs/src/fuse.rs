@@ -98,12 +98,12 @@ impl Filesystem for FuseAdapter {
             .or_else(|max| config.set_max_readahead(max));
         let _ = config.set_max_background(MAX_BACKGROUND);
         // Each capability separately: an older kernel lacking one should not lose the others.
+        // Not FUSE_CACHE_SYMLINKS: `latest` changes, and the kernel would keep its old target.
         for cap in [
             InitFlags::FUSE_ASYNC_READ,
             InitFlags::FUSE_DO_READDIRPLUS,
             InitFlags::FUSE_READDIRPLUS_AUTO,
             InitFlags::FUSE_PARALLEL_DIROPS,
-            InitFlags::FUSE_CACHE_SYMLINKS,
             InitFlags::FUSE_POSIX_ACL,
             InitFlags::FUSE_MAX_PAGES,
         ] {
@@ -216,7 +216,13 @@ impl Filesystem for FuseAdapter {
         let fs = self.fs.clone();
         self.rt.spawn(async move {
             match fs.opendir(ino.0).await {
-                Ok(fh) => reply.opened(FileHandle(fh), FopenFlags::FOPEN_KEEP_CACHE),
+                // Generation directories never change: let the kernel cache their listings.
+                // Root and host directories must be listed afresh so new generations appear.
+                Ok((fh, true)) => reply.opened(
+                    FileHandle(fh),
+                    FopenFlags::FOPEN_KEEP_CACHE | FopenFlags::FOPEN_CACHE_DIR,
+                ),
+                Ok((fh, false)) => reply.opened(FileHandle(fh), FopenFlags::empty()),
                 Err(e) => reply.error(errno(&e)),
             }
         });

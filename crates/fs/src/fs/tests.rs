@@ -84,14 +84,14 @@ async fn tree_attributes_and_contents() {
     let s = setup().await;
     let fs = &s.fs;
     // Root lists the host; the host lists its generation and `latest`.
-    let root = fs.opendir(ROOT_INO).await.unwrap();
+    let root = fs.opendir(ROOT_INO).await.unwrap().0;
     let items = fs.readdir(root, 0, 100).await.unwrap();
     assert_eq!(
         items.iter().map(|i| i.name.clone()).collect::<Vec<_>>(),
         [b"h".to_vec()]
     );
     let (host, _) = walk(fs, "h").await.unwrap();
-    let hd = fs.opendir(host).await.unwrap();
+    let hd = fs.opendir(host).await.unwrap().0;
     let names: Vec<_> = fs
         .readdir(hd, 0, 100)
         .await
@@ -203,7 +203,7 @@ async fn paged_directory_lists_in_pieces() {
     let (ino, _) = walk(fs, "h/latest").await.unwrap();
     let gen = String::from_utf8(fs.readlink(ino).await.unwrap()).unwrap();
     let (d, _) = walk(fs, &format!("h/{gen}/big-dir")).await.unwrap();
-    let fh = fs.opendir(d).await.unwrap();
+    let fh = fs.opendir(d).await.unwrap().0;
     let mut names = Vec::new();
     let mut off = 0;
     loop {

@@ -1,0 +1,378 @@
+//! The mount through the real kernel FUSE: `backtree mount` as a process, read with ordinary
+//! tools (rsync, std::fs). Needs /dev/fuse and fusermount3 (scripts/setup.sh installs fuse3);
+//! without them these tests fail rather than pass silently.
+
+use backtree_core::testing::{build_fixture, compare_dirs, data_regions, random_bytes};
+use std::io::Read;
+use std::os::unix::fs::{FileExt, MetadataExt};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+fn bt() -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_backtree"));
+    c.env_remove("BACKTREE_REPO");
+    c
+}
+
+fn ok(c: &mut Command) -> String {
+    let o = c.output().expect("run");
+    assert!(
+        o.status.success(),
+        "{:?}: {}",
+        c,
+        String::from_utf8_lossy(&o.stderr)
+    );
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+fn is_mounted(mnt: &Path) -> bool {
+    let Ok(info) = std::fs::read_to_string("/proc/self/mountinfo") else {
+        return false;
+    };
+    let m = mnt.to_string_lossy();
+    info.lines().any(|l| l.split(' ').nth(4) == Some(&m))
+}
+
+/// A running `backtree mount`; unmounts (SIGTERM) when dropped.
+struct Mounted {
+    child: Option<Child>,
+    mnt: PathBuf,
+    log: PathBuf,
+}
+
+impl Mounted {
+    fn start(repo: &Path, mnt: &Path, extra: &[&str]) -> Mounted {
+        std::fs::create_dir_all(mnt).unwrap();
+        let mnt = std::fs::canonicalize(mnt).unwrap();
+        let log = mnt.with_extension("log");
+        let child = bt()
+            .arg("mount")
+            .arg("--repo")
+            .arg(repo)
+            .args(extra)
+            .arg(&mnt)
+            .env("BACKTREE_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap();
+        let m = Mounted {
+            child: Some(child),
+            mnt,
+            log,
+        };
+        let start = Instant::now();
+        while !is_mounted(&m.mnt) {
+            assert!(
+                start.elapsed() < Duration::from_secs(10),
+                "not mounted: {}",
+                m.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        m
+    }
+
+    fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    fn stop(&mut self) -> std::process::ExitStatus {
+        let mut child = self.child.take().expect("running");
+        // SAFETY: sending a signal to our own child process.
+        unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+        let start = Instant::now();
+        loop {
+            if let Some(st) = child.try_wait().unwrap() {
+                assert!(!is_mounted(&self.mnt), "still mounted after exit");
+                return st;
+            }
+            if start.elapsed() > Duration::from_secs(10) {
+                let _ = child.kill();
+                let _ = Command::new("fusermount3")
+                    .arg("-uz")
+                    .arg(&self.mnt)
+                    .status();
+                panic!("mount did not exit on SIGTERM");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Mounted {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            // SAFETY: as above.
+            unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
+            let start = Instant::now();
+            while c.try_wait().ok().flatten().is_none() && start.elapsed() < Duration::from_secs(5)
+            {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let _ = c.kill();
+            if is_mounted(&self.mnt) {
+                let _ = Command::new("fusermount3")
+                    .arg("-uz")
+                    .arg(&self.mnt)
+                    .status();
+            }
+        }
+    }
+}
+
+fn repo_with(dir: &Path, host: &str, src: &Path) -> PathBuf {
+    let repo = dir.join("repo");
+    if !repo.exists() {
+        ok(bt().args(["init", "--repo"]).arg(&repo));
+    }
+    ok(bt()
+        .args(["ingest", "--host", host, "--repo"])
+        .arg(&repo)
+        .arg(src));
+    repo
+}
+
+#[test]
+fn rsync_restore_from_the_mount_is_identical() {
+    let dir = tempfile::tempdir().unwrap();
+    let src = dir.path().join("src");
+    let info = build_fixture(&src, true);
+    let repo = repo_with(dir.path(), "ve123", &src);
+    let mut m = Mounted::start(&repo, &dir.path().join("mnt"), &[]);
+    let latest = m.mnt.join("ve123/latest");
+
+    let out = dir.path().join("restored");
+    let st = Command::new("rsync")
+        .args(["-aHAX", "--numeric-ids"])
+        .arg(format!("{}/", latest.display()))
+        .arg(format!("{}/", out.display()))
+        .status()
+        .expect("rsync (scripts/setup.sh installs it)");
+    assert!(st.success(), "rsync failed: {}", m.log_text());
+    let diffs = compare_dirs(&src, &out);
+    assert!(diffs.is_empty(), "restored tree differs: {diffs:#?}");
+
+    // What rsync does not restore, checked on the mount itself: atimes, holes, st_blocks,
+    // device numbers, shared inodes with true link counts.
+    // (The source's own atime has moved since: compare_dirs read it. The fixture set it.)
+    let ms = std::fs::symlink_metadata(latest.join("small.txt")).unwrap();
+    assert_eq!((ms.atime(), ms.atime_nsec()), (1_600_000_000, 123_456_789));
+    if info.sparse {
+        assert_eq!(
+            data_regions(&latest.join("sparse.img")),
+            data_regions(&src.join("sparse.img"))
+        );
+        let b = std::fs::metadata(latest.join("sparse.img"))
+            .unwrap()
+            .blocks();
+        assert!(b * 512 < 1 << 20, "st_blocks reflects holes: {b}");
+    }
+    if info.devices {
+        assert_eq!(
+            std::fs::symlink_metadata(latest.join("null-dev"))
+                .unwrap()
+                .rdev(),
+            libc::makedev(1, 3)
+        );
+    }
+    let l1 = std::fs::metadata(latest.join("linked")).unwrap();
+    let l3 = std::fs::metadata(latest.join("dir/sub/linked3")).unwrap();
+    assert_eq!((l1.ino(), l1.nlink()), (l3.ino(), 3));
+    // getxattr of a missing name is ENODATA (never ENOSYS).
+    let err = xattr::get(latest.join("small.txt"), "user.missing").unwrap();
+    assert!(err.is_none());
+    let ino_before = std::fs::metadata(latest.join("dir/sub/random.bin"))
+        .unwrap()
+        .ino();
+    assert!(m.stop().success());
+
+    // Inode numbers stay the same across remounts.
+    let m2 = Mounted::start(&repo, &dir.path().join("mnt"), &[]);
+    assert_eq!(
+        std::fs::metadata(m2.mnt.join("ve123/latest/dir/sub/random.bin"))
+            .unwrap()
+            .ino(),
+        ino_before
+    );
+}
+
+#[test]
+fn new_generations_appear_without_remount() {
+    let dir = tempfile::tempdir().unwrap();
+    let src = dir.path().join("src");
+    std::fs::create_dir_all(&src).unwrap();
+    std::fs::write(src.join("a"), b"one").unwrap();
+    let repo = repo_with(dir.path(), "live", &src);
+    let m = Mounted::start(&repo, &dir.path().join("mnt"), &[]);
+    let first = std::fs::read_link(m.mnt.join("live/latest")).unwrap();
+    assert_eq!(std::fs::read(m.mnt.join("live/latest/a")).unwrap(), b"one");
+
+    std::thread::sleep(Duration::from_millis(1100)); // a new second: a new generation name
+    std::fs::write(src.join("a"), b"two").unwrap();
+    ok(bt()
+        .args(["ingest", "--host", "live", "--repo"])
+        .arg(&repo)
+        .arg(&src));
+    ok(bt()
+        .args(["ingest", "--host", "other", "--repo"])
+        .arg(&repo)
+        .arg(&src));
+    let start = Instant::now();
+    loop {
+        let now = std::fs::read_link(m.mnt.join("live/latest")).unwrap();
+        if now != first {
+            assert_eq!(std::fs::read(m.mnt.join("live/latest/a")).unwrap(), b"two");
+            assert_eq!(
+                std::fs::read(m.mnt.join("live").join(&first).join("a")).unwrap(),
+                b"one"
+            );
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(5),
+            "latest did not move"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let gens = std::fs::read_dir(m.mnt.join("live")).unwrap().count();
+    assert_eq!(gens, 3, "two generations and latest");
+    assert!(m.mnt.join("other/latest/a").exists(), "a new host appears");
+}
+
+#[test]
+fn many_readers_at_once_get_every_byte_right() {
+    let dir = tempfile::tempdir().unwrap();
+    let src = dir.path().join("src");
+    std::fs::create_dir_all(&src).unwrap();
+    for i in 0..6u64 {
+        std::fs::write(src.join(format!("f{i}")), random_bytes(100 + i, 3 << 20)).unwrap();
+    }
+    std::fs::write(src.join("big"), random_bytes(7, 40 << 20)).unwrap();
+    let repo = repo_with(dir.path(), "c", &src);
+    let m = Mounted::start(&repo, &dir.path().join("mnt"), &["--cache-size", "16M"]);
+    let root = m.mnt.join("c/latest");
+    let big = std::sync::Arc::new(std::fs::read(src.join("big")).unwrap());
+    std::thread::scope(|s| {
+        for i in 0..6u64 {
+            let (root, src) = (&root, &src);
+            s.spawn(move || {
+                let name = format!("f{i}");
+                let mut got = Vec::new();
+                std::fs::File::open(root.join(&name))
+                    .unwrap()
+                    .read_to_end(&mut got)
+                    .unwrap();
+                assert!(
+                    got == std::fs::read(src.join(&name)).unwrap(),
+                    "{name} differs"
+                );
+            });
+        }
+        for t in 0..4u64 {
+            let (root, big) = (&root, big.clone());
+            s.spawn(move || {
+                let f = std::fs::File::open(root.join("big")).unwrap();
+                let r = random_bytes(t, 64 * 16);
+                for k in 0..64 {
+                    let v = u64::from_le_bytes(r[k * 16..k * 16 + 8].try_into().unwrap());
+                    let len = 1
+                        + (u64::from_le_bytes(r[k * 16 + 8..k * 16 + 16].try_into().unwrap())
+                            % 300_000) as usize;
+                    let off = (v % big.len() as u64) as usize;
+                    let mut buf = vec![0u8; len];
+                    let n = f.read_at(&mut buf, off as u64).unwrap();
+                    assert_eq!(n, len.min(big.len() - off));
+                    assert!(buf[..n] == big[off..off + n], "random read at {off}+{len}");
+                }
+            });
+        }
+    });
+}
+
+#[test]
+fn corrupt_pack_gives_eio_for_that_file_only() {
+    let dir = tempfile::tempdir().unwrap();
+    let (sa, sb) = (dir.path().join("a"), dir.path().join("b"));
+    std::fs::create_dir_all(&sa).unwrap();
+    std::fs::create_dir_all(&sb).unwrap();
+    std::fs::write(sa.join("victim.bin"), random_bytes(1, 6 << 20)).unwrap();
+    std::fs::write(sb.join("fine.bin"), random_bytes(2, 6 << 20)).unwrap();
+    let repo = repo_with(dir.path(), "a", &sa);
+    let packs_a: Vec<PathBuf> = walk_files(&repo.join("packs/data"));
+    let repo = repo_with(dir.path(), "b", &sb);
+    for p in &packs_a {
+        let f = std::fs::OpenOptions::new().write(true).open(p).unwrap();
+        f.write_at(b"garbage!", 4096).unwrap();
+    }
+    let mut m = Mounted::start(&repo, &dir.path().join("mnt"), &[]);
+    let err = std::fs::read(m.mnt.join("a/latest/victim.bin")).unwrap_err();
+    assert_eq!(err.raw_os_error(), Some(libc::EIO), "{err}");
+    assert_eq!(
+        std::fs::read(m.mnt.join("b/latest/fine.bin")).unwrap(),
+        std::fs::read(sb.join("fine.bin")).unwrap()
+    );
+    assert!(
+        std::fs::read_dir(m.mnt.join("a/latest")).unwrap().count() == 1,
+        "daemon still serving"
+    );
+    assert!(m.stop().success());
+    let log = m.log_text();
+    assert!(
+        log.contains("a/") && log.contains("victim.bin") && log.contains("packs/data/"),
+        "log names file and pack: {log}"
+    );
+}
+
+fn walk_files(d: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(d).into_iter().flatten().flatten() {
+        let p = e.path();
+        if p.is_dir() {
+            out.extend(walk_files(&p));
+        } else {
+            out.push(p);
+        }
+    }
+    out
+}
+
+#[test]
+fn refuses_unsafe_or_impossible_mountpoints() {
+    let dir = tempfile::tempdir().unwrap();
+    let src = dir.path().join("src");
+    std::fs::create_dir_all(&src).unwrap();
+    let repo = repo_with(dir.path(), "h", &src);
+    let inside = repo.join("mnt");
+    std::fs::create_dir(&inside).unwrap();
+    let o = bt()
+        .args(["mount", "--repo"])
+        .arg(&repo)
+        .arg(&inside)
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("inside the repository"));
+    let o = bt()
+        .args(["mount", "--repo"])
+        .arg(&repo)
+        .arg(dir.path().join("nope"))
+        .output()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&o.stderr).contains("does not exist"));
+    // A mountpoint that is already mounted is busy.
+    let m = Mounted::start(&repo, &dir.path().join("mnt"), &[]);
+    let o = bt()
+        .args(["mount", "--repo"])
+        .arg(&repo)
+        .arg(&m.mnt)
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("already a mount point"),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+}
