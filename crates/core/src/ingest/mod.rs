@@ -408,6 +408,9 @@ struct Counters {
     unchanged: AtomicU64,
 }
 
+/// A regular file's content fields: inline list, list blob, hole bytes.
+type Content = (Option<ChunkList>, Option<Id>, Option<u64>);
+
 /// Hardlink bookkeeping.
 #[derive(Default)]
 struct Links {
@@ -417,8 +420,8 @@ struct Links {
     used: std::collections::HashSet<u64>,
     /// group → entries seen in this generation.
     counts: HashMap<u64, u32>,
-    /// group → content (inline list, list blob, hole bytes) of the first member read.
-    content: HashMap<u64, (Option<ChunkList>, Option<Id>, Option<u64>)>,
+    /// group → content of the first member read.
+    content: HashMap<u64, Content>,
 }
 
 impl Links {
@@ -579,14 +582,10 @@ impl Walker<'_> {
             Kind::Symlink => {
                 match std::fs::read_link(path) {
                     Ok(t) => {
-                        // Reading a link updates its atime and no flag prevents that: take the
-                        // metadata again after the read, so the next backup sees the same atime
-                        // and an unchanged directory stays the same tree blob.
-                        if let Ok(after) = std::fs::symlink_metadata(path) {
-                            if after.is_symlink() {
-                                e.atime = Time(after.atime(), after.atime_nsec() as u32);
-                            }
-                        }
+                        // Every readlink (ours included) may move a link's atime and no flag
+                        // prevents it, and no tool restores it: record mtime instead, so an
+                        // unchanged directory encodes identically in every generation.
+                        e.atime = e.mtime;
                         e.size = t.as_os_str().len() as u64;
                         e.target = Some(t.as_os_str().as_bytes().to_vec());
                     }
