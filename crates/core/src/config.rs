@@ -63,13 +63,15 @@ pub enum ChunkerAlgorithm {
 }
 
 impl Default for ChunkerParams {
-    /// 512 KiB / 1 MiB / 8 MiB: restic's and borg's balance of dedup granularity against the
-    /// number of objects and requests.
+    /// Chunks of about 1 MiB on average (512 KiB min, 8 MiB max): restic's and borg's balance
+    /// of dedup granularity against the number of objects and requests. FastCDC skips `min`
+    /// bytes before it looks for a cut, so its mean chunk lands near `min + avg`: `avg` is
+    /// 512 KiB to make the mean 1 MiB (measured: avg 1 MiB gave a 1.49 MB mean).
     fn default() -> Self {
         ChunkerParams {
             algorithm: ChunkerAlgorithm::Fastcdc2020,
             min: 512 * 1024,
-            avg: 1024 * 1024,
+            avg: 512 * 1024,
             max: 8 * 1024 * 1024,
         }
     }

@@ -142,59 +142,67 @@ pub fn ingest(
     };
 
     let parent_root = parent.as_ref().and_then(|m| m.root.tree);
-    let root = match &layout {
-        Layout::Dir(path) => {
-            let m = std::fs::symlink_metadata(path).map_err(|e| Error::io(path, e))?;
-            let xattrs = meta::xattrs(path).map_err(|e| Error::io(path, e))?;
-            let mut root = meta::entry(b"", &m, &walker.names, xattrs);
-            root.tree = Some(walker.dir(path, b"", parent_root, true)?);
-            root
-        }
-        Layout::Many(items) => {
-            let mut prev = match parent_root {
-                Some(t) => walker.prev_entries(Some(t)),
-                None => HashMap::new(),
-            };
-            let mut entries = Vec::new();
-            for (name, path) in items {
-                let m = match std::fs::symlink_metadata(path) {
-                    Ok(m) => m,
-                    Err(e) => return Err(Error::io(path, e)),
+    // A pool of our own: the walk recurses inside rayon tasks, so give its threads deep stacks.
+    let pool = rayon::ThreadPoolBuilder::new()
+        .stack_size(32 << 20)
+        .thread_name(|i| format!("backtree-ingest-{i}"))
+        .build()
+        .map_err(|e| Error::Invalid(format!("cannot start worker threads: {e}")))?;
+    let root = pool.install(|| -> Result<Entry> {
+        Ok(match &layout {
+            Layout::Dir(path) => {
+                let m = std::fs::symlink_metadata(path).map_err(|e| Error::io(path, e))?;
+                let xattrs = meta::xattrs(path).map_err(|e| Error::io(path, e))?;
+                let mut root = meta::entry(b"", &m, &walker.names, xattrs);
+                root.tree = Some(walker.dir(path, b"", parent_root, true)?);
+                root
+            }
+            Layout::Many(items) => {
+                let mut prev = match parent_root {
+                    Some(t) => walker.prev_entries(Some(t)),
+                    None => HashMap::new(),
                 };
-                let p = prev.remove(name.as_bytes());
-                if let Some(e) =
-                    walker.entry(path, name.as_bytes(), name.as_bytes(), m, p.as_ref())?
-                {
-                    entries.push(e);
+                let mut entries = Vec::new();
+                for (name, path) in items {
+                    let m = match std::fs::symlink_metadata(path) {
+                        Ok(m) => m,
+                        Err(e) => return Err(Error::io(path, e)),
+                    };
+                    let p = prev.remove(name.as_bytes());
+                    if let Some(e) =
+                        walker.entry(path, name.as_bytes(), name.as_bytes(), m, p.as_ref())?
+                    {
+                        entries.push(e);
+                    }
+                }
+                walker.resolve_hardlinks(&mut entries);
+                entries.sort_by(|a, b| a.name.cmp(&b.name));
+                let t = Time(time.timestamp(), time.timestamp_subsec_nanos());
+                Entry {
+                    name: Vec::new(),
+                    kind: Kind::Dir,
+                    mode: 0o755,
+                    uid: 0,
+                    gid: 0,
+                    user: Some("root".into()),
+                    group: Some("root".into()),
+                    mtime: t,
+                    atime: t,
+                    ctime: t,
+                    size: 0,
+                    ino: 0,
+                    link: None,
+                    rdev: None,
+                    xattrs: Vec::new(),
+                    tree: Some(walker.store_dir(entries)?),
+                    target: None,
+                    chunks: None,
+                    chunk_list: None,
+                    holes: None,
                 }
             }
-            walker.resolve_hardlinks(&mut entries);
-            entries.sort_by(|a, b| a.name.cmp(&b.name));
-            let t = Time(time.timestamp(), time.timestamp_subsec_nanos());
-            Entry {
-                name: Vec::new(),
-                kind: Kind::Dir,
-                mode: 0o755,
-                uid: 0,
-                gid: 0,
-                user: Some("root".into()),
-                group: Some("root".into()),
-                mtime: t,
-                atime: t,
-                ctime: t,
-                size: 0,
-                ino: 0,
-                link: None,
-                rdev: None,
-                xattrs: Vec::new(),
-                tree: Some(walker.store_dir(entries)?),
-                target: None,
-                chunks: None,
-                chunk_list: None,
-                holes: None,
-            }
-        }
-    };
+        })
+    })?;
 
     let links_id = {
         let links = lock(&walker.links);
@@ -208,7 +216,8 @@ pub fn ingest(
     };
     w.finish()?;
 
-    let skipped = std::mem::take(&mut *lock(&walker.skipped));
+    let mut skipped = std::mem::take(&mut *lock(&walker.skipped));
+    skipped.sort_by(|a, b| a.path.cmp(&b.path));
     let c = &walker.stats;
     let ws = &w.stats;
     let stats = Stats {
@@ -523,26 +532,18 @@ impl Walker<'_> {
                 Err(e) => self.skip(&child, e),
             }
         }
-        let files: Vec<Option<Entry>> = items
+        // Files and subdirectories alike, several at once: the trees are content-addressed, so
+        // the result does not depend on the order in which work finishes.
+        let mut entries: Vec<Entry> = items
             .par_iter()
             .map(|(name, child, crel, m, p)| {
-                if m.is_dir() {
-                    return Ok(None);
-                }
                 self.entry(child, name.as_bytes(), crel, m.clone(), p.as_ref())
             })
-            .collect::<Result<_>>()?;
-        let mut entries = Vec::with_capacity(items.len());
-        for ((name, child, crel, m, p), e) in items.into_iter().zip(files) {
-            if m.is_dir() {
-                if let Some(e) = self.entry(&child, name.as_bytes(), &crel, m, p.as_ref())? {
-                    entries.push(e);
-                }
-            } else if let Some(e) = e {
-                entries.push(e);
-            }
-            self.w.maybe_checkpoint()?;
-        }
+            .collect::<Result<Vec<Option<Entry>>>>()?
+            .into_iter()
+            .flatten()
+            .collect();
+        self.w.maybe_checkpoint()?;
         self.resolve_hardlinks(&mut entries);
         self.store_dir(entries)
     }

@@ -67,96 +67,161 @@ fn data_regions(f: &File, size: u64) -> Vec<(u64, u64)> {
     out
 }
 
+/// One piece of a file as the reader produces it.
+enum Piece {
+    /// A chunk ending at this offset.
+    Data(u64, Vec<u8>),
+    /// A hole ending at this offset.
+    Hole(u64),
+}
+
+/// Produces a file's pieces in order, batch by batch: data regions cut by FastCDC, holes between
+/// them. Owns its file descriptors, so it can run on another thread than the compressor.
+struct Pieces {
+    file: File,
+    regions: std::vec::IntoIter<(u64, u64)>,
+    current: Option<(u64, fastcdc::v2020::StreamCDC<io::Take<File>>)>,
+    chunker: ChunkerParams,
+    size: u64,
+    pos: u64,
+    read: u64,
+    shrank: bool,
+    done: bool,
+}
+
+impl Pieces {
+    fn new(file: File, size: u64, chunker: ChunkerParams) -> Pieces {
+        let regions = data_regions(&file, size).into_iter();
+        Pieces {
+            file,
+            regions,
+            current: None,
+            chunker,
+            size,
+            pos: 0,
+            read: 0,
+            shrank: false,
+            done: false,
+        }
+    }
+
+    /// The next pieces, about `BATCH_BYTES` of data; empty at the end.
+    fn next_batch(&mut self) -> io::Result<Vec<Piece>> {
+        let mut out = Vec::new();
+        let mut bytes = 0usize;
+        while bytes < BATCH_BYTES && !self.done {
+            if let Some((end, cdc)) = &mut self.current {
+                let end = *end;
+                match cdc.next() {
+                    Some(c) => {
+                        let c = c.map_err(|e| match e {
+                            fastcdc::v2020::Error::IoError(e) => e,
+                            other => io::Error::other(other.to_string()),
+                        })?;
+                        self.pos += c.length as u64;
+                        self.read += c.length as u64;
+                        bytes += c.length;
+                        out.push(Piece::Data(self.pos, c.data));
+                    }
+                    None => {
+                        self.current = None;
+                        if self.pos < end {
+                            self.shrank = true; // the file shrank while we read it
+                            self.done = true;
+                        }
+                    }
+                }
+                continue;
+            }
+            let Some((start, end)) = self.regions.next() else {
+                // Everything after the last data region up to the size is a hole.
+                if !self.shrank && self.pos < self.size {
+                    out.push(Piece::Hole(self.size));
+                    self.pos = self.size;
+                }
+                self.done = true;
+                break;
+            };
+            if start > self.pos {
+                out.push(Piece::Hole(start));
+            }
+            self.pos = start;
+            let len = end - start;
+            let mut f = self.file.try_clone()?;
+            f.seek(SeekFrom::Start(start))?;
+            if len <= self.chunker.min as u64 {
+                // Small region: one chunk, no chunker buffer needed.
+                let mut buf = Vec::with_capacity(len as usize);
+                f.take(len).read_to_end(&mut buf)?;
+                let n = buf.len() as u64;
+                self.pos += n;
+                self.read += n;
+                bytes += buf.len();
+                if n > 0 {
+                    out.push(Piece::Data(self.pos, buf));
+                }
+                if n < len {
+                    self.shrank = true;
+                    self.done = true;
+                }
+            } else {
+                let c = &self.chunker;
+                self.current = Some((
+                    end,
+                    fastcdc::v2020::StreamCDC::new(f.take(len), c.min, c.avg, c.max),
+                ));
+            }
+        }
+        Ok(out)
+    }
+}
+
 /// Reads, chunks and stores a file. Returns its chunk list and the bytes read.
+///
+/// Reading and chunking the next batch runs while the previous batch is hashed and compressed
+/// on the other cores (`rayon::join`), so neither the disk nor the CPUs wait for each other;
+/// at most two batches are in memory per file.
 pub fn read_file(
     path: &Path,
     size: u64,
     chunker: &ChunkerParams,
     w: &BlobWriter,
 ) -> io::Result<(ChunkList, u64)> {
-    let mut f = open_noatime(path)?;
+    let f = open_noatime(path)?;
+    let mut src = Pieces::new(f, size, *chunker);
     let mut chunks: Vec<ChunkRef> = Vec::new();
-    let mut read = 0u64;
-    let mut batch: Vec<(u64, Vec<u8>)> = Vec::new();
-    let mut batch_bytes = 0usize;
-    let flush = |batch: &mut Vec<(u64, Vec<u8>)>, chunks: &mut Vec<ChunkRef>| -> io::Result<()> {
-        let prepared: Vec<_> = batch.par_iter().map(|(_, d)| w.prepare(d)).collect();
-        w.append_all(BlobKind::Data, &prepared)
+    let mut batch = src.next_batch()?;
+    while !batch.is_empty() {
+        let (prepared, next) = rayon::join(
+            || {
+                batch
+                    .par_iter()
+                    .map(|p| match p {
+                        Piece::Data(_, d) => Some(w.prepare(d)),
+                        Piece::Hole(_) => None,
+                    })
+                    .collect::<Vec<_>>()
+            },
+            || src.next_batch(),
+        );
+        let new: Vec<_> = prepared.iter().flatten().collect();
+        w.append_refs(BlobKind::Data, &new)
             .map_err(io::Error::other)?;
-        for ((end, _), p) in batch.iter().zip(&prepared) {
-            chunks.push(ChunkRef {
-                end: *end,
-                id: Some(p.id),
+        for (piece, p) in batch.iter().zip(&prepared) {
+            chunks.push(match (piece, p) {
+                (Piece::Data(end, _), Some(p)) => ChunkRef {
+                    end: *end,
+                    id: Some(p.id),
+                },
+                (Piece::Hole(end), _) | (Piece::Data(end, _), None) => ChunkRef {
+                    end: *end,
+                    id: None,
+                },
             });
         }
-        batch.clear();
-        Ok(())
-    };
-    let mut pos = 0u64;
-    let mut shrank = false;
-    'regions: for (start, end) in data_regions(&f, size) {
-        if start > pos {
-            flush(&mut batch, &mut chunks)?;
-            batch_bytes = 0;
-            chunks.push(ChunkRef {
-                end: start,
-                id: None,
-            });
-        }
-        f.seek(SeekFrom::Start(start))?;
-        pos = start;
-        let len = end - start;
-        if len <= chunker.min as u64 {
-            // Small region: one chunk, no chunker buffer needed.
-            let mut buf = Vec::with_capacity(len as usize);
-            (&mut f).take(len).read_to_end(&mut buf)?;
-            pos += buf.len() as u64;
-            read += buf.len() as u64;
-            let short = (buf.len() as u64) < len;
-            if !buf.is_empty() {
-                batch_bytes += buf.len();
-                batch.push((pos, buf));
-            }
-            if short {
-                shrank = true; // the file shrank while we read it
-                break 'regions;
-            }
-        } else {
-            let source = (&mut f).take(len);
-            let cdc = fastcdc::v2020::StreamCDC::new(source, chunker.min, chunker.avg, chunker.max);
-            for c in cdc {
-                let c = c.map_err(|e| match e {
-                    fastcdc::v2020::Error::IoError(e) => e,
-                    other => io::Error::other(other.to_string()),
-                })?;
-                pos += c.length as u64;
-                read += c.length as u64;
-                batch_bytes += c.length;
-                batch.push((pos, c.data));
-                if batch_bytes >= BATCH_BYTES {
-                    flush(&mut batch, &mut chunks)?;
-                    batch_bytes = 0;
-                }
-            }
-            if pos < end {
-                shrank = true; // the file shrank while we read it
-                break 'regions;
-            }
-        }
-        if batch_bytes >= BATCH_BYTES {
-            flush(&mut batch, &mut chunks)?;
-            batch_bytes = 0;
-        }
+        batch = next?;
     }
-    flush(&mut batch, &mut chunks)?;
-    // Everything after the last data region up to the size is a hole.
-    if !shrank && pos < size {
-        chunks.push(ChunkRef {
-            end: size,
-            id: None,
-        });
-    }
-    Ok((ChunkList(chunks), read))
+    Ok((ChunkList(chunks), src.read))
 }
 
 /// Lists a directory's entry names (without `.` and `..`), opening it with `O_NOATIME` where

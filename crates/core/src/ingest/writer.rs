@@ -75,6 +75,7 @@ pub struct BlobWriter {
     checkpointed: Mutex<(usize, u64, Vec<String>)>,
     failure: Arc<Mutex<Option<Error>>>,
     checkpoint_bytes: u64,
+    checkpointing: Mutex<()>,
     pub stats: Arc<WriterStats>,
 }
 
@@ -102,6 +103,7 @@ impl BlobWriter {
             checkpointed: Mutex::new((0, 0, Vec::new())),
             failure: Arc::new(Mutex::new(None)),
             checkpoint_bytes,
+            checkpointing: Mutex::new(()),
             stats: Arc::new(WriterStats::default()),
         }
     }
@@ -136,6 +138,11 @@ impl BlobWriter {
     /// Appends prepared blobs in order, holding the pack lock across the whole batch so that
     /// chunks of one file stay contiguous even while other files are read in parallel.
     pub fn append_all(&self, kind: BlobKind, ps: &[Prepared]) -> Result<()> {
+        self.append_refs(kind, &ps.iter().collect::<Vec<_>>())
+    }
+
+    /// [`append_all`](Self::append_all) over references.
+    pub fn append_refs(&self, kind: BlobKind, ps: &[&Prepared]) -> Result<()> {
         let mut full = Vec::new();
         {
             let mut b = lock(self.builder(kind));
@@ -223,10 +230,14 @@ impl BlobWriter {
     /// Writes an index checkpoint if enough new packs were stored since the last one.
     pub fn maybe_checkpoint(&self) -> Result<()> {
         let stored = self.stats.new_stored_bytes.load(Ordering::Relaxed);
-        let since = stored - lock(&self.checkpointed).1;
+        let since = stored.saturating_sub(lock(&self.checkpointed).1);
         if since < self.checkpoint_bytes {
             return Ok(());
         }
+        // One checkpoint at a time; a thread that finds one being written skips its turn.
+        let Ok(_one) = self.checkpointing.try_lock() else {
+            return Ok(());
+        };
         let (packs, upto) = {
             let up = lock(&self.uploaded);
             let cp = lock(&self.checkpointed);
