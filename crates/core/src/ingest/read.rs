@@ -19,7 +19,7 @@ use std::path::Path;
 
 /// Raw bytes gathered before a parallel hash+compress round: enough work for every core, small
 /// enough to bound memory (two batches in flight per reading thread).
-pub const BATCH_BYTES: usize = 32 << 20;
+pub const BATCH_BYTES: usize = 16 << 20;
 
 /// Opens a file for reading without updating its access time when allowed.
 pub fn open_noatime(path: &Path) -> io::Result<File> {

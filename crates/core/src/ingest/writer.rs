@@ -1,7 +1,7 @@
 //! The blob writer: deduplication, packing, uploads and index files for one ingest session.
 //!
 //! Callers hash and compress chunks on their own threads ([`BlobWriter::prepare`]), then append
-//! each batch (up to 32 MiB of a file) in file order under one lock
+//! each batch (up to 16 MiB of a file) in file order under one lock
 //! ([`BlobWriter::append_all`]), so a file's new chunks lie contiguous in packs (at batch
 //! granularity when several files are read in parallel) and a sequential restore reads
 //! contiguous ranges. Data and tree blobs go to separate
