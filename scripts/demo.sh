@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The main job on a local repository, from scratch: build backtree, create a repository, ingest a
-# sample tree (two generations, the second after a change), and show what the repository holds.
+# sample tree (two generations, the second after a change), mount the repository and show the
+# tree through the mount, then unmount.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh
@@ -26,3 +27,15 @@ $bt ls --repo "$work/repo"
 $bt ls --repo "$work/repo" demo
 $bt ls --repo "$work/repo" demo/latest
 du -sh "$work/sample" "$work/repo"
+
+mkdir -p "$work/mnt"
+$bt mount --repo "$work/repo" "$work/mnt" &
+mount_pid=$!
+trap 'kill $mount_pid 2>/dev/null || true' EXIT
+for _ in $(seq 100); do mountpoint -q "$work/mnt" && break; sleep 0.1; done
+ls -l "$work/mnt" "$work/mnt/demo"
+ls -la "$work/mnt/demo/latest/"
+cat "$work/mnt/demo/latest/hello.txt"
+diff -r "$work/sample" "$work/mnt/demo/latest" && echo "the mount matches the sample"
+kill -TERM $mount_pid
+wait $mount_pid
