@@ -36,6 +36,6 @@ for _ in $(seq 100); do mountpoint -q "$work/mnt" && break; sleep 0.1; done
 ls -l "$work/mnt" "$work/mnt/demo"
 ls -la "$work/mnt/demo/latest/"
 cat "$work/mnt/demo/latest/hello.txt"
-diff -r --no-dereference "$work/sample" "$work/mnt/demo/latest" && echo "the mount matches the sample"
+diff -r --no-dereference "$work/sample/" "$work/mnt/demo/latest/" && echo "the mount matches the sample"
 kill -TERM $mount_pid
 wait $mount_pid
