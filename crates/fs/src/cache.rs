@@ -17,6 +17,11 @@ use tokio::sync::OnceCell;
 
 type Shared = Arc<OnceCell<Result<Bytes, String>>>;
 
+/// Chunk fetches in flight at once. Each holds a stored and a decoded chunk (up to 2 × 8 MiB),
+/// so this bounds memory beyond the cache; 8 keeps two cores busy decoding while reads of the
+/// next chunks are outstanding.
+pub const MAX_FETCHES: usize = 8;
+
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
@@ -29,6 +34,7 @@ struct Lru {
 /// A byte-bounded LRU of decompressed, verified chunks with merged concurrent misses.
 pub struct ChunkCache {
     limit: usize,
+    fetches: tokio::sync::Semaphore,
     lru: Mutex<Lru>,
     inflight: Mutex<HashMap<Id, Shared>>,
     disk: Option<PathBuf>,
@@ -38,6 +44,7 @@ impl ChunkCache {
     pub fn new(limit: usize, disk: Option<PathBuf>) -> Self {
         ChunkCache {
             limit,
+            fetches: tokio::sync::Semaphore::new(MAX_FETCHES),
             lru: Mutex::new(Lru {
                 map: LruCache::unbounded(),
                 bytes: 0,
@@ -112,6 +119,7 @@ impl ChunkCache {
     }
 
     async fn fetch(&self, repo: &Repository, id: &Id) -> Result<Bytes, String> {
+        let _slot = self.fetches.acquire().await.map_err(|e| e.to_string())?;
         if let Some(p) = self.disk_path(id) {
             if let Ok(b) = tokio::fs::read(&p).await {
                 if Id::of(&b) == *id {

@@ -193,7 +193,7 @@ pub struct FsOptions {
 impl Default for FsOptions {
     fn default() -> Self {
         FsOptions {
-            cache_size: 64 << 20,
+            cache_size: 32 << 20,
             cache_dir: None,
             // SAFETY: getuid/getgid cannot fail.
             uid: unsafe { libc::getuid() },
@@ -244,6 +244,21 @@ fn systime(t: backtree_core::tree::Time) -> SystemTime {
         UNIX_EPOCH + Duration::new(t.0 as u64, t.1.min(999_999_999))
     } else {
         UNIX_EPOCH - Duration::from_secs(t.0.unsigned_abs()) + Duration::from_nanos(t.1 as u64)
+    }
+}
+
+/// Joins the pieces of a read; a read within one chunk is a slice of it, with no copy.
+fn concat(mut parts: Vec<Bytes>) -> Bytes {
+    match parts.len() {
+        0 => Bytes::new(),
+        1 => parts.pop().unwrap_or_default(),
+        _ => {
+            let mut v = Vec::with_capacity(parts.iter().map(|p| p.len()).sum());
+            for p in &parts {
+                v.extend_from_slice(p);
+            }
+            Bytes::from(v)
+        }
     }
 }
 
@@ -819,43 +834,46 @@ impl BacktreeFs {
 
     /// Serves a read entirely from cached chunks, or `None` if any chunk is missing (then
     /// [`read`](Self::read) must be used). Cheap enough to run on the FUSE thread.
-    pub fn read_cached(&self, fh: u64, offset: u64, size: u32) -> Option<Vec<u8>> {
+    pub fn read_cached(&self, fh: u64, offset: u64, size: u32) -> Option<Bytes> {
         let h = self.file(fh).ok()?;
         let list = &h.chunks;
         let end = offset.saturating_add(size as u64).min(list.size());
-        let mut out = Vec::with_capacity(end.saturating_sub(offset) as usize);
+        let mut parts: Vec<Bytes> = Vec::new();
         let mut pos = offset;
         while pos < end {
             let i = list.find(pos)?;
             let (cs, ce) = (list.start(i), list.0[i].end);
             let take = ce.min(end);
-            match &list.0[i].id {
-                None => out.resize(out.len() + (take - pos) as usize, 0),
+            parts.push(match &list.0[i].id {
+                None => Bytes::from(vec![0u8; (take - pos) as usize]),
                 Some(id) => {
                     let data = self.cache.peek(id)?;
-                    out.extend_from_slice(data.get((pos - cs) as usize..(take - cs) as usize)?);
+                    if take - cs > data.len() as u64 {
+                        return None;
+                    }
+                    data.slice((pos - cs) as usize..(take - cs) as usize)
                 }
-            }
+            });
             pos = take;
         }
         self.note_read(&h, offset, end);
-        Some(out)
+        Some(concat(parts))
     }
 
     /// Reads `size` bytes at `offset` (short at end of file), fetching what is not cached.
-    pub async fn read(self: &Arc<Self>, fh: u64, offset: u64, size: u32) -> Result<Vec<u8>> {
+    pub async fn read(self: &Arc<Self>, fh: u64, offset: u64, size: u32) -> Result<Bytes> {
         let h = self.file(fh)?;
         let list = h.chunks.clone();
         let end = offset.saturating_add(size as u64).min(list.size());
         self.note_read(&h, offset, end);
-        let mut out = Vec::with_capacity(end.saturating_sub(offset) as usize);
+        let mut parts: Vec<Bytes> = Vec::new();
         let mut pos = offset;
         while pos < end {
             let i = list.find(pos).ok_or(FsError::Invalid)?;
             let (cs, ce) = (list.start(i), list.0[i].end);
             let take = ce.min(end);
-            match &list.0[i].id {
-                None => out.resize(out.len() + (take - pos) as usize, 0),
+            parts.push(match &list.0[i].id {
+                None => Bytes::from(vec![0u8; (take - pos) as usize]),
                 Some(id) => {
                     let data = self.chunk(&h, id).await?;
                     if data.len() as u64 != ce - cs {
@@ -869,12 +887,12 @@ impl BacktreeFs {
                             "size differs from the file's chunk list",
                         ));
                     }
-                    out.extend_from_slice(&data[(pos - cs) as usize..(take - cs) as usize]);
+                    data.slice((pos - cs) as usize..(take - cs) as usize)
                 }
-            }
+            });
             pos = take;
         }
-        Ok(out)
+        Ok(concat(parts))
     }
 
     async fn chunk(&self, h: &FileHandle, id: &Id) -> Result<Bytes> {

@@ -73,7 +73,7 @@ async fn read_all(fs: &Arc<BacktreeFs>, ino: u64, size: u64) -> Result<Vec<u8>> 
             break;
         }
         off += chunk.len() as u64;
-        out.extend(chunk);
+        out.extend_from_slice(&chunk);
     }
     fs.release(fh);
     Ok(out)
@@ -165,7 +165,7 @@ async fn tree_attributes_and_contents() {
         fs.lseek(fh, 64 << 20, libc::SEEK_DATA),
         Err(FsError::NoXio)
     ));
-    assert_eq!(fs.read(fh, 5000, 10).await.unwrap(), vec![0; 10]);
+    assert_eq!(fs.read(fh, 5000, 10).await.unwrap(), vec![0u8; 10]);
 
     // Xattrs: values, list, ENODATA for a missing name.
     let (ino, _) = walk(fs, &format!("h/{gen}/small.txt")).await.unwrap();
@@ -275,4 +275,54 @@ async fn sequential_reads_prefetch_ahead() {
         "prefetched: {}",
         fs.cached_bytes()
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn disk_cache_serves_repeated_restores_and_is_verified() {
+    let s = setup().await;
+    let cache_dir = s._dir.path().join("cache");
+    let mk = || {
+        Arc::new(BacktreeFs::new(
+            s.fs.repo().clone(),
+            FsOptions {
+                cache_size: 4 << 20,
+                cache_dir: Some(cache_dir.clone()),
+                ..Default::default()
+            },
+        ))
+    };
+    let fs = mk();
+    let (ino, _) = walk(&fs, "h/latest").await.unwrap();
+    let gen = String::from_utf8(fs.readlink(ino).await.unwrap()).unwrap();
+    let path = format!("h/{gen}/dir/sub/random.bin");
+    let (ino, a) = walk(&fs, &path).await.unwrap();
+    let want = std::fs::read(s.src.join("dir/sub/random.bin")).unwrap();
+    assert_eq!(read_all(&fs, ino, a.size).await.unwrap(), want);
+    let cached: Vec<_> = std::fs::read_dir(&cache_dir).unwrap().collect();
+    assert!(!cached.is_empty(), "chunks written to the disk cache");
+
+    // Data packs unreachable: a new mount (empty memory cache) still reads from disk.
+    s.faulty.inject(Fault::FailReadsOf("packs/data".into()));
+    let fs2 = mk();
+    let (ino, a) = walk(&fs2, &path).await.unwrap();
+    assert_eq!(read_all(&fs2, ino, a.size).await.unwrap(), want);
+
+    // A damaged cache file is not trusted: with the store unreachable the read fails (EIO)
+    // instead of returning wrong bytes; once the store is back it is fetched again.
+    for d in std::fs::read_dir(&cache_dir).unwrap() {
+        for f in std::fs::read_dir(d.unwrap().path()).unwrap() {
+            let p = f.unwrap().path();
+            let mut b = std::fs::read(&p).unwrap();
+            b[0] ^= 1;
+            std::fs::write(&p, b).unwrap();
+        }
+    }
+    let fs3 = mk();
+    let (ino, a) = walk(&fs3, &path).await.unwrap();
+    assert!(matches!(
+        read_all(&fs3, ino, a.size).await,
+        Err(FsError::Io(_))
+    ));
+    s.faulty.heal();
+    assert_eq!(read_all(&fs3, ino, a.size).await.unwrap(), want);
 }
