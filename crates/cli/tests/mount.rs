@@ -239,6 +239,28 @@ fn new_generations_appear_without_remount() {
     let gens = std::fs::read_dir(m.mnt.join("live")).unwrap().count();
     assert_eq!(gens, 3, "two generations and latest");
     assert!(m.mnt.join("other/latest/a").exists(), "a new host appears");
+
+    // `fusermount3 -u` from outside ends the daemon cleanly too.
+    let mut m = m;
+    let st = Command::new("fusermount3")
+        .arg("-u")
+        .arg(&m.mnt)
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let mut child = m.child.take().unwrap();
+    let start = Instant::now();
+    let status = loop {
+        if let Some(st) = child.try_wait().unwrap() {
+            break st;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "daemon did not exit after fusermount3 -u"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert!(status.success(), "{}", m.log_text());
 }
 
 #[test]

@@ -243,18 +243,24 @@ impl BlobWriter {
             let cp = lock(&self.checkpointed);
             (up[cp.0..].to_vec(), up.len())
         };
-        let mut ib = IndexBuilder::new();
-        for (kind, id, entries) in &packs {
-            ib.add_pack(*kind, *id, entries);
-        }
-        let (key, bytes) = ib.encode();
-        self.handle
-            .block_on(self.store.put(&key, Bytes::from(bytes)))?;
+        let key = self.write_index(&packs)?;
         let mut cp = lock(&self.checkpointed);
         cp.0 = upto;
         cp.1 = stored;
         cp.2.push(key);
         Ok(())
+    }
+
+    /// Writes one index file describing `packs`; returns its key.
+    fn write_index(&self, packs: &[(BlobKind, Id, Vec<PackEntry>)]) -> Result<String> {
+        let mut ib = IndexBuilder::new();
+        for (kind, id, entries) in packs {
+            ib.add_pack(*kind, *id, entries);
+        }
+        let (key, bytes) = ib.encode();
+        self.handle
+            .block_on(self.store.put(&key, Bytes::from(bytes)))?;
+        Ok(key)
     }
 
     /// Flushes the open packs, waits for every upload, writes the session's index file and
@@ -277,13 +283,7 @@ impl BlobWriter {
         if packs.is_empty() {
             return Ok(None);
         }
-        let mut ib = IndexBuilder::new();
-        for (kind, id, entries) in &packs {
-            ib.add_pack(*kind, *id, entries);
-        }
-        let (key, bytes) = ib.encode();
-        self.handle
-            .block_on(self.store.put(&key, Bytes::from(bytes)))?;
+        let key = self.write_index(&packs)?;
         let partials = std::mem::take(&mut lock(&self.checkpointed).2);
         for p in partials.iter().filter(|p| **p != key) {
             // A leftover checkpoint only duplicates entries; failing to delete it is harmless.
