@@ -255,6 +255,9 @@ fn run(cli: Cli) -> Result<i32> {
                 excludes: exclude,
                 skip_dirs,
                 checkpoint_bytes: None,
+                threads: std::env::var("BACKTREE_THREADS")
+                    .ok()
+                    .and_then(|t| t.parse().ok()),
             };
             ingest_cmd(&rt, r, opts, json)
         }

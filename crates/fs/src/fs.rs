@@ -49,8 +49,15 @@ pub const MAX_WINDOW: u64 = 64 << 20;
 /// reorders readahead requests): +16 MiB / −1 MiB, as mountpoint-s3 tolerates.
 const SEQ_FORWARD: u64 = 16 << 20;
 const SEQ_BACKWARD: u64 = 1 << 20;
-/// Tree blobs kept parsed in memory.
-const TREE_CACHE_ENTRIES: usize = 4096;
+/// Directory pages kept parsed in memory (each up to 4096 entries).
+const TREE_CACHE_ENTRIES: usize = 256;
+/// Compressed tree blobs kept in memory. Directory trees live in their own packs, so on a miss
+/// the whole tree pack (or a window of [`TREE_WINDOW`] around the blob) is fetched with one
+/// ranged read and every tree blob in it is kept: a cold `find` then reads each tree pack once
+/// instead of making one small read per directory.
+const TREE_BYTES: usize = 32 << 20;
+/// Largest read of a tree pack at once.
+const TREE_WINDOW: u64 = 16 << 20;
 /// st_blksize: asks `cp` and friends for large reads.
 pub const BLKSIZE: u32 = 1 << 20;
 
@@ -173,6 +180,27 @@ enum DirHandle {
     },
 }
 
+/// Stored (compressed) tree blobs: bytes, flags, raw length; bounded by [`TREE_BYTES`].
+struct TreeBlobs {
+    map: LruCache<Id, (Bytes, u8, u32)>,
+    bytes: usize,
+}
+
+impl TreeBlobs {
+    fn insert(&mut self, id: Id, v: (Bytes, u8, u32)) {
+        self.bytes += v.0.len();
+        if let Some(old) = self.map.put(id, v) {
+            self.bytes -= old.0.len();
+        }
+        while self.bytes > TREE_BYTES {
+            match self.map.pop_lru() {
+                Some((_, v)) => self.bytes -= v.0.len(),
+                None => break,
+            }
+        }
+    }
+}
+
 struct NodeRec {
     node: Node,
     lookups: u64,
@@ -210,6 +238,8 @@ pub struct BacktreeFs {
     nodes: Mutex<HashMap<u64, NodeRec>>,
     gens: Mutex<HashMap<(String, String), Arc<GenCtx>>>,
     trees: Mutex<LruCache<Id, Arc<backtree_core::tree::Tree>>>,
+    tree_blobs: Mutex<TreeBlobs>,
+    trailers: Mutex<HashMap<Id, Arc<Vec<backtree_core::pack::PackEntry>>>>,
     cache: Arc<ChunkCache>,
     files: Mutex<HashMap<u64, Arc<FileHandle>>>,
     dirs: Mutex<HashMap<u64, Arc<DirHandle>>>,
@@ -296,6 +326,11 @@ impl BacktreeFs {
                 NonZeroUsize::new(TREE_CACHE_ENTRIES).unwrap_or(NonZeroUsize::MIN),
             )),
             cache,
+            tree_blobs: Mutex::new(TreeBlobs {
+                map: LruCache::unbounded(),
+                bytes: 0,
+            }),
+            trailers: Mutex::new(HashMap::new()),
             files: Mutex::new(HashMap::new()),
             dirs: Mutex::new(HashMap::new()),
             next_fh: AtomicU64::new(1),
@@ -447,7 +482,7 @@ impl BacktreeFs {
         if let Some(t) = lock(&self.trees).get(id).cloned() {
             return Ok(t);
         }
-        let t = self.repo.tree(id).await.map_err(|e| {
+        let t = self.load_tree(id).await.map_err(|e| {
             self.io(
                 format!(
                     "{}/{}/{}: directory",
@@ -461,6 +496,75 @@ impl BacktreeFs {
         let t = Arc::new(t);
         lock(&self.trees).put(*id, t.clone());
         Ok(t)
+    }
+
+    /// Reads and parses a tree blob, fetching its pack's neighbourhood on a miss.
+    async fn load_tree(&self, id: &Id) -> backtree_core::Result<backtree_core::tree::Tree> {
+        use backtree_core::{blob, pack, tree::Tree, BlobKind, Error};
+        let what = format!("tree {id}");
+        let cached = lock(&self.tree_blobs).map.get(id).cloned();
+        let (stored, flags, raw_len) = match cached {
+            Some(v) => v,
+            None => {
+                let loc = self.repo.locate(id).await?;
+                if loc.kind != BlobKind::Tree {
+                    return Err(Error::corrupt(&what, "indexed as a data blob"));
+                }
+                let key = loc.pack_key();
+                let store = self.repo.store();
+                let known = lock(&self.trailers).get(&loc.pack).cloned();
+                let trailer = match known {
+                    Some(t) => t,
+                    None => {
+                        let size = store.head(&key).await?.ok_or_else(|| Error::NotFound {
+                            what: format!("pack {key}"),
+                        })?;
+                        let foot_at = size.saturating_sub(pack::FOOTER_LEN as u64);
+                        let foot = store.get_range(&key, foot_at..size).await?;
+                        let n = pack::parse_footer(&key, &foot)? as u64;
+                        let t_at = foot_at
+                            .checked_sub(n * pack::RECORD_LEN as u64)
+                            .ok_or_else(|| Error::corrupt(&key, "trailer larger than the pack"))?;
+                        let t = store.get_range(&key, t_at..foot_at).await?;
+                        let t = Arc::new(pack::parse_trailer(&key, &t, size)?);
+                        lock(&self.trailers).insert(loc.pack, t.clone());
+                        t
+                    }
+                };
+                // The window: the whole blob area if it fits, else TREE_WINDOW around the blob.
+                let data_end = trailer
+                    .iter()
+                    .map(|e| e.offset as u64 + e.stored_len as u64)
+                    .max()
+                    .unwrap_or(0);
+                let (lo, hi) = (loc.offset as u64, loc.offset as u64 + loc.stored_len as u64);
+                let (start, end) = if data_end.saturating_sub(8) <= TREE_WINDOW {
+                    (8, data_end.max(hi))
+                } else {
+                    let start = lo.saturating_sub(TREE_WINDOW / 2).max(8);
+                    (start, (start + TREE_WINDOW).min(data_end).max(hi))
+                };
+                let bytes = store.get_range(&key, start..end).await?;
+                let mut tb = lock(&self.tree_blobs);
+                for e in trailer.iter() {
+                    let (a, b) = (e.offset as u64, e.offset as u64 + e.stored_len as u64);
+                    if e.kind == BlobKind::Tree && a >= start && b <= end {
+                        let v = bytes.slice((a - start) as usize..(b - start) as usize);
+                        tb.insert(e.id, (v, e.flags, e.raw_len));
+                    }
+                }
+                let own = bytes.slice((lo - start) as usize..(hi - start) as usize);
+                (own, loc.flags, loc.raw_len)
+            }
+        };
+        let raw = blob::decode(
+            id,
+            &stored,
+            flags,
+            raw_len,
+            &format!("{what} ({} bytes stored)", stored.len()),
+        )?;
+        Tree::decode(&what, &raw)
     }
 
     async fn generation(&self, host: &str, name: &str) -> Result<Arc<GenCtx>> {

@@ -67,6 +67,14 @@ pub struct IngestOptions {
     pub skip_dirs: Vec<(u64, u64)>,
     /// New pack bytes between index checkpoints (default [`writer::CHECKPOINT_BYTES`]).
     pub checkpoint_bytes: Option<u64>,
+    /// Worker threads reading and compressing (default [`default_threads`]).
+    pub threads: Option<usize>,
+}
+
+/// Twice the cores: while one thread waits for the disk (a cold read of a small file), another
+/// compresses, so both the disk queue and the cores stay busy.
+pub fn default_threads() -> usize {
+    std::thread::available_parallelism().map_or(2, |n| n.get()) * 2
 }
 
 /// Live counters for a progress display.
@@ -144,6 +152,7 @@ pub fn ingest(
     let parent_root = parent.as_ref().and_then(|m| m.root.tree);
     // A pool of our own: the walk recurses inside rayon tasks, so give its threads deep stacks.
     let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(opts.threads.unwrap_or_else(default_threads))
         .stack_size(32 << 20)
         .thread_name(|i| format!("backtree-ingest-{i}"))
         .build()
