@@ -685,6 +685,54 @@ impl BacktreeFs {
         Ok((node.0, node.1, attr, ttl))
     }
 
+    /// [`lookup`](Self::lookup) inside a generation, answered only from parsed directory pages
+    /// already in memory; `None` when that would need the repository.
+    pub fn lookup_cached(
+        &self,
+        parent: u64,
+        name: &[u8],
+    ) -> Option<Result<(u64, Node, Attr, Duration)>> {
+        let Ok(Node::Entry { gen, path, entry }) = self.node(parent) else {
+            return None;
+        };
+        let tree = match (entry.kind, entry.tree) {
+            (Kind::Dir, Some(t)) => t,
+            _ => return Some(Err(FsError::NotDir)),
+        };
+        let page = {
+            let mut trees = lock(&self.trees);
+            let t = trees.get(&tree)?.clone();
+            if t.is_paged() {
+                match t.page_for(name) {
+                    Some(p) => trees.get(&p.id)?.clone(),
+                    None => return Some(Err(FsError::NotFound)),
+                }
+            } else {
+                t
+            }
+        };
+        let Ok(i) = page
+            .entries
+            .binary_search_by(|e| e.name.as_slice().cmp(name))
+        else {
+            return Some(Err(FsError::NotFound));
+        };
+        let e = Arc::new(page.entries[i].clone());
+        let ino = Self::entry_ino(parent, &gen, &e);
+        let cpath: Arc<[u8]> = if path.is_empty() {
+            Arc::from(name)
+        } else {
+            Arc::from([&path[..], b"/", name].concat())
+        };
+        let node = Node::Entry {
+            gen: gen.clone(),
+            path: cpath,
+            entry: e,
+        };
+        let (attr, ttl) = self.attr_of(ino, &node);
+        Some(Ok((ino, node, attr, ttl)))
+    }
+
     pub async fn readlink(&self, ino: u64) -> Result<Vec<u8>> {
         match self.node(ino)? {
             Node::Latest(host) => {

@@ -99,10 +99,11 @@ impl Filesystem for FuseAdapter {
         let _ = config.set_max_background(MAX_BACKGROUND);
         // Each capability separately: an older kernel lacking one should not lose the others.
         // Not FUSE_CACHE_SYMLINKS: `latest` changes, and the kernel would keep its old target.
+        // Not FUSE_READDIRPLUS_AUTO: with it the kernel uses readdirplus only for a directory's
+        // first buffer, and `find` or `rsync` then pay one LOOKUP per later entry.
         for cap in [
             InitFlags::FUSE_ASYNC_READ,
             InitFlags::FUSE_DO_READDIRPLUS,
-            InitFlags::FUSE_READDIRPLUS_AUTO,
             InitFlags::FUSE_PARALLEL_DIROPS,
             InitFlags::FUSE_POSIX_ACL,
             InitFlags::FUSE_MAX_PAGES,
@@ -113,6 +114,17 @@ impl Filesystem for FuseAdapter {
     }
 
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+        // In a directory page that is already parsed, answer here without a thread hand-off.
+        if let Some(res) = self.fs.lookup_cached(parent.0, name.as_bytes()) {
+            match res {
+                Ok((ino, node, attr, ttl)) => {
+                    self.fs.remember(ino, &node);
+                    reply.entry(&ttl, &file_attr(&attr), Generation(0));
+                }
+                Err(e) => reply.error(errno(&e)),
+            }
+            return;
+        }
         let fs = self.fs.clone();
         let name = name.as_bytes().to_vec();
         self.rt.spawn(async move {

@@ -188,6 +188,16 @@ async fn tree_attributes_and_contents() {
         Err(FsError::NotDir)
     ));
 
+    // The inline lookup agrees with the async one once the directory is cached.
+    let (dir, _) = walk(fs, &format!("h/{gen}/dir")).await.unwrap();
+    let (i_async, _, a_async, _) = fs.lookup(dir, b"linked2").await.unwrap();
+    let (i_sync, _, a_sync, _) = fs.lookup_cached(dir, b"linked2").unwrap().unwrap();
+    assert_eq!((i_async, a_async), (i_sync, a_sync));
+    assert!(matches!(
+        fs.lookup_cached(dir, b"nope"),
+        Some(Err(FsError::NotFound))
+    ));
+
     // Inode numbers are the same on a second filesystem over the same repository.
     let fs2 = Arc::new(BacktreeFs::new(fs.repo().clone(), FsOptions::default()));
     assert_eq!(
