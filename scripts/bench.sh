@@ -28,6 +28,8 @@
 #   BENCH_CHANGE_MB  approximate MiB changed for next night  [8]
 #   BENCH_DATASETS   datasets to run                         [usr image]
 #   BENCH_TOOLS      tools to run ("read" is the baseline)   [read backtree restic borg]
+#   BENCH_REPEAT     repeat every dataset this many times (fresh repositories, same data);
+#                    the report shows medians                [1]
 #   BENCH_CACHE      cold: drop the page cache before each ingest; warm: read the data
 #                    into the page cache before each ingest  [cold]
 #   BENCH_TIMEOUT    seconds before one ingest is killed     [1800]
@@ -46,6 +48,7 @@ BENCH_CHANGE_MB=${BENCH_CHANGE_MB:-8}
 BENCH_DATASETS=${BENCH_DATASETS:-usr image}
 BENCH_TOOLS=${BENCH_TOOLS:-read backtree restic borg}
 BENCH_CACHE=${BENCH_CACHE:-cold}
+BENCH_REPEAT=${BENCH_REPEAT:-1}
 BENCH_TIMEOUT=${BENCH_TIMEOUT:-1800}
 BENCH_DOC=${BENCH_DOC-$ROOT/docs/benchmarks.md}
 
@@ -165,7 +168,7 @@ now() { date +%s.%N; }
 measure() {
     local ds=$1 run=$2 tool=$3 logical=$4 repo=$5
     shift 6
-    local base=$LOGS/$ds-$run-$tool before after t0 t1 b0 b1 rc=0 user sys rss wall cpu other
+    local base=$LOGS/$ds-$run-$tool.$REP before after t0 t1 b0 b1 rc=0 user sys rss wall cpu other
     before=$(du -sb "$repo" | cut -f1)
     set_cache
     info "$tool: $*"
@@ -212,6 +215,7 @@ repo_of() { echo "$BENCH_DIR/repos/$1-$2"; } # DATASET TOOL
 init_repo() { # DATASET TOOL
     local repo
     repo=$(repo_of "$1" "$2")
+    rm -rf "$repo" # from the previous repetition
     mkdir -p "$BENCH_DIR/repos"
     case $2 in
         read) mkdir -p "$repo" ;;
@@ -261,7 +265,8 @@ run_usr() {
     logical=$(logical_size "${paths[@]}")
     files=$(find "${paths[@]}" -xdev -type f | wc -l)
     info "$files files, $logical bytes ($(du -sh -c "${paths[@]}" 2>/dev/null | tail -n1 | cut -f1) on disk)"
-    printf 'usr\t%s files, %s MiB in %s\n' "$files" "$((logical / 1048576))" "${paths[*]}" >>"$BENCH_DIR/datasets.txt"
+    [ "$REP" -gt 1 ] ||
+        printf 'usr\t%s files, %s MiB in %s\n' "$files" "$((logical / 1048576))" "${paths[*]}" >>"$BENCH_DIR/datasets.txt"
     for tool in $BENCH_TOOLS; do init_repo usr "$tool"; done
     say "usr: first ingest"
     for tool in $BENCH_TOOLS; do
@@ -383,9 +388,16 @@ change_image_dd() {
 
 run_image() {
     local tool logical
-    make_image
+    if [ "$REP" -eq 1 ]; then
+        make_image
+        # Later repetitions start again from this image.
+        [ "$BENCH_REPEAT" -le 1 ] || cp --sparse=always "$IMG" "$IMG.orig"
+    else
+        say "image: restoring the image of the first repetition"
+        cp --sparse=always "$IMG.orig" "$IMG"
+    fi
     logical=$(stat -c %s "$IMG")
-    printf 'image\t%s GiB sparse ext4 image (%s), filesystem %s full, %s MiB allocated\n' "$BENCH_IMAGE_GB" \
+    [ "$REP" -gt 1 ] || printf 'image\t%s GiB sparse ext4 image (%s), filesystem %s full, %s MiB allocated\n' "$BENCH_IMAGE_GB" \
         "$IMAGE_MODE" "$IMAGE_FILL" "$(($(du -B1 "$IMG" | cut -f1) / 1048576))" >>"$BENCH_DIR/datasets.txt"
     for tool in $BENCH_TOOLS; do init_repo image "$tool"; done
     say "image: first ingest"
@@ -395,7 +407,7 @@ run_image() {
     say "image: next night (changing about $BENCH_CHANGE_MB MiB)"
     if [ "$IMAGE_MODE" = loop ]; then change_image_mounted; else change_image_dd; fi
     info "$IMAGE_CHANGE"
-    printf 'image-next\t%s\n' "$IMAGE_CHANGE" >>"$BENCH_DIR/datasets.txt"
+    [ "$REP" -gt 1 ] || printf 'image-next\t%s\n' "$IMAGE_CHANGE" >>"$BENCH_DIR/datasets.txt"
     for tool in $BENCH_TOOLS; do
         ingest image next "$tool" img 2026-01-02T01:00:00Z "$logical" "$IMG"
     done
@@ -425,20 +437,38 @@ machine_info() {
 }
 
 report() {
-    awk -F'\t' -v cache="$BENCH_CACHE" '
+    awk -F'\t' -v ncpu="$(nproc)" '
     function mib(b) { return sprintf("%.1f", b / 1048576) }
+    # Other processes took more than 10% of the machine while this ingest ran.
+    function noisy(k) { return other[k] > 0.1 * wall[k] * ncpu }
+    function flag(k) { return sprintf("%.1f", other[k]) (noisy(k) ? " (noisy)" : "") }
     function ratio(a, b) { return (b > 0 && a > 0) ? sprintf("%.2f", a / b) : "n/a" }
     # Ratios of a few KiB of metadata mean nothing: only when both sides added at least 1 MiB.
     function aratio(a, b) { return (a >= 1048576 && b >= 1048576) ? ratio(a, b) : "-" }
+    # Median of v[k, 1..n].
+    function median(v, k, n,    a, i, j, x) {
+        for (i = 1; i <= n; i++) {
+            x = v[k, i] + 0
+            for (j = i - 1; j >= 1 && a[j] > x; j--) a[j + 1] = a[j]
+            a[j + 1] = x
+        }
+        return (n % 2) ? a[(n + 1) / 2] : (a[n / 2] + a[n / 2 + 1]) / 2
+    }
     NR == 1 { next }
     {
         k = $1 SUBSEP $2 SUBSEP $3
-        wall[k] = $5; cpu[k] = $6; rss[k] = $7; repo[k] = $8; added[k] = $9; other[k] = $10
-        rc[k] = $11; logical[$1] = $4; tools[$3] = 1
+        i = ++n[k]
+        W[k, i] = $5; C[k, i] = $6; R[k, i] = $7; P[k, i] = $8; A[k, i] = $9; O[k, i] = $10
+        if ($11 != 0) rc[k] = $11
+        logical[$1] = $4
         if (!(($1 SUBSEP $2) in seen)) { seen[$1 SUBSEP $2] = 1; rows[++nrows] = $1 SUBSEP $2 }
         if (!($3 in tseen)) { tseen[$3] = 1; order[++ntools] = $3 }
     }
     END {
+        for (k in n) {
+            wall[k] = median(W, k, n[k]); cpu[k] = median(C, k, n[k]); rss[k] = median(R, k, n[k])
+            repo[k] = median(P, k, n[k]); added[k] = median(A, k, n[k]); other[k] = median(O, k, n[k])
+        }
         print "| dataset | run | tool | wall s | MB/s | CPU s | peak RSS MiB | repo MiB | added MiB | wall / read | other CPU s |"
         print "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"
         for (r = 1; r <= nrows; r++) {
@@ -451,11 +481,11 @@ report() {
                 vs = (rd in wall && wall[rd] > 0) ? sprintf("%.2f", wall[k] / wall[rd]) : "n/a"
                 if (order[t] == "read")
                     printf "| %s | %s | read (tar) | %.1f | %.0f | %.1f | %.0f | - | - | 1.00 | %s |\n",
-                        p[1], p[2], wall[k], logical[p[1]] / 1e6 / wall[k], cpu[k], rss[k] / 1024, other[k]
+                        p[1], p[2], wall[k], logical[p[1]] / 1e6 / wall[k], cpu[k], rss[k] / 1024, flag(k)
                 else
                     printf "| %s | %s | %s%s | %.1f | %.0f | %.1f | %.0f | %s | %s | %s | %s |\n",
                         p[1], p[2], order[t], fail, wall[k], logical[p[1]] / 1e6 / wall[k], cpu[k],
-                        rss[k] / 1024, mib(repo[k]), mib(added[k]), vs, other[k]
+                        rss[k] / 1024, mib(repo[k]), mib(added[k]), vs, flag(k)
             }
         }
         print ""
@@ -483,12 +513,14 @@ report() {
             if (p[2] == "first" && (b in wall) && (rs in wall)) {
                 tp = wall[rs] / wall[b]
                 ok = (tp >= 2.5 && repo[b] <= repo[rs])
-                printf "- %s, first ingest: throughput %.2fx restic (target >= 2.5x), stored size %.2fx restic (target <= 1): **%s**\n",
-                    p[1], tp, repo[b] / repo[rs], ok ? "met" : "not met"
+                printf "- %s, first ingest: throughput %.2fx restic (target >= 2.5x), stored size %.2fx restic (target <= 1): **%s**%s\n",
+                    p[1], tp, repo[b] / repo[rs], ok ? "met" : "not met",
+                    (noisy(b) || noisy(rs)) ? " (noisy: other processes were busy, re-run)" : ""
             }
             if (p[1] == "image" && p[2] == "next" && (b in wall) && (bo in wall)) {
-                printf "- image, next night: backtree %.1f s vs borg %.1f s (target: no slower): **%s**\n",
-                    wall[b], wall[bo], (wall[b] <= wall[bo]) ? "met" : "not met"
+                printf "- image, next night: backtree %.1f s vs borg %.1f s (target: no slower): **%s**%s\n",
+                    wall[b], wall[bo], (wall[b] <= wall[bo]) ? "met" : "not met",
+                    (noisy(b) || noisy(bo)) ? " (noisy: other processes were busy, re-run)" : ""
             }
         }
     }' "$RESULTS"
@@ -505,10 +537,12 @@ write_report() {
         echo
         awk -F'\t' '{ printf "- %s: %s\n", $1, $2 }' "$BENCH_DIR/datasets.txt"
         echo
+        [ "$BENCH_REPEAT" -eq 1 ] || echo "Every number is the median of $BENCH_REPEAT repetitions."
         echo "Wall time includes a final \`sync\`; MB/s is logical (apparent) bytes / wall time, 10^6 bytes;" \
             "CPU s is user + system time of the tool; \"wall / read\" compares with the read (tar) row," \
             "a single-threaded \`tar -cf - PATHS | cat >/dev/null\` of the same data; \"other CPU s\" is CPU" \
-            "time used by other processes during the ingest (noise gauge; $(nproc) cores give $(nproc) CPU s per second)."
+            "time used by other processes during the ingest, marked (noisy) above 10% of the machine" \
+            "($(nproc) cores give $(nproc) CPU s per second)."
         echo
         report
     } >"$md"
@@ -542,12 +576,15 @@ main() {
     prerequisites
     prepare_workdir
     build_backtree
-    for ds in $BENCH_DATASETS; do
-        case $ds in
-            usr) run_usr ;;
-            image) run_image ;;
-            *) die "unknown dataset $ds" ;;
-        esac
+    for ((REP = 1; REP <= BENCH_REPEAT; REP++)); do
+        [ "$BENCH_REPEAT" -eq 1 ] || say "repetition $REP of $BENCH_REPEAT"
+        for ds in $BENCH_DATASETS; do
+            case $ds in
+                usr) run_usr ;;
+                image) run_image ;;
+                *) die "unknown dataset $ds" ;;
+            esac
+        done
     done
     write_report
     say "done in $(awk -v a="$start" -v b="$(now)" 'BEGIN { printf "%.0f", b - a }') s; logs in $LOGS"
