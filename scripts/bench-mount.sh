@@ -10,18 +10,22 @@
 # dropped (sync; echo 3 > /proc/sys/vm/drop_caches):
 #   answer  seconds from starting the mount command until `ls` of the directory holding the
 #           dataset's root succeeds (polled every 10 ms); one sample per mount
-#   find    tree: cold `find ROOT -printf '%s %m\n' >/dev/null` (stats everything)
+#   find    tree: cold `find ROOT -printf '%s %m\n'` (stats everything; output to a log file)
 #   rsync   tree: cold `rsync -a ROOT/ DEST/` to a fresh local directory (no final sync)
 #   read    image: cold `dd if=FILE of=/dev/null bs=1M`, then a warm re-read on the same mount
 #   rss     the daemon's VmHWM (/proc/PID/status) at the end of each mount
+# Baselines without FUSE: the same cold find and rsync straight from the local disk, and a cold
+# read of the backtree image repository's files (what the disk delivers).
 # Afterwards (untimed) every restore and the image read through each mount are compared with
 # the source (rsync -c dry run, cmp). Optionally (BENCH_CEILING=1) a minimal fuser in-memory
 # file server is built in /tmp/fuse-ceiling and read the same way: what FUSE itself delivers.
 #
 # Before every heavy step the script waits (up to BENCH_QUIET_WAIT s) until no
-# `scripts/bench.sh` is running, and it records the load average and the CPU time other
-# processes used during each timed step. The results are printed as markdown and spliced into
-# BENCH_DOC between `<!-- bench-mount:begin -->` and `<!-- bench-mount:end -->`.
+# `scripts/bench.sh` is running; before every timed step it also waits (up to BENCH_IDLE_WAIT s)
+# until the machine is idle (other processes below 15% of one core over 2 s), and it repeats a
+# session during which other processes used more than BENCH_NOISE CPU seconds. It records the
+# load average and the CPU time other processes used during each timed step. The results are
+# printed as markdown and spliced into BENCH_DOC between `<!-- bench-mount:begin -->` and `<!-- bench-mount:end -->`.
 #
 # Needs root (drop_caches, loop mount, /proc/PID/status of the daemons). Usage:
 #   scripts/bench-mount.sh
@@ -40,6 +44,10 @@
 #   BENCH_TIMEOUT       seconds before one find/rsync/read is killed [900]
 #   BENCH_MOUNT_TIMEOUT seconds a mount may take to answer        [600]
 #   BENCH_QUIET_WAIT    seconds to wait for scripts/bench.sh to finish [1200]
+#   BENCH_IDLE_WAIT     seconds to wait for an idle machine before each timed step [300]
+#   BENCH_NOISE         a session is repeated when other processes used more than this many
+#                       CPU seconds during one of its timed steps [0.5]
+#   BENCH_RETRIES       how often a disturbed session is repeated, at most [2]
 #   BENCH_CEILING       1: build and measure the fuser ceiling program [1]
 #   BENCH_DOC           markdown file to update, '' for none      [docs/benchmarks-mount.md]
 set -euo pipefail
@@ -58,6 +66,9 @@ BENCH_CACHE_SIZE=${BENCH_CACHE_SIZE:-}
 BENCH_TIMEOUT=${BENCH_TIMEOUT:-900}
 BENCH_MOUNT_TIMEOUT=${BENCH_MOUNT_TIMEOUT:-600}
 BENCH_QUIET_WAIT=${BENCH_QUIET_WAIT:-1200}
+BENCH_IDLE_WAIT=${BENCH_IDLE_WAIT:-300}
+BENCH_NOISE=${BENCH_NOISE:-0.5}
+BENCH_RETRIES=${BENCH_RETRIES:-2}
 BENCH_CEILING=${BENCH_CEILING:-1}
 BENCH_DOC=${BENCH_DOC-$ROOT/docs/benchmarks-mount.md}
 
@@ -69,7 +80,12 @@ IMG=$BENCH_DIR/image/disk.img
 CEIL_DIR=${BENCH_CEILING_DIR:-/tmp/fuse-ceiling}
 CLK_TCK=$(getconf CLK_TCK)
 DAEMON_PID=
-NOISY=0
+NOISY=0      # steps started while scripts/bench.sh still ran
+BUSY=0       # timed steps started while the machine was still busy
+IDLE_WAITED=0
+SESSION_NOISE=0 # the most CPU seconds other processes used during one timed step of a session
+REPEATS=0       # sessions repeated because they were disturbed
+DISTURBED=0     # sessions still disturbed after the last repeat
 
 say() { printf '\n==> %s\n' "$*" >&2; }
 info() { printf '    %s\n' "$*" >&2; }
@@ -136,6 +152,29 @@ wait_quiet() {
     if [ "$waited" -gt 0 ]; then info "scripts/bench.sh finished, waited ${waited}s"; fi
 }
 
+# Wait until other processes use less than 15% of one core (measured over 2 s), up to
+# BENCH_IDLE_WAIT seconds; then go on and count the step as busy. Call only while this script's
+# own daemons are idle.
+wait_idle() {
+    local start=$SECONDS b0 b1 first=1
+    while :; do
+        b0=$(busy_ticks)
+        sleep 2
+        b1=$(busy_ticks)
+        if [ $(((b1 - b0) * 100)) -lt $((15 * 2 * CLK_TCK)) ]; then break; fi
+        if [ "$first" = 1 ]; then
+            info "machine busy ($(awk -v t=$((b1 - b0)) -v hz="$CLK_TCK" 'BEGIN { printf "%.0f%%", t / hz / 2 * 100 }') of a core used by others): waiting before $1"
+            first=0
+        fi
+        if [ $((SECONDS - start)) -ge "$BENCH_IDLE_WAIT" ]; then
+            info "WARNING: machine still busy after ${BENCH_IDLE_WAIT}s; going on with $1"
+            BUSY=$((BUSY + 1))
+            break
+        fi
+    done
+    IDLE_WAITED=$((IDLE_WAITED + SECONDS - start))
+}
+
 build_backtree() {
     if [ -n "$BENCH_BACKTREE" ]; then
         BT=$BENCH_BACKTREE
@@ -147,6 +186,13 @@ build_backtree() {
     (cd "$ROOT" && CARGO_TARGET_DIR=$BENCH_TARGET cargo build --release -p backtree)
     BT=$BENCH_TARGET/release/backtree
     [ -x "$BT" ] || die "build produced no $BT"
+    # What was built: the commit, and whether the sources differed from it at build time.
+    BUILT_REV=$(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo unknown)
+    [ -z "$(git -C "$ROOT" status --porcelain -- crates Cargo.toml Cargo.lock 2>/dev/null)" ] ||
+        BUILT_REV="$BUILT_REV + uncommitted changes"
+    # The target dir may be shared with other builds: run a private copy, stable for this run.
+    cp "$BT" "$BENCH_DIR/backtree"
+    BT=$BENCH_DIR/backtree
 }
 
 # ---------------------------------------------------------------------------------------------
@@ -224,6 +270,32 @@ record() { # DATASET TOOL STEP VALUE UNIT LOAD1 OTHER_CPU RC
     printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$@" >>"$RESULTS"
 }
 
+unrecord() { # DATASET TOOL STEP_REGEX: drop the rows of a session that is repeated
+    awk -F'\t' -v d="$1" -v t="$2" -v re="$3" '!($1 == d && $2 == t && $3 ~ re)' "$RESULTS" >"$RESULTS.tmp"
+    mv "$RESULTS.tmp" "$RESULTS"
+}
+
+# run_session NAME DATASET STEP_REGEX TOOL: runs session_NAME TOOL; if other processes used more
+# than BENCH_NOISE CPU seconds during one of its timed steps, drops its rows and repeats it (at
+# most BENCH_RETRIES times).
+run_session() {
+    local name=$1 ds=$2 re=$3 tool=$4 attempt
+    for ((attempt = 0; attempt <= BENCH_RETRIES; attempt++)); do
+        SESSION_NOISE=0
+        "session_$name" "$tool"
+        if awk -v n="$SESSION_NOISE" -v max="$BENCH_NOISE" 'BEGIN { exit !(n <= max) }'; then
+            return 0
+        fi
+        if [ "$attempt" -lt "$BENCH_RETRIES" ]; then
+            info "disturbed: other processes used $SESSION_NOISE CPU s during a timed step; repeating the $tool $name session"
+            unrecord "$ds" "$tool" "$re"
+            REPEATS=$((REPEATS + 1))
+        fi
+    done
+    info "WARNING: the $tool $name session was still disturbed after $BENCH_RETRIES repeats; keeping it"
+    DISTURBED=$((DISTURBED + 1))
+}
+
 # timed DATASET TOOL STEP -- COMMAND...: runs COMMAND (bounded by BENCH_TIMEOUT), sets
 # T_WALL (seconds) and T_RC; records the load average and the CPU used by processes other than
 # COMMAND and the daemon (a noise gauge).
@@ -247,6 +319,7 @@ timed() {
         'BEGIN { o = (b - d) / hz - u - s; if (o < 0) o = 0; printf "%.1f", o }')
     T_LOAD=$load
     T_OTHER=$other
+    SESSION_NOISE=$(awk -v a="$SESSION_NOISE" -v b="$other" 'BEGIN { print (b > a) ? b : a }')
     if [ "$T_RC" -ne 0 ]; then
         info "FAILED (exit $T_RC): $(tail -n3 "$base.err" | tr '\n' ' ')"
     fi
@@ -338,6 +411,7 @@ mount_tool() {
     dir=$(root_in_mount "$ds" "$tool")
     log=$LOGS/mount-$ds-$tool-$session.log
     unmount_dir "$MNT"
+    wait_idle "mounting $tool ($ds, $session)"
     drop_caches
     local load
     load=$(cut -d' ' -f1 /proc/loadavg)
@@ -518,6 +592,24 @@ session_read() { # TOOL
     unmount_tool image "$tool" read
 }
 
+# The same find and rsync straight from the local disk (cold): what the client side costs
+# without any FUSE daemon.
+local_baselines() {
+    local dest=$BENCH_DIR/restore/local
+    wait_quiet "local baselines"
+    wait_idle "local find"
+    drop_caches
+    timed tree local find -- find "${TREE_PATHS[@]}" -printf '%s %m\n'
+    record tree local find "$T_WALL" s "$T_LOAD" "$T_OTHER" "$T_RC"
+    rm -rf "$BENCH_DIR/restore"
+    mkdir -p "$dest"
+    wait_idle "local rsync"
+    drop_caches
+    timed tree local rsync -- rsync -a "${TREE_PATHS[@]}" "$dest"/
+    record tree local rsync "$T_WALL" s "$T_LOAD" "$T_OTHER" "$T_RC"
+    rm -rf "$BENCH_DIR/restore"
+}
+
 # Cold read of the backtree image repository's files straight from the disk: what the disk
 # delivers (compressed bytes) when nothing is cached.
 disk_baseline() {
@@ -526,6 +618,7 @@ disk_baseline() {
     [ -d "$repo" ] || return 0
     wait_quiet "disk baseline"
     bytes=$(du -sb "$repo" | cut -f1)
+    wait_idle "disk baseline"
     drop_caches
     timed image disk read-repo -- sh -c 'tar -C "$1" -cf - . | cat >/dev/null' disk "$repo"
     record image disk read-repo "$(awk -v s="$bytes" -v t="$T_WALL" 'BEGIN { printf "%.0f", s / 1e6 / t }')" \
@@ -714,6 +807,7 @@ ceiling() {
         fi
         local runs=()
         for r in 1 2 3; do
+            wait_idle "FUSE ceiling read ($mode, run $r)"
             drop_caches # the pattern is in memory; this only makes sure the kernel caches nothing
             timed ceiling fuse "read-$mode-$r" -- dd if="$CEIL_MNT/data.bin" of=/dev/null bs=1M
             mbs=$(awk -v s=$((4 << 30)) -v t="$T_WALL" 'BEGIN { printf "%.0f", s / 1e6 / t }')
@@ -721,8 +815,8 @@ ceiling() {
             record ceiling fuse "read-$mode-$r" "$mbs" MB/s "$T_LOAD" "$T_OTHER" "$T_RC"
             runs+=("$mbs")
         done
-        # The median of the three runs.
-        record ceiling fuse "read-$mode" "$(printf '%s\n' "${runs[@]}" | sort -n | sed -n 2p)" MB/s - - 0
+        # The best of the three runs: disturbances only ever lower a ceiling.
+        record ceiling fuse "read-$mode" "$(printf '%s\n' "${runs[@]}" | sort -n | tail -n1)" MB/s - - 0
         record ceiling fuse "range-$mode" "$(printf '%s\n' "${runs[@]}" | sort -n | sed -n '1p;3p' | paste -sd-)" MB/s - - 0
         fusermount3 -u "$CEIL_MNT" || true
         wait "$DAEMON_PID" 2>/dev/null || true
@@ -735,15 +829,11 @@ ceiling() {
 # ---------------------------------------------------------------------------------------------
 
 machine_info() {
-    local rev dirty=""
-    rev=$(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo unknown)
-    [ -z "$(git -C "$ROOT" status --porcelain -- crates Cargo.toml Cargo.lock 2>/dev/null)" ] ||
-        dirty=" + uncommitted changes"
     echo "- Date: $(date -u '+%Y-%m-%d %H:%M UTC')"
     echo "- CPU: $(nproc) cores, $(awk -F': ' '/model name/ { print $2; exit }' /proc/cpuinfo);" \
         "RAM $(awk '/MemTotal/ { printf "%.0f GiB", $2 / 1048576 }' /proc/meminfo)"
     echo "- Kernel: $(uname -r); work dir on $(df --output=source,fstype "$BENCH_DIR" | tail -n1 | tr -s ' ')"
-    echo "- Tools: backtree $("$BT" --version | awk '{ print $2 }') (git $rev$dirty, release build," \
+    echo "- Tools: backtree $("$BT" --version | awk '{ print $2 }') (git ${BUILT_REV:-unknown, prebuilt binary}, release build," \
         "mount with ${BENCH_CACHE_SIZE:-the default} --cache-size); $(restic version | awk '{ print $1, $2 }');" \
         "$(borg --version) (FUSE binding: $(borg_fuse | sed 's/ $//'));" \
         "$(fusermount3 --version 2>&1 | head -n1); $(rsync --version | head -n1 | awk '{ print $1, $3 }')"
@@ -755,6 +845,11 @@ machine_info() {
     else
         echo "- No scripts/bench.sh was running during any step (the script waits for it)"
     fi
+    echo "- Before each timed step the script waited for other processes to use under 15% of a core" \
+        "(${IDLE_WAITED}s of waiting in all, including the 2 s checks);" \
+        "$([ "$BUSY" -gt 0 ] && echo "**$BUSY step(s) started while the machine was still busy**" || echo "every step started on an idle machine")." \
+        "A session during which other processes used more than $BENCH_NOISE CPU s in a timed step is" \
+        "repeated (up to $BENCH_RETRIES times): $REPEATS repeat(s) in this run$([ "$DISTURBED" -gt 0 ] && echo ", **$DISTURBED session(s) still disturbed after the last repeat**")"
 }
 
 report() {
@@ -821,13 +916,21 @@ report() {
             print ""
         }
         print ""
-        print "(\"load\": 1-minute load average when the step started; \"others\": CPU seconds used by" \
-              " processes other than the daemon and the client during the step.)"
+        nz = ""
+        for (r = 1; r <= 3; r++) { k = "ceiling" SUBSEP "fuse" SUBSEP "read-default-" r; if (k in other) nz = nz (nz == "" ? "" : ", ") other[k] }
+        for (r = 1; r <= 3; r++) { k = "ceiling" SUBSEP "fuse" SUBSEP "read-ra1024-" r; if (k in other) nz = nz (r == 1 ? " / " : ", ") other[k] }
+        k = "image" SUBSEP "disk" SUBSEP "read-repo"
+        print "(\"load\": 1-minute load average when the step started, which still counts this script'"'"'s own" \
+              " previous steps; \"others\": CPU seconds used by processes other than the daemon and the" \
+              " client during the step. FUSE ceiling reads, default / read_ahead_kb 1024: others " \
+              (nz == "" ? "n/a" : nz) " CPU s; disk baseline: others " ((k in other) ? other[k] : "n/a") " CPU s.)"
         print ""
         disk = v("image", "disk", "read-repo")
         c1 = v("ceiling", "fuse", "read-default"); c2 = v("ceiling", "fuse", "read-ra1024")
+        lf = v("tree", "local", "find"); lr = v("tree", "local", "rsync")
+        if (num(lf) || num(lr)) printf "- Local baseline, no FUSE: the same cold `find` straight from the local disk takes %s s, the same cold `rsync -a` to a local directory %s s (others used %s / %s CPU s).\n", fmt(lf, "%.2f"), fmt(lr, "%.2f"), other["tree", "local", "find"], other["tree", "local", "rsync"]
         if (num(disk)) printf "- Disk: a cold `tar | cat` of the backtree image repository reads %d MB/s (compressed bytes).\n", disk
-        if (num(c1) || num(c2)) printf "- FUSE ceiling (a minimal fuser 0.18 server with backtree'"'"'s kernel settings and 2 threads, one 4 GiB file served from memory, `dd bs=1M`, median of 3 reads): %s MB/s (range %s) with the default `read_ahead_kb`, %s MB/s (range %s) with `read_ahead_kb` 1024 (what backtree sets as root).\n", fmt(c1, "%d"), v("ceiling", "fuse", "range-default"), fmt(c2, "%d"), v("ceiling", "fuse", "range-ra1024")
+        if (num(c1) || num(c2)) printf "- FUSE ceiling (a minimal fuser 0.18 server with backtree'"'"'s kernel settings and 2 threads, one 4 GiB file served from memory, `dd bs=1M`, best of 3 reads): %s MB/s (range %s) with the default `read_ahead_kb`, %s MB/s (range %s) with `read_ahead_kb` 1024 (what backtree sets as root).\n", fmt(c1, "%d"), v("ceiling", "fuse", "range-default"), fmt(c2, "%d"), v("ceiling", "fuse", "range-ra1024")
         else print "- FUSE ceiling: not measured in this run; the documented figure (docs field notes, same machine type) is 1–2 GB/s with default settings and 1.2–3.9 GB/s with `read_ahead_kb` 1024."
         vt = ""
         for (i = 1; i <= n; i++) { x = v("tree", T[i], "verify"); y = v("image", T[i], "verify")
@@ -922,10 +1025,11 @@ main() {
     say "measuring"
     for tool in $BENCH_TOOLS; do
         say "$tool"
-        session_find "$tool"
-        session_rsync "$tool"
-        session_read "$tool"
+        run_session find tree '^(answer-find|find|rss-find)$' "$tool"
+        run_session rsync tree '^(answer-rsync|rsync|rss-rsync|verify)$' "$tool"
+        run_session read image '^(answer-read|read-cold|read-warm|rss-read|verify)$' "$tool"
     done
+    local_baselines
     disk_baseline
     ceiling
     write_report
