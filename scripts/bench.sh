@@ -34,6 +34,8 @@
 #                    into the page cache before each ingest  [cold]
 #   BENCH_TIMEOUT    seconds before one ingest is killed     [1800]
 #   BENCH_DOC        markdown file to update, '' for none    [docs/benchmarks.md]
+# `scripts/bench.sh --mount` runs the mount benchmark instead (scripts/bench-mount.sh).
+if [ "${1:-}" = "--mount" ]; then shift; exec "$(dirname "$0")/bench-mount.sh" "$@"; fi
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
