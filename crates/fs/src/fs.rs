@@ -411,6 +411,21 @@ impl BacktreeFs {
         }
     }
 
+    /// The inode and node of entry `e` in the directory `parent` at `path`.
+    fn child(parent: u64, gen: &Arc<GenCtx>, path: &[u8], e: &Entry) -> (u64, Node) {
+        let cpath: Arc<[u8]> = if path.is_empty() {
+            Arc::from(&e.name[..])
+        } else {
+            Arc::from([path, b"/", &e.name[..]].concat())
+        };
+        let node = Node::Entry {
+            gen: gen.clone(),
+            path: cpath,
+            entry: Arc::new(e.clone()),
+        };
+        (Self::entry_ino(parent, gen, e), node)
+    }
+
     fn entry_attr(ino: u64, gen: &GenCtx, e: &Entry) -> Attr {
         let kind = kind_of(e.kind);
         let nlink = match (e.kind, e.link) {
@@ -664,21 +679,7 @@ impl BacktreeFs {
                     .entries
                     .binary_search_by(|e| e.name.as_slice().cmp(name))
                     .map_err(|_| FsError::NotFound)?;
-                let e = Arc::new(page.entries[i].clone());
-                let ino = Self::entry_ino(parent, gen, &e);
-                let cpath: Arc<[u8]> = if path.is_empty() {
-                    Arc::from(name)
-                } else {
-                    Arc::from([&path[..], b"/", name].concat())
-                };
-                (
-                    ino,
-                    Node::Entry {
-                        gen: gen.clone(),
-                        path: cpath,
-                        entry: e,
-                    },
-                )
+                Self::child(parent, gen, path, &page.entries[i])
             }
         };
         let (attr, ttl) = self.attr_of(node.0, &node.1);
@@ -717,18 +718,7 @@ impl BacktreeFs {
         else {
             return Some(Err(FsError::NotFound));
         };
-        let e = Arc::new(page.entries[i].clone());
-        let ino = Self::entry_ino(parent, &gen, &e);
-        let cpath: Arc<[u8]> = if path.is_empty() {
-            Arc::from(name)
-        } else {
-            Arc::from([&path[..], b"/", name].concat())
-        };
-        let node = Node::Entry {
-            gen: gen.clone(),
-            path: cpath,
-            entry: e,
-        };
+        let (ino, node) = Self::child(parent, &gen, &path, &page.entries[i]);
         let (attr, ttl) = self.attr_of(ino, &node);
         Some(Ok((ino, node, attr, ttl)))
     }
@@ -901,17 +891,7 @@ impl BacktreeFs {
                         if out.len() >= max {
                             return Ok(out);
                         }
-                        let cino = Self::entry_ino(*ino, gen, e);
-                        let cpath: Arc<[u8]> = if path.is_empty() {
-                            Arc::from(&e.name[..])
-                        } else {
-                            Arc::from([&path[..], b"/", &e.name[..]].concat())
-                        };
-                        let node = Node::Entry {
-                            gen: gen.clone(),
-                            path: cpath,
-                            entry: Arc::new(e.clone()),
-                        };
+                        let (cino, node) = Self::child(*ino, gen, path, e);
                         out.push(DirItem {
                             ino: cino,
                             next: page * PAGE_SPAN + i as u64 + 1,
