@@ -277,11 +277,10 @@ fn sigkill_during_ingest_leaves_no_partial_generation() {
             .spawn()
             .unwrap();
         std::thread::sleep(Duration::from_millis(delay_ms));
-        let finished = matches!(child.try_wait(), Ok(Some(_)));
         let _ = child.kill();
         let status = child.wait().unwrap();
-        if finished && status.success() {
-            committed += 1;
+        if status.success() {
+            committed += 1; // it finished before the kill
         }
         let o = run(&["ls", "--repo", repo_s, "--json"]);
         assert!(
@@ -295,7 +294,13 @@ fn sigkill_during_ingest_leaves_no_partial_generation() {
             .iter()
             .map(|h| h["generations"].as_u64().unwrap())
             .sum::<u64>();
-        assert_eq!(gens, committed, "after a kill at {delay_ms} ms");
+        // A kill that lands between the manifest's commit and the process's exit leaves a
+        // complete generation; every generation is compared with the source at the end.
+        assert!(
+            gens == committed || gens == committed + 1,
+            "after a kill at {delay_ms} ms: {gens} generations, {committed} completed runs"
+        );
+        committed = gens;
     }
     let o = run(&[
         "ingest",

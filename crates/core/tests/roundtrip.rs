@@ -310,6 +310,7 @@ async fn writer_killed_at_any_write_leaves_no_generation() {
     assert!(total > 10, "expected many writes, got {total}");
 
     let mut reused_somewhere = false;
+    let mut failures = 0;
     for k in 0..total {
         let mem = Arc::new(MemoryStore::new());
         let faulty = Arc::new(FaultyStore::new(mem.clone()));
@@ -319,15 +320,26 @@ async fn writer_killed_at_any_write_leaves_no_generation() {
                 .unwrap(),
         );
         faulty.inject(Fault::FailWritesAfter(faulty.writes() + k));
-        let err = run(&repo, o.clone()).await;
-        assert!(
-            err.is_err(),
-            "write {k} of {total} failed but the ingest succeeded"
-        );
-        assert!(
-            repo.hosts().await.unwrap().is_empty(),
-            "no generation after a failure at write {k}"
-        );
+        // The number of writes varies a little between runs (index checkpoints depend on timing
+        // in the parallel walk, and a failed checkpoint delete is tolerated on purpose), so the
+        // invariant is: a failed ingest leaves no generation; a successful one is exact.
+        match run(&repo, o.clone()).await {
+            Err(_) => {
+                failures += 1;
+                assert!(
+                    repo.hosts().await.unwrap().is_empty(),
+                    "no generation after a failure at write {k}"
+                );
+            }
+            Ok(r) => {
+                let diffs = compare(&repo, "crash", &r.manifest.name, &src).await;
+                assert!(
+                    diffs.is_empty(),
+                    "survived a failure at write {k}: {diffs:?}"
+                );
+                continue;
+            }
+        }
         // Every index entry that was written points at a stored pack.
         for obj in mem.list("index/").await.unwrap() {
             let bytes = mem.get(&obj.key).await.unwrap();
@@ -351,5 +363,9 @@ async fn writer_killed_at_any_write_leaves_no_generation() {
     assert!(
         reused_somewhere,
         "a retry after a late failure reuses checkpointed packs"
+    );
+    assert!(
+        failures * 4 >= total * 3,
+        "most injected failures must fail the ingest: {failures} of {total}"
     );
 }
