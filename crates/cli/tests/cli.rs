@@ -26,22 +26,7 @@ fn text(b: &[u8]) -> String {
 }
 
 fn count_files(dir: &Path) -> usize {
-    walk(dir).len()
-}
-
-fn walk(dir: &Path) -> Vec<std::path::PathBuf> {
-    let mut out = Vec::new();
-    if let Ok(rd) = std::fs::read_dir(dir) {
-        for e in rd.flatten() {
-            let p = e.path();
-            if p.is_dir() {
-                out.extend(walk(&p));
-            } else {
-                out.push(p);
-            }
-        }
-    }
-    out
+    backtree_core::testing::list_files(dir).len()
 }
 
 async fn open(repo: &Path) -> Repository {

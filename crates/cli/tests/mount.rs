@@ -322,7 +322,7 @@ fn corrupt_pack_gives_eio_for_that_file_only() {
     std::fs::write(sa.join("victim.bin"), random_bytes(1, 6 << 20)).unwrap();
     std::fs::write(sb.join("fine.bin"), random_bytes(2, 6 << 20)).unwrap();
     let repo = repo_with(dir.path(), "a", &sa);
-    let packs_a: Vec<PathBuf> = walk_files(&repo.join("packs/data"));
+    let packs_a: Vec<PathBuf> = backtree_core::testing::list_files(&repo.join("packs/data"));
     let repo = repo_with(dir.path(), "b", &sb);
     for p in &packs_a {
         let f = std::fs::OpenOptions::new().write(true).open(p).unwrap();
@@ -345,19 +345,6 @@ fn corrupt_pack_gives_eio_for_that_file_only() {
         log.contains("a/") && log.contains("victim.bin") && log.contains("packs/data/"),
         "log names file and pack: {log}"
     );
-}
-
-fn walk_files(d: &Path) -> Vec<PathBuf> {
-    let mut out = Vec::new();
-    for e in std::fs::read_dir(d).into_iter().flatten().flatten() {
-        let p = e.path();
-        if p.is_dir() {
-            out.extend(walk_files(&p));
-        } else {
-            out.push(p);
-        }
-    }
-    out
 }
 
 #[test]

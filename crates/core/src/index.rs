@@ -333,11 +333,6 @@ impl IndexSet {
         st.get(id).ok_or(Error::BlobNotIndexed { id: *id })
     }
 
-    /// Number of index files currently known.
-    pub async fn file_count(&self) -> usize {
-        self.state.read().await.files.len()
-    }
-
     /// Number of entries loaded into memory.
     pub async fn loaded_entries(&self) -> usize {
         self.state

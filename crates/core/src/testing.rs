@@ -480,6 +480,20 @@ pub fn compare_dirs(a: &Path, b: &Path) -> Vec<String> {
     diffs
 }
 
+/// Every regular file (and other non-directory) below `dir`, recursively.
+pub fn list_files(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    for e in fs::read_dir(dir).into_iter().flatten().flatten() {
+        let p = e.path();
+        if p.is_dir() {
+            out.extend(list_files(&p));
+        } else {
+            out.push(p);
+        }
+    }
+    out
+}
+
 /// Data regions of a file as `(start, end)` pairs, via SEEK_DATA/SEEK_HOLE.
 pub fn data_regions(p: &Path) -> Vec<(u64, u64)> {
     use std::os::fd::AsRawFd;

@@ -348,11 +348,6 @@ impl BacktreeFs {
         self.cache.bytes()
     }
 
-    /// Number of inodes the kernel currently holds.
-    pub fn inode_count(&self) -> usize {
-        lock(&self.nodes).len()
-    }
-
     // ----- nodes and attributes -------------------------------------------------------------
 
     fn node(&self, ino: u64) -> Result<Node> {
@@ -776,7 +771,7 @@ impl BacktreeFs {
                     let n = Node::Host(h.as_str().into());
                     items.push((hino, h.into_bytes(), n));
                 }
-                DirHandle::Virtual(self.virtual_items(ino, items))
+                DirHandle::Virtual(self.virtual_items(items))
             }
             Node::Host(host) => {
                 let mut gens = self.generations(host).await?;
@@ -813,7 +808,7 @@ impl BacktreeFs {
                     b"latest".to_vec(),
                     Node::Latest(host.clone()),
                 ));
-                DirHandle::Virtual(self.virtual_items(ino, out))
+                DirHandle::Virtual(self.virtual_items(out))
             }
             Node::Latest(_) => return Err(FsError::NotDir),
             Node::Entry { gen, path, entry } => match (entry.kind, entry.tree) {
@@ -832,7 +827,7 @@ impl BacktreeFs {
         Ok((fh, immutable))
     }
 
-    fn virtual_items(&self, _dir: u64, items: Vec<(u64, Vec<u8>, Node)>) -> Vec<DirItem> {
+    fn virtual_items(&self, items: Vec<(u64, Vec<u8>, Node)>) -> Vec<DirItem> {
         items
             .into_iter()
             .enumerate()
