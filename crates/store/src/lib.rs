@@ -5,6 +5,7 @@
 //! this crate talks to an [`ObjectStore`]; the backends are:
 //!
 //! - [`LocalStore`]: a directory on a local or network filesystem, the embedded default;
+//! - [`S3Store`]: a bucket (and optional prefix) on AWS S3 or an S3-compatible store;
 //! - [`MemoryStore`]: a map in memory, for tests;
 //! - [`FaultyStore`]: a wrapper that injects failures (and can "crash" after N writes), so the
 //!   writer's crash safety and the reader's error paths can be tested without a real outage.
@@ -23,10 +24,12 @@ pub mod conformance;
 mod faulty;
 mod local;
 mod memory;
+pub mod s3;
 
 pub use faulty::{Fault, FaultyStore};
 pub use local::LocalStore;
 pub use memory::MemoryStore;
+pub use s3::{S3Credentials, S3Options, S3Store};
 
 use async_trait::async_trait;
 use bytes::Bytes;
@@ -69,6 +72,33 @@ pub enum StoreError {
     /// An injected or remote failure that may succeed when retried.
     #[error("object {key}: {message}")]
     Unavailable { key: String, message: String },
+    /// The store refused the credentials or the permission (wrong key or secret, expired
+    /// token, missing grant).
+    #[error("object {key}: access denied by the store ({reason}); check the credentials and the bucket's permissions")]
+    Denied { key: String, reason: String },
+    /// No credentials could be found or obtained for the store.
+    #[error("object {key}: cannot get S3 credentials: {reason}")]
+    NoCredentials { key: String, reason: String },
+    /// The bucket does not exist.
+    #[error("object {key}: bucket {bucket} does not exist at {endpoint}")]
+    NoBucket {
+        key: String,
+        bucket: String,
+        endpoint: String,
+    },
+    /// No connection to the store's endpoint could be made.
+    #[error("object {key}: cannot reach S3 endpoint {endpoint} ({reason})")]
+    Unreachable {
+        key: String,
+        endpoint: String,
+        reason: String,
+    },
+    /// The store refused a request for a reason retrying will not fix.
+    #[error("object {key}: {message}")]
+    Remote { key: String, message: String },
+    /// A store location that cannot be parsed; `key` is the location.
+    #[error("{key} is not a valid S3 URL: {reason}")]
+    InvalidUrl { key: String, reason: String },
 }
 
 impl StoreError {
@@ -79,7 +109,13 @@ impl StoreError {
             | StoreError::BadRange { key, .. }
             | StoreError::InvalidKey { key }
             | StoreError::Io { key, .. }
-            | StoreError::Unavailable { key, .. } => key,
+            | StoreError::Unavailable { key, .. }
+            | StoreError::Denied { key, .. }
+            | StoreError::NoCredentials { key, .. }
+            | StoreError::NoBucket { key, .. }
+            | StoreError::Unreachable { key, .. }
+            | StoreError::Remote { key, .. }
+            | StoreError::InvalidUrl { key, .. } => key,
         }
     }
 
