@@ -20,4 +20,6 @@ if [ ${#need[@]} -gt 0 ]; then
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${need[@]}" >/dev/null
 fi
 command -v cargo >/dev/null 2>&1 || { echo "setup: cargo (Rust toolchain) is required" >&2; exit 1; }
+# Garage, the S3 server the S3 tests run against: built once into a cache (slow the first time).
+"$(dirname "$0")/garage.sh" install >/dev/null
 echo "setup: ok"
