@@ -25,6 +25,19 @@ die() {
 # Backstop for a command that fails without an explicit check: still one sentence.
 trap 'die "command failed (line $LINENO): $BASH_COMMAND"' ERR
 
+# Like die, for failures after the server was launched: stops it first, so no half-set-up
+# server is left running.
+fail() {
+  local pid
+  if pid=$(running_pid); then
+    kill -TERM "$pid" 2>/dev/null || true
+    sleep 1
+    kill -KILL "$pid" 2>/dev/null || true
+  fi
+  rm -f "$DIR/garage.pid"
+  die "$@"
+}
+
 usage() {
   die "usage: scripts/garage.sh install | start DIR | stop DIR"
 }
@@ -147,25 +160,28 @@ cmd_start() {
   setsid "$GARAGE" -c "$DIR/garage.toml" server >>"$DIR/garage.log" 2>&1 </dev/null &
   echo $! >"$DIR/garage.pid"
 
-  wait_for 30 gcli status || die "Garage did not come up within 30 s; see $DIR/garage.log."
+  if ! wait_for 30 gcli status; then
+    running_pid >/dev/null || fail "Garage exited while starting; see $DIR/garage.log."
+    fail "Garage did not come up within 30 s; see $DIR/garage.log."
+  fi
 
   if [ "$first" = 1 ]; then
     local node key_id secret
-    node=$(gcli node id -q 2>>"$DIR/setup.log") || die "could not read the node id; see $DIR/setup.log."
+    node=$(gcli node id -q 2>>"$DIR/setup.log") || fail "could not read the node id; see $DIR/setup.log."
     node=${node%%@*}
     gcli layout assign -z dc1 -c 1G "$node" >>"$DIR/setup.log" 2>&1 \
-      || die "could not assign the cluster layout; see $DIR/setup.log."
+      || fail "could not assign the cluster layout; see $DIR/setup.log."
     gcli layout apply --version 1 >>"$DIR/setup.log" 2>&1 \
-      || die "could not apply the cluster layout; see $DIR/setup.log."
+      || fail "could not apply the cluster layout; see $DIR/setup.log."
     # Garage key ids are "GK" and 24 hex digits; secrets 64 hex digits.
     key_id="GK$(rand_hex 12)"
     secret=$(rand_hex 32)
     wait_for 30 gcli key import --yes -n backtree-test "$key_id" "$secret" \
-      || die "could not create the access key; see $DIR/setup.log."
+      || fail "could not create the access key; see $DIR/setup.log."
     wait_for 30 gcli bucket create "$BUCKET" \
-      || die "could not create bucket $BUCKET; see $DIR/setup.log."
+      || fail "could not create bucket $BUCKET; see $DIR/setup.log."
     gcli bucket allow --read --write --owner "$BUCKET" --key "$key_id" >>"$DIR/setup.log" 2>&1 \
-      || die "could not grant the key access to $BUCKET; see $DIR/setup.log."
+      || fail "could not grant the key access to $BUCKET; see $DIR/setup.log."
     cat >"$DIR/env" <<EOF
 export AWS_ACCESS_KEY_ID=$key_id
 export AWS_SECRET_ACCESS_KEY=$secret
@@ -174,9 +190,9 @@ export AWS_ENDPOINT_URL=http://127.0.0.1:$s3_port
 export BACKTREE_TEST_S3=s3://$BUCKET
 EOF
   fi
-  [ -f "$DIR/env" ] || die "$DIR/env is missing although $DIR holds a node; delete $DIR to start afresh."
-  wait_for 30 port_open "$s3_port" || die "the S3 API did not open port $s3_port within 30 s; see $DIR/garage.log."
-  wait_for 30 gcli bucket info "$BUCKET" || die "bucket $BUCKET is not available; see $DIR/setup.log."
+  [ -f "$DIR/env" ] || fail "$DIR/env is missing although $DIR holds a node; delete $DIR to start afresh."
+  wait_for 30 port_open "$s3_port" || fail "the S3 API did not open port $s3_port within 30 s; see $DIR/garage.log."
+  wait_for 30 gcli bucket info "$BUCKET" || fail "bucket $BUCKET is not available; see $DIR/setup.log."
   echo "garage.sh: Garage running on http://127.0.0.1:$s3_port (pid $(cat "$DIR/garage.pid")); source $DIR/env" >&2
 }
 

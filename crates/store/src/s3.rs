@@ -142,12 +142,22 @@ impl std::fmt::Debug for S3Credentials {
 }
 
 /// A store in an S3 bucket, below an optional prefix. Cheap to clone.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct S3Store {
     inner: Arc<Inner>,
 }
 
-#[derive(Debug)]
+impl std::fmt::Debug for S3Store {
+    // The SDK client's own Debug output is pages long; the location says what matters.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("S3Store")
+            .field("url", &self.inner.url)
+            .field("endpoint", &self.inner.endpoint)
+            .field("honors_create_if_absent", &self.honors_create_if_absent())
+            .finish()
+    }
+}
+
 struct Inner {
     client: Client,
     bucket: String,
@@ -989,6 +999,8 @@ mod unit {
             c(Some(503), Some("SlowDown")),
             StoreError::Unavailable { .. }
         ));
+        assert_eq!(one_line("a\n  b.  "), "a b");
+        assert_eq!(one_line(&"x".repeat(300)).chars().count(), 201);
         let e = c(Some(400), Some("InvalidArgument"));
         assert!(matches!(e, StoreError::Remote { .. }));
         assert_eq!(e.key(), "k");
