@@ -7,10 +7,11 @@
 //! An optional on-disk cache (`--cache-dir`) keeps fetched chunks across remounts; chunks read
 //! back from it are verified against their id like any other.
 
-use backtree_core::{Id, Repository};
+use backtree_core::Id;
 use bytes::Bytes;
 use lru::LruCache;
 use std::collections::HashMap;
+use std::future::Future;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use tokio::sync::OnceCell;
@@ -91,9 +92,16 @@ impl ChunkCache {
         self.disk.as_ref().map(|d| d.join(&hex[..2]).join(hex))
     }
 
-    /// Returns the chunk, fetching and verifying it if needed. Errors are messages that name
-    /// the blob and its pack.
-    pub async fn get(&self, repo: &Repository, id: &Id) -> Result<Bytes, String> {
+    /// Returns the chunk: from memory, from the disk cache (verified), or from `fetch`, which
+    /// must return the verified chunk. Errors are messages that name the blob and its pack.
+    /// `keep` false: a chunk that the caller consumes whole is not kept in memory (the kernel's
+    /// page cache keeps the file's pages); keeping every small file of a restore would only
+    /// churn the cache and fragment the heap.
+    pub async fn get<F, Fut>(&self, id: &Id, keep: bool, fetch: F) -> Result<Bytes, String>
+    where
+        F: FnOnce() -> Fut,
+        Fut: Future<Output = Result<Bytes, String>>,
+    {
         if let Some(b) = self.peek(id) {
             return Ok(b);
         }
@@ -106,9 +114,11 @@ impl ChunkCache {
                 if let Some(b) = self.peek(id) {
                     return Ok(b);
                 }
-                let res = self.fetch(repo, id).await;
+                let res = self.fetch(id, fetch).await;
                 if let Ok(b) = &res {
-                    self.insert(*id, b.clone());
+                    if keep {
+                        self.insert(*id, b.clone());
+                    }
                 }
                 res
             })
@@ -118,7 +128,16 @@ impl ChunkCache {
         res
     }
 
-    async fn fetch(&self, repo: &Repository, id: &Id) -> Result<Bytes, String> {
+    /// Keeps a chunk decoded and verified elsewhere (on the FUSE thread, from a pack window).
+    pub fn put(&self, id: Id, data: Bytes) {
+        self.insert(id, data);
+    }
+
+    async fn fetch<F, Fut>(&self, id: &Id, fetch: F) -> Result<Bytes, String>
+    where
+        F: FnOnce() -> Fut,
+        Fut: Future<Output = Result<Bytes, String>>,
+    {
         let _slot = self.fetches.acquire().await.map_err(|e| e.to_string())?;
         if let Some(p) = self.disk_path(id) {
             if let Ok(b) = tokio::fs::read(&p).await {
@@ -129,8 +148,7 @@ impl ChunkCache {
                 let _ = tokio::fs::remove_file(&p).await;
             }
         }
-        let data = repo.read_blob(id).await.map_err(|e| e.to_string())?;
-        let data = Bytes::from(data);
+        let data = fetch().await?;
         if let Some(p) = self.disk_path(id) {
             let d = data.clone();
             // Best effort: a full or read-only cache directory only costs refetches.

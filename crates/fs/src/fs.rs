@@ -26,9 +26,10 @@
 //! [`MAX_WINDOW`] (bounded by half the cache).
 
 use crate::cache::ChunkCache;
+use crate::packwin::PackReader;
 use backtree_core::manifest::{generation_sort_key, is_generation_name, Manifest};
 use backtree_core::tree::{ChunkList, Entry, Kind};
-use backtree_core::{Id, Repository};
+use backtree_core::{BlobKind, Id, Repository};
 use bytes::Bytes;
 use lru::LruCache;
 use std::collections::HashMap;
@@ -51,13 +52,15 @@ const SEQ_FORWARD: u64 = 16 << 20;
 const SEQ_BACKWARD: u64 = 1 << 20;
 /// Directory pages kept parsed in memory (each up to 4096 entries).
 const TREE_CACHE_ENTRIES: usize = 256;
-/// Compressed tree blobs kept in memory. Directory trees live in their own packs, so on a miss
-/// the whole tree pack (or a window of [`TREE_WINDOW`] around the blob) is fetched with one
-/// ranged read and every tree blob in it is kept: a cold `find` then reads each tree pack once
-/// instead of making one small read per directory.
+/// Compressed tree blobs kept in memory, in windows of their packs (see [`crate::packwin`]): a
+/// cold `find` then reads each tree pack once instead of making one small read per directory.
 const TREE_BYTES: usize = 32 << 20;
-/// Largest read of a tree pack at once.
-const TREE_WINDOW: u64 = 16 << 20;
+/// Compressed small data blobs kept in memory in pack windows, at most: a restore of many small
+/// files then makes one read per window, not one per file.
+const DATA_WINDOW_BYTES: usize = 8 << 20;
+/// A small blob found in a pack window is decoded on the FUSE thread if it decodes to at most
+/// this much (about 50 µs of zstd and BLAKE3), which saves two thread hand-offs per file.
+const INLINE_DECODE: u32 = 256 << 10;
 /// st_blksize: asks `cp` and friends for large reads.
 pub const BLKSIZE: u32 = 1 << 20;
 
@@ -134,12 +137,40 @@ pub enum Node {
     Root,
     Host(Arc<str>),
     Latest(Arc<str>),
-    /// Anything inside a generation, including its root directory (empty path).
+    /// Anything inside a generation, including its root directory (empty path). The node
+    /// holds where its entry is, not the entry: the kernel keeps every inode it was given
+    /// (54 k after an `rsync` of a 54 k-file tree), and a full entry per inode was most of the
+    /// daemon's memory. The entry is re-read from its parsed directory page when needed.
     Entry {
         gen: Arc<GenCtx>,
         path: Arc<[u8]>,
-        entry: Arc<Entry>,
+        at: EntryAt,
     },
+}
+
+/// Where a generation's entry is.
+#[derive(Debug, Clone, Copy)]
+pub enum EntryAt {
+    /// The generation's root directory, in its manifest.
+    Root,
+    /// Entry `idx` of the directory page (tree blob) `page`.
+    Page { page: Id, idx: u32 },
+}
+
+/// An entry, kept alive by the page (or manifest) holding it.
+pub enum EntryRef {
+    Root(Arc<GenCtx>),
+    Page(Arc<backtree_core::tree::Tree>, u32),
+}
+
+impl std::ops::Deref for EntryRef {
+    type Target = Entry;
+    fn deref(&self) -> &Entry {
+        match self {
+            EntryRef::Root(g) => &g.manifest.root,
+            EntryRef::Page(t, i) => &t.entries[*i as usize],
+        }
+    }
 }
 
 /// A directory listing item.
@@ -180,27 +211,6 @@ enum DirHandle {
     },
 }
 
-/// Stored (compressed) tree blobs: bytes, flags, raw length; bounded by [`TREE_BYTES`].
-struct TreeBlobs {
-    map: LruCache<Id, (Bytes, u8, u32)>,
-    bytes: usize,
-}
-
-impl TreeBlobs {
-    fn insert(&mut self, id: Id, v: (Bytes, u8, u32)) {
-        self.bytes += v.0.len();
-        if let Some(old) = self.map.put(id, v) {
-            self.bytes -= old.0.len();
-        }
-        while self.bytes > TREE_BYTES {
-            match self.map.pop_lru() {
-                Some((_, v)) => self.bytes -= v.0.len(),
-                None => break,
-            }
-        }
-    }
-}
-
 struct NodeRec {
     node: Node,
     lookups: u64,
@@ -221,7 +231,7 @@ pub struct FsOptions {
 impl Default for FsOptions {
     fn default() -> Self {
         FsOptions {
-            cache_size: 32 << 20,
+            cache_size: 16 << 20,
             cache_dir: None,
             // SAFETY: getuid/getgid cannot fail.
             uid: unsafe { libc::getuid() },
@@ -238,8 +248,7 @@ pub struct BacktreeFs {
     nodes: Mutex<HashMap<u64, NodeRec>>,
     gens: Mutex<HashMap<(String, String), Arc<GenCtx>>>,
     trees: Mutex<LruCache<Id, Arc<backtree_core::tree::Tree>>>,
-    tree_blobs: Mutex<TreeBlobs>,
-    trailers: Mutex<HashMap<Id, Arc<Vec<backtree_core::pack::PackEntry>>>>,
+    packs: Arc<PackReader>,
     cache: Arc<ChunkCache>,
     files: Mutex<HashMap<u64, Arc<FileHandle>>>,
     dirs: Mutex<HashMap<u64, Arc<DirHandle>>>,
@@ -308,6 +317,11 @@ impl BacktreeFs {
     /// Creates the filesystem. Call inside a tokio runtime: prefetch tasks are spawned on it.
     pub fn new(repo: Arc<Repository>, opts: FsOptions) -> Self {
         let cache = Arc::new(ChunkCache::new(opts.cache_size, opts.cache_dir.clone()));
+        let packs = Arc::new(PackReader::new(
+            repo.clone(),
+            TREE_BYTES,
+            DATA_WINDOW_BYTES.min(opts.cache_size / 4),
+        ));
         let mut nodes = HashMap::new();
         nodes.insert(
             ROOT_INO,
@@ -326,11 +340,7 @@ impl BacktreeFs {
                 NonZeroUsize::new(TREE_CACHE_ENTRIES).unwrap_or(NonZeroUsize::MIN),
             )),
             cache,
-            tree_blobs: Mutex::new(TreeBlobs {
-                map: LruCache::unbounded(),
-                bytes: 0,
-            }),
-            trailers: Mutex::new(HashMap::new()),
+            packs,
             files: Mutex::new(HashMap::new()),
             dirs: Mutex::new(HashMap::new()),
             next_fh: AtomicU64::new(1),
@@ -406,8 +416,17 @@ impl BacktreeFs {
         }
     }
 
-    /// The inode and node of entry `e` in the directory `parent` at `path`.
-    fn child(parent: u64, gen: &Arc<GenCtx>, path: &[u8], e: &Entry) -> (u64, Node) {
+    /// The inode, node and attributes of entry `idx` of directory page `page` (whose id is
+    /// `page_id`) in the directory `parent` at `path`.
+    fn child(
+        parent: u64,
+        gen: &Arc<GenCtx>,
+        path: &[u8],
+        page_id: Id,
+        page: &backtree_core::tree::Tree,
+        idx: usize,
+    ) -> (u64, Node, Attr) {
+        let e = &page.entries[idx];
         let cpath: Arc<[u8]> = if path.is_empty() {
             Arc::from(&e.name[..])
         } else {
@@ -416,9 +435,65 @@ impl BacktreeFs {
         let node = Node::Entry {
             gen: gen.clone(),
             path: cpath,
-            entry: Arc::new(e.clone()),
+            at: EntryAt::Page {
+                page: page_id,
+                idx: idx as u32,
+            },
         };
-        (Self::entry_ino(parent, gen, e), node)
+        let ino = Self::entry_ino(parent, gen, e);
+        (ino, node, Self::entry_attr(ino, gen, e))
+    }
+
+    /// A node's entry if it is at hand without fetching: `Some(None)` for virtual nodes,
+    /// `None` if its directory page must be fetched (use [`entry`](Self::entry)).
+    fn entry_cached(&self, node: &Node) -> Option<Option<EntryRef>> {
+        match node {
+            Node::Entry { gen, at, .. } => match *at {
+                EntryAt::Root => Some(Some(EntryRef::Root(gen.clone()))),
+                EntryAt::Page { page, idx } => {
+                    let t = lock(&self.trees).get(&page)?.clone();
+                    ((idx as usize) < t.entries.len()).then_some(Some(EntryRef::Page(t, idx)))
+                }
+            },
+            _ => Some(None),
+        }
+    }
+
+    /// A node's entry (`None` for virtual nodes), fetching its directory page if needed.
+    async fn entry(&self, node: &Node) -> Result<Option<EntryRef>> {
+        if let Some(e) = self.entry_cached(node) {
+            return Ok(e);
+        }
+        let Node::Entry {
+            gen,
+            path,
+            at: EntryAt::Page { page, idx },
+        } = node
+        else {
+            return Ok(None);
+        };
+        let t = self.tree(gen, path, page).await?;
+        if *idx as usize >= t.entries.len() {
+            return Err(FsError::NotFound);
+        }
+        Ok(Some(EntryRef::Page(t, *idx)))
+    }
+
+    /// A node and its entry, if that is at hand without fetching.
+    fn resolve_cached(&self, ino: u64) -> Option<Result<(Node, Option<EntryRef>)>> {
+        let node = match self.node(ino) {
+            Ok(n) => n,
+            Err(e) => return Some(Err(e)),
+        };
+        let e = self.entry_cached(&node)?;
+        Some(Ok((node, e)))
+    }
+
+    /// A node and its entry, fetching the entry's directory page if needed.
+    async fn resolve(&self, ino: u64) -> Result<(Node, Option<EntryRef>)> {
+        let node = self.node(ino)?;
+        let e = self.entry(&node).await?;
+        Ok((node, e))
     }
 
     fn entry_attr(ino: u64, gen: &GenCtx, e: &Entry) -> Attr {
@@ -451,8 +526,8 @@ impl BacktreeFs {
         }
     }
 
-    /// Attributes of a node.
-    pub fn attr_of(&self, ino: u64, node: &Node) -> (Attr, Duration) {
+    /// Attributes of a node; `entry` is its entry (for nodes inside a generation).
+    fn attr_of(&self, ino: u64, node: &Node, entry: Option<&Entry>) -> (Attr, Duration) {
         match node {
             Node::Root | Node::Host(_) => (self.virtual_dir_attr(ino), SHORT_TTL),
             Node::Latest(_) => {
@@ -463,13 +538,25 @@ impl BacktreeFs {
                 a.size = 18; // a generation name's length; readlink gives the truth
                 (a, SHORT_TTL)
             }
-            Node::Entry { gen, entry, .. } => (Self::entry_attr(ino, gen, entry), LONG_TTL),
+            Node::Entry { gen, .. } => match entry {
+                Some(e) => (Self::entry_attr(ino, gen, e), LONG_TTL),
+                // Not reached: callers resolve the entry of every generation node.
+                None => (self.virtual_dir_attr(ino), SHORT_TTL),
+            },
         }
     }
 
-    pub fn getattr(&self, ino: u64) -> Result<(Attr, Duration)> {
-        let node = self.node(ino)?;
-        Ok(self.attr_of(ino, &node))
+    /// [`getattr`](Self::getattr) without waiting, or `None` if that needs a fetch.
+    pub fn getattr_cached(&self, ino: u64) -> Option<Result<(Attr, Duration)>> {
+        Some(
+            self.resolve_cached(ino)?
+                .map(|(n, e)| self.attr_of(ino, &n, e.as_deref())),
+        )
+    }
+
+    pub async fn getattr(&self, ino: u64) -> Result<(Attr, Duration)> {
+        let (n, e) = self.resolve(ino).await?;
+        Ok(self.attr_of(ino, &n, e.as_deref()))
     }
 
     // ----- repository access with context -------------------------------------------------
@@ -510,71 +597,10 @@ impl BacktreeFs {
 
     /// Reads and parses a tree blob, fetching its pack's neighbourhood on a miss.
     async fn load_tree(&self, id: &Id) -> backtree_core::Result<backtree_core::tree::Tree> {
-        use backtree_core::{blob, pack, tree::Tree, BlobKind, Error};
         let what = format!("tree {id}");
-        let cached = lock(&self.tree_blobs).map.get(id).cloned();
-        let (stored, flags, raw_len) = match cached {
-            Some(v) => v,
-            None => {
-                let loc = self.repo.locate(id).await?;
-                if loc.kind != BlobKind::Tree {
-                    return Err(Error::corrupt(&what, "indexed as a data blob"));
-                }
-                let key = loc.pack_key();
-                let store = self.repo.store();
-                let known = lock(&self.trailers).get(&loc.pack).cloned();
-                let trailer = match known {
-                    Some(t) => t,
-                    None => {
-                        let size = store.head(&key).await?.ok_or_else(|| Error::NotFound {
-                            what: format!("pack {key}"),
-                        })?;
-                        let foot_at = size.saturating_sub(pack::FOOTER_LEN as u64);
-                        let foot = store.get_range(&key, foot_at..size).await?;
-                        let n = pack::parse_footer(&key, &foot)? as u64;
-                        let t_at = foot_at
-                            .checked_sub(n * pack::RECORD_LEN as u64)
-                            .ok_or_else(|| Error::corrupt(&key, "trailer larger than the pack"))?;
-                        let t = store.get_range(&key, t_at..foot_at).await?;
-                        let t = Arc::new(pack::parse_trailer(&key, &t, size)?);
-                        lock(&self.trailers).insert(loc.pack, t.clone());
-                        t
-                    }
-                };
-                // The window: the whole blob area if it fits, else TREE_WINDOW around the blob.
-                let data_end = trailer
-                    .iter()
-                    .map(|e| e.offset as u64 + e.stored_len as u64)
-                    .max()
-                    .unwrap_or(0);
-                let (lo, hi) = (loc.offset as u64, loc.offset as u64 + loc.stored_len as u64);
-                let (start, end) = if data_end.saturating_sub(8) <= TREE_WINDOW {
-                    (8, data_end.max(hi))
-                } else {
-                    let start = lo.saturating_sub(TREE_WINDOW / 2).max(8);
-                    (start, (start + TREE_WINDOW).min(data_end).max(hi))
-                };
-                let bytes = store.get_range(&key, start..end).await?;
-                let mut tb = lock(&self.tree_blobs);
-                for e in trailer.iter() {
-                    let (a, b) = (e.offset as u64, e.offset as u64 + e.stored_len as u64);
-                    if e.kind == BlobKind::Tree && a >= start && b <= end {
-                        let v = bytes.slice((a - start) as usize..(b - start) as usize);
-                        tb.insert(e.id, (v, e.flags, e.raw_len));
-                    }
-                }
-                let own = bytes.slice((lo - start) as usize..(hi - start) as usize);
-                (own, loc.flags, loc.raw_len)
-            }
-        };
-        let raw = blob::decode(
-            id,
-            &stored,
-            flags,
-            raw_len,
-            &format!("{what} ({} bytes stored)", stored.len()),
-        )?;
-        Tree::decode(&what, &raw)
+        let (stored, _) = self.packs.stored(id, BlobKind::Tree).await?;
+        let raw = stored.decode(id, &format!("{what} ({} bytes stored)", stored.bytes.len()))?;
+        backtree_core::tree::Tree::decode(&what, &raw)
     }
 
     async fn generation(&self, host: &str, name: &str) -> Result<Arc<GenCtx>> {
@@ -644,40 +670,41 @@ impl BacktreeFs {
                         return Err(FsError::NotFound);
                     }
                     let g = self.generation(host, n).await?;
-                    let entry = Arc::new(g.manifest.root.clone());
                     (
                         g.ino,
                         Node::Entry {
                             gen: g,
                             path: Arc::from(&b""[..]),
-                            entry,
+                            at: EntryAt::Root,
                         },
                     )
                 }
             }
             Node::Latest(_) => return Err(FsError::NotDir),
-            Node::Entry { gen, path, entry } => {
-                let tree = match (entry.kind, entry.tree) {
-                    (Kind::Dir, Some(t)) => t,
+            Node::Entry { gen, path, .. } => {
+                let tree = match self.entry(&pnode).await? {
+                    Some(e) if e.kind == Kind::Dir => e.tree.ok_or(FsError::NotDir)?,
                     _ => return Err(FsError::NotDir),
                 };
                 let t = self.tree(gen, path, &tree).await?;
-                let page = if t.is_paged() {
+                let (page_id, page) = if t.is_paged() {
                     match t.page_for(name) {
-                        Some(p) => self.tree(gen, path, &p.id).await?,
+                        Some(p) => (p.id, self.tree(gen, path, &p.id).await?),
                         None => return Err(FsError::NotFound),
                     }
                 } else {
-                    t
+                    (tree, t)
                 };
                 let i = page
                     .entries
                     .binary_search_by(|e| e.name.as_slice().cmp(name))
                     .map_err(|_| FsError::NotFound)?;
-                Self::child(parent, gen, path, &page.entries[i])
+                let (ino, node, attr) = Self::child(parent, gen, path, page_id, &page, i);
+                return Ok((ino, node, attr, LONG_TTL));
             }
         };
-        let (attr, ttl) = self.attr_of(node.0, &node.1);
+        let e = self.entry(&node.1).await?;
+        let (attr, ttl) = self.attr_of(node.0, &node.1, e.as_deref());
         Ok((node.0, node.1, attr, ttl))
     }
 
@@ -688,23 +715,23 @@ impl BacktreeFs {
         parent: u64,
         name: &[u8],
     ) -> Option<Result<(u64, Node, Attr, Duration)>> {
-        let Ok(Node::Entry { gen, path, entry }) = self.node(parent) else {
+        let Ok((Node::Entry { gen, path, .. }, Some(entry))) = self.resolve_cached(parent)? else {
             return None;
         };
         let tree = match (entry.kind, entry.tree) {
             (Kind::Dir, Some(t)) => t,
             _ => return Some(Err(FsError::NotDir)),
         };
-        let page = {
+        let (page_id, page) = {
             let mut trees = lock(&self.trees);
             let t = trees.get(&tree)?.clone();
             if t.is_paged() {
                 match t.page_for(name) {
-                    Some(p) => trees.get(&p.id)?.clone(),
+                    Some(p) => (p.id, trees.get(&p.id)?.clone()),
                     None => return Some(Err(FsError::NotFound)),
                 }
             } else {
-                t
+                (tree, t)
             }
         };
         let Ok(i) = page
@@ -713,44 +740,47 @@ impl BacktreeFs {
         else {
             return Some(Err(FsError::NotFound));
         };
-        let (ino, node) = Self::child(parent, &gen, &path, &page.entries[i]);
-        let (attr, ttl) = self.attr_of(ino, &node);
-        Some(Ok((ino, node, attr, ttl)))
+        let (ino, node, attr) = Self::child(parent, &gen, &path, page_id, &page, i);
+        Some(Ok((ino, node, attr, LONG_TTL)))
     }
 
     pub async fn readlink(&self, ino: u64) -> Result<Vec<u8>> {
-        match self.node(ino)? {
-            Node::Latest(host) => {
+        match self.resolve(ino).await? {
+            (Node::Latest(host), _) => {
                 let gens = self.generations(&host).await?;
                 gens.last()
                     .map(|g| g.as_bytes().to_vec())
                     .ok_or(FsError::NotFound)
             }
-            Node::Entry { entry, .. } => entry.target.clone().ok_or(FsError::Invalid),
+            (_, Some(e)) => e.target.clone().ok_or(FsError::Invalid),
             _ => Err(FsError::Invalid),
         }
     }
 
     /// The value of an extended attribute. ENODATA when absent, never ENOSYS.
-    pub fn getxattr(&self, ino: u64, name: &[u8]) -> Result<Vec<u8>> {
-        match self.node(ino)? {
-            Node::Entry { entry, .. } => {
-                entry.xattr(name).map(<[u8]>::to_vec).ok_or(FsError::NoData)
-            }
-            _ => Err(FsError::NoData),
-        }
+    pub async fn getxattr(&self, ino: u64, name: &[u8]) -> Result<Vec<u8>> {
+        xattr_value(self.resolve(ino).await?.1.as_deref(), name)
+    }
+
+    /// [`getxattr`](Self::getxattr) without waiting, or `None` if that needs a fetch.
+    pub fn getxattr_cached(&self, ino: u64, name: &[u8]) -> Option<Result<Vec<u8>>> {
+        Some(
+            self.resolve_cached(ino)?
+                .and_then(|(_, e)| xattr_value(e.as_deref(), name)),
+        )
     }
 
     /// Names of the extended attributes, each followed by a NUL byte.
-    pub fn listxattr(&self, ino: u64) -> Result<Vec<u8>> {
-        let mut out = Vec::new();
-        if let Node::Entry { entry, .. } = self.node(ino)? {
-            for x in &entry.xattrs {
-                out.extend_from_slice(&x.name);
-                out.push(0);
-            }
-        }
-        Ok(out)
+    pub async fn listxattr(&self, ino: u64) -> Result<Vec<u8>> {
+        Ok(xattr_names(self.resolve(ino).await?.1.as_deref()))
+    }
+
+    /// [`listxattr`](Self::listxattr) without waiting, or `None` if that needs a fetch.
+    pub fn listxattr_cached(&self, ino: u64) -> Option<Result<Vec<u8>>> {
+        Some(
+            self.resolve_cached(ino)?
+                .map(|(_, e)| xattr_names(e.as_deref())),
+        )
     }
 
     // ----- directories --------------------------------------------------------------------
@@ -788,14 +818,13 @@ impl BacktreeFs {
                     let n = String::from_utf8_lossy(&name).into_owned();
                     match self.generation(host, &n).await {
                         Ok(g) => {
-                            let entry = Arc::new(g.manifest.root.clone());
                             out.push((
                                 gino,
                                 name,
                                 Node::Entry {
                                     gen: g,
                                     path: Arc::from(&b""[..]),
-                                    entry,
+                                    at: EntryAt::Root,
                                 },
                             ));
                         }
@@ -811,12 +840,16 @@ impl BacktreeFs {
                 DirHandle::Virtual(self.virtual_items(out))
             }
             Node::Latest(_) => return Err(FsError::NotDir),
-            Node::Entry { gen, path, entry } => match (entry.kind, entry.tree) {
-                (Kind::Dir, Some(tree)) => DirHandle::Gen {
+            Node::Entry { gen, path, .. } => match self.entry(&node).await?.as_deref() {
+                Some(Entry {
+                    kind: Kind::Dir,
+                    tree: Some(tree),
+                    ..
+                }) => DirHandle::Gen {
                     gen: gen.clone(),
                     path: path.clone(),
                     ino,
-                    tree,
+                    tree: *tree,
                 },
                 _ => return Err(FsError::NotDir),
             },
@@ -832,7 +865,11 @@ impl BacktreeFs {
             .into_iter()
             .enumerate()
             .map(|(i, (ino, name, node))| {
-                let (attr, ttl) = self.attr_of(ino, &node);
+                let entry = match &node {
+                    Node::Entry { gen, .. } => Some(&gen.manifest.root),
+                    _ => None,
+                };
+                let (attr, ttl) = self.attr_of(ino, &node, entry);
                 DirItem {
                     ino,
                     next: i as u64 + 1,
@@ -872,13 +909,13 @@ impl BacktreeFs {
                 let mut out = Vec::new();
                 let (mut page, mut idx) = (offset / PAGE_SPAN, offset % PAGE_SPAN);
                 loop {
-                    let entries: Arc<backtree_core::tree::Tree> = if t.is_paged() {
+                    let (page_id, entries) = if t.is_paged() {
                         match t.pages.get(page as usize) {
-                            Some(p) => self.tree(gen, path, &p.id).await?,
+                            Some(p) => (p.id, self.tree(gen, path, &p.id).await?),
                             None => break,
                         }
                     } else if page == 0 {
-                        t.clone()
+                        (*tree, t.clone())
                     } else {
                         break;
                     };
@@ -886,12 +923,12 @@ impl BacktreeFs {
                         if out.len() >= max {
                             return Ok(out);
                         }
-                        let (cino, node) = Self::child(*ino, gen, path, e);
+                        let (cino, node, attr) = Self::child(*ino, gen, path, page_id, &entries, i);
                         out.push(DirItem {
                             ino: cino,
                             next: page * PAGE_SPAN + i as u64 + 1,
                             name: e.name.clone(),
-                            attr: Self::entry_attr(cino, gen, e),
+                            attr,
                             ttl: LONG_TTL,
                             node,
                         });
@@ -913,17 +950,50 @@ impl BacktreeFs {
 
     // ----- files --------------------------------------------------------------------------
 
-    pub async fn open(&self, ino: u64) -> Result<u64> {
-        let (gen, path, entry) = match self.node(ino)? {
-            Node::Entry { gen, path, entry } => (gen, path, entry),
-            Node::Latest(_) => return Err(FsError::Invalid),
+    /// The file a resolved node names, for `open`.
+    fn file_node(resolved: (Node, Option<EntryRef>)) -> Result<(Arc<GenCtx>, Arc<[u8]>, EntryRef)> {
+        let (gen, path, entry) = match resolved {
+            (Node::Entry { gen, path, .. }, Some(e)) => (gen, path, e),
+            (Node::Latest(_), _) => return Err(FsError::Invalid),
             _ => return Err(FsError::IsDir),
         };
         match entry.kind {
-            Kind::File => {}
-            Kind::Dir => return Err(FsError::IsDir),
-            _ => return Err(FsError::Invalid),
+            Kind::File => Ok((gen, path, entry)),
+            Kind::Dir => Err(FsError::IsDir),
+            _ => Err(FsError::Invalid),
         }
+    }
+
+    fn new_file(&self, gen: Arc<GenCtx>, path: Arc<[u8]>, chunks: ChunkList) -> u64 {
+        let fh = self.new_fh();
+        lock(&self.files).insert(
+            fh,
+            Arc::new(FileHandle {
+                gen,
+                path,
+                chunks: Arc::new(chunks),
+                seq: Mutex::new(SeqState::default()),
+            }),
+        );
+        fh
+    }
+
+    /// Opens a file whose chunk list is in its entry (files of up to 64 chunks) without
+    /// waiting, or `None` if the list must be fetched (then [`open`](Self::open) is used).
+    pub fn open_cached(&self, ino: u64) -> Option<Result<u64>> {
+        let (gen, path, entry) = match self.resolve_cached(ino)?.and_then(Self::file_node) {
+            Ok(v) => v,
+            Err(e) => return Some(Err(e)),
+        };
+        if entry.chunks.is_none() && entry.chunk_list.is_some() {
+            return None;
+        }
+        let chunks = entry.chunks.clone().unwrap_or_default();
+        Some(Ok(self.new_file(gen, path, chunks)))
+    }
+
+    pub async fn open(&self, ino: u64) -> Result<u64> {
+        let (gen, path, entry) = Self::file_node(self.resolve(ino).await?)?;
         let chunks = self.repo.chunk_list(&entry).await.map_err(|e| {
             self.io(
                 format!(
@@ -935,17 +1005,7 @@ impl BacktreeFs {
                 e,
             )
         })?;
-        let fh = self.new_fh();
-        lock(&self.files).insert(
-            fh,
-            Arc::new(FileHandle {
-                gen,
-                path,
-                chunks: Arc::new(chunks),
-                seq: Mutex::new(SeqState::default()),
-            }),
-        );
-        Ok(fh)
+        Ok(self.new_file(gen, path, chunks))
     }
 
     pub fn release(&self, fh: u64) {
@@ -974,7 +1034,11 @@ impl BacktreeFs {
             parts.push(match &list.0[i].id {
                 None => Bytes::from(vec![0u8; (take - pos) as usize]),
                 Some(id) => {
-                    let data = self.cache.peek(id)?;
+                    let whole = pos == cs && take == ce;
+                    let data = self
+                        .cache
+                        .peek(id)
+                        .or_else(|| self.decode_inline(id, !whole))?;
                     if take - cs > data.len() as u64 {
                         return None;
                     }
@@ -1002,7 +1066,7 @@ impl BacktreeFs {
             parts.push(match &list.0[i].id {
                 None => Bytes::from(vec![0u8; (take - pos) as usize]),
                 Some(id) => {
-                    let data = self.chunk(&h, id).await?;
+                    let data = self.chunk(&h, id, !(pos == cs && take == ce)).await?;
                     if data.len() as u64 != ce - cs {
                         return Err(self.io(
                             format!(
@@ -1022,18 +1086,38 @@ impl BacktreeFs {
         Ok(concat(parts))
     }
 
-    async fn chunk(&self, h: &FileHandle, id: &Id) -> Result<Bytes> {
-        self.cache.get(&self.repo, id).await.map_err(|e| {
-            self.io(
-                format!(
-                    "{}/{}/{}",
-                    h.gen.host,
-                    h.gen.name,
-                    String::from_utf8_lossy(&h.path)
-                ),
-                e,
-            )
-        })
+    /// A small chunk whose stored bytes are in a pack window, decoded and verified here on the
+    /// calling (FUSE) thread and cached; `None` if it is not there or too large to decode
+    /// inline. A chunk that fails verification is left to [`read`](Self::read), which reports it.
+    /// `keep`: whether to cache it (not when this read consumes it whole).
+    fn decode_inline(&self, id: &Id, keep: bool) -> Option<Bytes> {
+        let s = self.packs.data.get(id)?;
+        if s.raw_len > INLINE_DECODE {
+            return None;
+        }
+        let data = Bytes::from(s.decode(id, "").ok()?);
+        if keep {
+            self.cache.put(*id, data.clone());
+        }
+        Some(data)
+    }
+
+    async fn chunk(&self, h: &FileHandle, id: &Id, keep: bool) -> Result<Bytes> {
+        let packs = &self.packs;
+        self.cache
+            .get(id, keep, || fetch_chunk(packs, *id))
+            .await
+            .map_err(|e| {
+                self.io(
+                    format!(
+                        "{}/{}/{}",
+                        h.gen.host,
+                        h.gen.name,
+                        String::from_utf8_lossy(&h.path)
+                    ),
+                    e,
+                )
+            })
     }
 
     /// Sequential-read detection and prefetch scheduling.
@@ -1076,10 +1160,10 @@ impl BacktreeFs {
             if let Some(id) = list.0[i].id {
                 if !self.cache.present(&id) {
                     let cache = self.cache.clone();
-                    let repo = self.repo.clone();
+                    let packs = self.packs.clone();
                     // Errors surface (and are logged) when the reader gets there.
                     rt.spawn(async move {
-                        let _ = cache.get(&repo, &id).await;
+                        let _ = cache.get(&id, true, || fetch_chunk(&packs, id)).await;
                     });
                 }
             }
@@ -1108,6 +1192,51 @@ impl BacktreeFs {
     /// compute, so a read-only filesystem reports no free space and no totals).
     pub fn statfs(&self) -> (u64, u64, u32) {
         (0, 0, 255)
+    }
+}
+
+/// Fetches, decodes and verifies a data chunk. Decoding up to 8 MiB is CPU work: a large chunk
+/// is decoded on the blocking pool, off the async workers. Errors name the blob and its pack.
+async fn fetch_chunk(packs: &PackReader, id: Id) -> std::result::Result<Bytes, String> {
+    let (stored, loc) = packs
+        .stored(&id, BlobKind::Data)
+        .await
+        .map_err(|e| with_blob(&id, e.to_string()))?;
+    let what = format!("blob {id} in pack {}", loc.pack_key());
+    let raw = if stored.raw_len <= INLINE_DECODE {
+        stored.decode(&id, &what)
+    } else {
+        tokio::task::spawn_blocking(move || stored.decode(&id, &what))
+            .await
+            .map_err(|e| format!("blob {id}: decoding task failed: {e}"))?
+    };
+    raw.map(Bytes::from).map_err(|e| e.to_string())
+}
+
+/// The value of xattr `name` of `entry`; ENODATA when absent (and for virtual nodes).
+fn xattr_value(entry: Option<&Entry>, name: &[u8]) -> Result<Vec<u8>> {
+    entry
+        .and_then(|e| e.xattr(name))
+        .map(<[u8]>::to_vec)
+        .ok_or(FsError::NoData)
+}
+
+/// The xattr names of `entry`, each followed by a NUL byte.
+fn xattr_names(entry: Option<&Entry>) -> Vec<u8> {
+    let mut out = Vec::new();
+    for x in entry.map(|e| e.xattrs.as_slice()).unwrap_or_default() {
+        out.extend_from_slice(&x.name);
+        out.push(0);
+    }
+    out
+}
+
+/// An error message that names the blob it concerns.
+fn with_blob(id: &Id, msg: String) -> String {
+    if msg.contains(&id.to_hex()) {
+        msg
+    } else {
+        format!("blob {id}: {msg}")
     }
 }
 

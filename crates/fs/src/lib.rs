@@ -12,5 +12,6 @@ pub mod cache;
 pub mod fs;
 pub mod fuse;
 pub mod mount;
+pub mod packwin;
 
 pub use fs::{BacktreeFs, FsError, FsOptions};

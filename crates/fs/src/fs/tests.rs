@@ -14,10 +14,19 @@ struct Setup {
 }
 
 async fn setup() -> Setup {
+    setup_with(|src| {
+        build_fixture(src, true);
+        std::fs::write(src.join("big.bin"), random_bytes(9, 20 << 20)).unwrap();
+    })
+    .await
+}
+
+/// A repository with one generation of host `h` ingested from what `build` makes.
+async fn setup_with(build: impl FnOnce(&std::path::Path)) -> Setup {
     let dir = tempfile::tempdir().unwrap();
     let src = dir.path().join("src");
-    build_fixture(&src, true);
-    std::fs::write(src.join("big.bin"), random_bytes(9, 20 << 20)).unwrap();
+    std::fs::create_dir_all(&src).unwrap();
+    build(&src);
     let mem = Arc::new(MemoryStore::new());
     let faulty = Arc::new(FaultyStore::new(mem.clone()));
     let store: DynStore = faulty.clone();
@@ -53,7 +62,7 @@ async fn setup() -> Setup {
 /// Looks up a `/`-separated path from the root, remembering each inode like the kernel would.
 async fn walk(fs: &BacktreeFs, path: &str) -> Result<(u64, Attr)> {
     let mut ino = ROOT_INO;
-    let mut attr = fs.getattr(ino)?.0;
+    let mut attr = fs.getattr(ino).await?.0;
     for c in path.split('/').filter(|c| !c.is_empty()) {
         let (i, node, a, _) = fs.lookup(ino, c.as_bytes()).await?;
         fs.remember(i, &node);
@@ -169,12 +178,12 @@ async fn tree_attributes_and_contents() {
 
     // Xattrs: values, list, ENODATA for a missing name.
     let (ino, _) = walk(fs, &format!("h/{gen}/small.txt")).await.unwrap();
-    assert_eq!(fs.getxattr(ino, b"user.comment").unwrap(), b"kept");
+    assert_eq!(fs.getxattr(ino, b"user.comment").await.unwrap(), b"kept");
     assert!(matches!(
-        fs.getxattr(ino, b"user.none"),
+        fs.getxattr(ino, b"user.none").await,
         Err(FsError::NoData)
     ));
-    let list = fs.listxattr(ino).unwrap();
+    let list = fs.listxattr(ino).await.unwrap();
     assert!(list.windows(13).any(|w| w == b"user.comment\0"));
 
     // Errors: missing names, files as directories.
@@ -335,4 +344,41 @@ async fn disk_cache_serves_repeated_restores_and_is_verified() {
     ));
     s.faulty.heal();
     assert_eq!(read_all(&fs3, ino, a.size).await.unwrap(), want);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn small_files_of_a_directory_come_from_one_pack_window() {
+    // 200 small files (about 200 KiB in all): whatever order the parallel writer stored them
+    // in, they share one pack window.
+    let s = setup_with(|src| {
+        for i in 0..200u64 {
+            std::fs::write(src.join(format!("f{i:03}")), random_bytes(i, 1000)).unwrap();
+        }
+    })
+    .await;
+    let fs = &s.fs;
+    let (ino, _) = walk(fs, "h/latest").await.unwrap();
+    let gen = String::from_utf8(fs.readlink(ino).await.unwrap()).unwrap();
+    let mut files = Vec::new();
+    for i in 0..200u64 {
+        files.push(walk(fs, &format!("h/{gen}/f{i:03}")).await.unwrap().0);
+    }
+    // The first file read fetches a window of its pack, which holds the others too.
+    assert_eq!(
+        read_all(fs, files[0], 1000).await.unwrap(),
+        random_bytes(0, 1000)
+    );
+    // With the store failing, the others are opened and read without waiting for it.
+    s.faulty.inject(Fault::FailReadsOf("packs/data".into()));
+    for (i, ino) in files.iter().enumerate().skip(1) {
+        let fh = fs.open_cached(*ino).expect("chunk list inline").unwrap();
+        let got = fs.read_cached(fh, 0, 4096);
+        assert_eq!(
+            got.as_deref(),
+            Some(&random_bytes(i as u64, 1000)[..]),
+            "f{i:03}"
+        );
+        fs.release(fh);
+    }
+    s.faulty.heal();
 }

@@ -1,0 +1,283 @@
+//! Reading blobs in windows of their pack.
+//!
+//! A pack holds many blobs back to back, and the writer puts a directory's small files (and a
+//! generation's directory trees) next to each other. Fetching each small blob with its own
+//! ranged read costs one store round trip per blob — one `pread` and two thread hand-offs
+//! locally, one HTTP request of latency on S3 — which dominates a restore of many small files.
+//! So a miss on a small blob reads a *window* of its pack (the blob and what follows it) with one
+//! ranged read, and keeps every blob of the same kind that lies wholly inside the window in its
+//! stored (compressed) form. The next small files of the directory are then decoded from memory,
+//! synchronously, on the FUSE thread.
+//!
+//! Which blobs lie in a window is known from the pack's trailer (docs/format.md), read once per
+//! pack (footer, then trailer) and kept in a small LRU. Tree packs hold only trees and are
+//! read as a whole (or [`TREE_WINDOW`] around the blob); data packs in aligned windows of
+//! [`DATA_WINDOW`]. Windows are evicted whole, so the bytes counted are the bytes held.
+//!
+//! Stored bytes are not trusted: every blob taken from a window is decoded and verified against
+//! its id like any other ([`blob::decode`]).
+
+use backtree_core::index::Location;
+use backtree_core::pack::{self, PackEntry};
+use backtree_core::{blob, BlobKind, Error, Id, Repository};
+use bytes::Bytes;
+use lru::LruCache;
+use std::collections::HashMap;
+use std::num::NonZeroUsize;
+use std::sync::{Arc, Mutex};
+
+/// Largest read of a tree pack at once. Tree packs are small (a 54 k-entry generation has about
+/// 2 MB of trees), so a cold `find` reads each once.
+pub const TREE_WINDOW: u64 = 16 << 20;
+/// A data window: a directory's worth of small files. Local reads of this size cost about as
+/// much as one small read plus a copy; on S3 it is still one request.
+pub const DATA_WINDOW: u64 = 2 << 20;
+/// Data blobs stored at most this large are read through windows; larger ones are a read of
+/// their own (a window would hold little besides them).
+pub const SMALL_BLOB: u32 = 256 << 10;
+/// Pack trailers kept (a 16 MiB pack of small files has a few hundred 46-byte records).
+const TRAILERS: usize = 64;
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// A blob as stored, with what decoding it needs.
+#[derive(Clone)]
+pub struct Stored {
+    pub bytes: Bytes,
+    pub flags: u8,
+    pub raw_len: u32,
+}
+
+impl Stored {
+    /// Decompresses and verifies the blob.
+    pub fn decode(&self, id: &Id, what: &str) -> backtree_core::Result<Vec<u8>> {
+        blob::decode(id, &self.bytes, self.flags, self.raw_len, what)
+    }
+}
+
+struct Window {
+    bytes: Bytes,
+    ids: Vec<Id>,
+}
+
+struct Slot {
+    window: u64,
+    start: u32,
+    len: u32,
+    flags: u8,
+    raw_len: u32,
+}
+
+/// Windows of stored blobs of one kind, bounded by bytes, evicted least recently used first.
+pub struct Windows {
+    limit: usize,
+    inner: Mutex<WindowsInner>,
+}
+
+struct WindowsInner {
+    windows: LruCache<u64, Window>,
+    slots: HashMap<Id, Slot>,
+    bytes: usize,
+    next: u64,
+}
+
+impl Windows {
+    pub fn new(limit: usize) -> Self {
+        Windows {
+            limit,
+            inner: Mutex::new(WindowsInner {
+                windows: LruCache::unbounded(),
+                slots: HashMap::new(),
+                bytes: 0,
+                next: 0,
+            }),
+        }
+    }
+
+    /// A blob held in a window, if any.
+    pub fn get(&self, id: &Id) -> Option<Stored> {
+        let mut g = lock(&self.inner);
+        let inner = &mut *g;
+        let s = inner.slots.get(id)?;
+        let w = inner.windows.get(&s.window)?;
+        let (a, b) = (s.start as usize, s.start as usize + s.len as usize);
+        Some(Stored {
+            bytes: w.bytes.slice(a..b),
+            flags: s.flags,
+            raw_len: s.raw_len,
+        })
+    }
+
+    /// Keeps `bytes` (read at pack offset `start`) with the blobs of `entries` that lie wholly
+    /// inside it.
+    fn insert(&self, bytes: Bytes, start: u64, entries: &[&PackEntry]) {
+        if bytes.len() > self.limit {
+            return;
+        }
+        let end = start + bytes.len() as u64;
+        let mut g = lock(&self.inner);
+        let inner = &mut *g;
+        let no = inner.next;
+        inner.next += 1;
+        let mut ids = Vec::with_capacity(entries.len());
+        for e in entries {
+            let (a, b) = (e.offset as u64, e.offset as u64 + e.stored_len as u64);
+            if a >= start && b <= end {
+                inner.slots.insert(
+                    e.id,
+                    Slot {
+                        window: no,
+                        start: (a - start) as u32,
+                        len: e.stored_len,
+                        flags: e.flags,
+                        raw_len: e.raw_len,
+                    },
+                );
+                ids.push(e.id);
+            }
+        }
+        inner.bytes += bytes.len();
+        inner.windows.put(no, Window { bytes, ids });
+        while inner.bytes > self.limit {
+            let Some((old, w)) = inner.windows.pop_lru() else {
+                break;
+            };
+            inner.bytes -= w.bytes.len();
+            for id in w.ids {
+                if inner.slots.get(&id).is_some_and(|s| s.window == old) {
+                    inner.slots.remove(&id);
+                }
+            }
+        }
+    }
+
+    /// Bytes held.
+    pub fn bytes(&self) -> usize {
+        lock(&self.inner).bytes
+    }
+}
+
+/// Reads blobs through windows of their packs (see the module docs).
+pub struct PackReader {
+    repo: Arc<Repository>,
+    trailers: Mutex<LruCache<Id, Arc<Vec<PackEntry>>>>,
+    pub trees: Windows,
+    pub data: Windows,
+}
+
+impl PackReader {
+    /// `tree_bytes` and `data_bytes` bound the stored bytes kept of each kind.
+    pub fn new(repo: Arc<Repository>, tree_bytes: usize, data_bytes: usize) -> Self {
+        PackReader {
+            repo,
+            trailers: Mutex::new(LruCache::new(
+                NonZeroUsize::new(TRAILERS).unwrap_or(NonZeroUsize::MIN),
+            )),
+            trees: Windows::new(tree_bytes),
+            data: Windows::new(data_bytes),
+        }
+    }
+
+    fn windows(&self, kind: BlobKind) -> &Windows {
+        match kind {
+            BlobKind::Tree => &self.trees,
+            BlobKind::Data => &self.data,
+        }
+    }
+
+    /// A stored blob of `kind`: from a window, or by reading a new window around it.
+    pub async fn stored(
+        &self,
+        id: &Id,
+        kind: BlobKind,
+    ) -> backtree_core::Result<(Stored, Location)> {
+        let loc = self.repo.locate(id).await?;
+        if loc.kind != kind {
+            return Err(Error::corrupt(
+                format!("blob {id}"),
+                format!("indexed as a {:?} blob, expected {kind:?}", loc.kind),
+            ));
+        }
+        if let Some(s) = self.windows(kind).get(id) {
+            return Ok((s, loc));
+        }
+        if kind == BlobKind::Tree || loc.stored_len <= SMALL_BLOB {
+            match self.read_window(&loc).await {
+                Ok(s) => return Ok((s, loc)),
+                // A damaged trailer must not make the pack's intact blobs unreadable: read
+                // the blob on its own (which reports the store error again if that was it).
+                Err(e) => tracing::debug!("pack window for blob {id}: {e}"),
+            }
+        }
+        let key = loc.pack_key();
+        let start = loc.offset as u64;
+        let bytes = self
+            .repo
+            .store()
+            .get_range(&key, start..start + loc.stored_len as u64)
+            .await?;
+        let s = Stored {
+            bytes,
+            flags: loc.flags,
+            raw_len: loc.raw_len,
+        };
+        Ok((s, loc))
+    }
+
+    async fn trailer(&self, loc: &Location) -> backtree_core::Result<Arc<Vec<PackEntry>>> {
+        if let Some(t) = lock(&self.trailers).get(&loc.pack).cloned() {
+            return Ok(t);
+        }
+        let key = loc.pack_key();
+        let store = self.repo.store();
+        let size = store.head(&key).await?.ok_or_else(|| Error::NotFound {
+            what: format!("pack {key}"),
+        })?;
+        let foot_at = size.saturating_sub(pack::FOOTER_LEN as u64);
+        let foot = store.get_range(&key, foot_at..size).await?;
+        let n = pack::parse_footer(&key, &foot)? as u64;
+        let t_at = foot_at
+            .checked_sub(n * pack::RECORD_LEN as u64)
+            .ok_or_else(|| Error::corrupt(&key, "trailer larger than the pack"))?;
+        let t = store.get_range(&key, t_at..foot_at).await?;
+        let t = Arc::new(pack::parse_trailer(&key, &t, size)?);
+        lock(&self.trailers).put(loc.pack, t.clone());
+        Ok(t)
+    }
+
+    async fn read_window(&self, loc: &Location) -> backtree_core::Result<Stored> {
+        let trailer = self.trailer(loc).await?;
+        let key = loc.pack_key();
+        let data_end = trailer
+            .iter()
+            .map(|e| e.offset as u64 + e.stored_len as u64)
+            .max()
+            .unwrap_or(0);
+        let (lo, hi) = (loc.offset as u64, loc.offset as u64 + loc.stored_len as u64);
+        let (start, end) = match loc.kind {
+            // The whole blob area if it fits, else a window centred on the blob.
+            BlobKind::Tree if data_end.saturating_sub(8) <= TREE_WINDOW => (8, data_end.max(hi)),
+            BlobKind::Tree => {
+                let start = lo.saturating_sub(TREE_WINDOW / 2).max(8);
+                (start, (start + TREE_WINDOW).min(data_end).max(hi))
+            }
+            // The writer stores a directory's files close together, though not in name order
+            // (it reads them in parallel): an aligned window around the blob.
+            BlobKind::Data => {
+                let start = (lo - lo % DATA_WINDOW).max(8);
+                (start, (start + DATA_WINDOW).min(data_end).max(hi))
+            }
+        };
+        let bytes = self.repo.store().get_range(&key, start..end).await?;
+        let own = bytes.slice((lo - start) as usize..(hi - start) as usize);
+        let same_kind: Vec<&PackEntry> = trailer.iter().filter(|e| e.kind == loc.kind).collect();
+        self.windows(loc.kind).insert(bytes, start, &same_kind);
+        Ok(Stored {
+            bytes: own,
+            flags: loc.flags,
+            raw_len: loc.raw_len,
+        })
+    }
+}
