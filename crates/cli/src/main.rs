@@ -11,7 +11,8 @@ use anyhow::{bail, Context, Result};
 use backtree_core::ingest::{self, IngestOptions, Progress};
 use backtree_core::manifest::SkippedPath;
 use backtree_core::Repository;
-use backtree_store::{DynStore, LocalStore};
+use backtree_fs::cache::{MAX_FETCHES, MAX_FETCHES_REMOTE};
+use backtree_store::{DynStore, LocalStore, S3Options, S3Store};
 use clap::{Args, Parser, Subcommand};
 use std::io::IsTerminal;
 use std::os::unix::fs::MetadataExt;
@@ -41,9 +42,45 @@ struct Cli {
 
 #[derive(Args, Clone)]
 struct RepoArg {
-    /// Repository location: a local directory.
-    #[arg(long, short = 'r', env = "BACKTREE_REPO", value_name = "PATH")]
+    /// Repository location: a local directory, or s3://BUCKET[/PREFIX]. S3 credentials come
+    /// from the standard AWS chain (AWS_ACCESS_KEY_ID…, AWS_PROFILE, instance/container role).
+    #[arg(
+        long,
+        short = 'r',
+        env = "BACKTREE_REPO",
+        value_name = "PATH|s3://BUCKET/PREFIX"
+    )]
     repo: String,
+    /// S3 endpoint URL of a self-hosted store (Garage, MinIO, Ceph RGW); also AWS_ENDPOINT_URL.
+    /// A custom endpoint implies path-style addressing.
+    #[arg(long, env = "BACKTREE_S3_ENDPOINT", value_name = "URL")]
+    s3_endpoint: Option<String>,
+    /// S3 region [default: AWS_REGION, the profile's, else us-east-1].
+    #[arg(long, env = "BACKTREE_S3_REGION", value_name = "REGION")]
+    s3_region: Option<String>,
+    /// Attempts per S3 request before it fails (exponential backoff with jitter between them).
+    #[arg(
+        long,
+        env = "BACKTREE_S3_ATTEMPTS",
+        default_value_t = 6,
+        value_name = "N"
+    )]
+    s3_attempts: u32,
+}
+
+impl RepoArg {
+    fn is_s3(&self) -> bool {
+        self.repo.starts_with("s3://")
+    }
+
+    fn s3_options(&self) -> S3Options {
+        S3Options {
+            endpoint: self.s3_endpoint.clone(),
+            region: self.s3_region.clone(),
+            max_attempts: Some(self.s3_attempts.max(1)),
+            ..Default::default()
+        }
+    }
 }
 
 #[derive(Subcommand)]
@@ -198,9 +235,23 @@ fn runtime() -> Result<tokio::runtime::Runtime> {
         .context("cannot start the async runtime")
 }
 
-fn store_for(location: &str, create: bool) -> Result<DynStore> {
-    if location.starts_with("s3://") {
-        bail!("S3 repositories are not supported by this version yet: {location}");
+/// The store of a repository. A local repository must exist unless `create`.
+fn store_for(rt: &tokio::runtime::Runtime, repo: &RepoArg, create: bool) -> Result<DynStore> {
+    let location = repo.repo.as_str();
+    if repo.is_s3() {
+        let store = rt.block_on(S3Store::from_url(location, repo.s3_options()))?;
+        if create {
+            // Record in the config whether this store refuses to overwrite (If-None-Match).
+            let probe = format!("probe-{:016x}", rand::random::<u64>());
+            let honored = rt.block_on(store.probe_create_if_absent(&probe))?;
+            if !honored {
+                eprintln!(
+                    "backtree: {location} ignores conditional writes (If-None-Match); \
+                     generations are committed with claims instead (docs/concurrency.md)"
+                );
+            }
+        }
+        return Ok(Arc::new(store));
     }
     let store = if create {
         LocalStore::create(location)
@@ -217,7 +268,7 @@ fn run(cli: Cli) -> Result<i32> {
     let rt = runtime()?;
     match cli.cmd {
         Cmd::Init { repo } => {
-            let store = store_for(&repo.repo, true)?;
+            let store = store_for(&rt, &repo, true)?;
             rt.block_on(Repository::init(store))?;
             println!("created backtree repository at {}", repo.repo);
             Ok(0)
@@ -242,7 +293,7 @@ fn run(cli: Cli) -> Result<i32> {
                         })
                 })
                 .transpose()?;
-            let store = store_for(&repo.repo, false)?;
+            let store = store_for(&rt, &repo, false)?;
             let r = rt.block_on(Repository::open(store))?;
             // Never back up the repository into itself.
             let skip_dirs = std::fs::metadata(&repo.repo)
@@ -269,13 +320,13 @@ fn run(cli: Cli) -> Result<i32> {
             cache_dir,
             mountpoint,
         } => {
-            let store = store_for(&repo.repo, false)?;
+            let store = store_for(&rt, &repo, false)?;
             let r = Arc::new(rt.block_on(Repository::open(store))?);
-            let cache_size = cache_size.unwrap_or(if repo.repo.starts_with("s3://") {
-                64 << 20
+            let (cache_size, fetches) = if repo.is_s3() {
+                (cache_size.unwrap_or(64 << 20), MAX_FETCHES_REMOTE)
             } else {
-                16 << 20
-            });
+                (cache_size.unwrap_or(16 << 20), MAX_FETCHES)
+            };
             mount_cmd(
                 &rt,
                 r,
@@ -283,11 +334,12 @@ fn run(cli: Cli) -> Result<i32> {
                 mountpoint,
                 allow_other,
                 cache_size,
+                fetches,
                 cache_dir,
             )
         }
         Cmd::Ls { repo, json, what } => {
-            let store = store_for(&repo.repo, false)?;
+            let store = store_for(&rt, &repo, false)?;
             let r = rt.block_on(Repository::open(store))?;
             rt.block_on(output::ls(&r, what.as_deref(), json))?;
             Ok(0)
@@ -302,6 +354,7 @@ fn mount_cmd(
     mountpoint: PathBuf,
     allow_other: bool,
     cache_size: usize,
+    fetches: usize,
     cache_dir: Option<PathBuf>,
 ) -> Result<i32> {
     use backtree_fs::mount::{mount, MountOptions};
@@ -310,6 +363,7 @@ fn mount_cmd(
         repo,
         backtree_fs::FsOptions {
             cache_size,
+            fetches,
             cache_dir,
             ..Default::default()
         },
@@ -317,7 +371,7 @@ fn mount_cmd(
     let opts = MountOptions {
         allow_other,
         fsname: format!("backtree:{location}"),
-        local_repo: Some(PathBuf::from(location)),
+        local_repo: (!location.starts_with("s3://")).then(|| PathBuf::from(location)),
     };
     let session = mount(fs, rt.handle().clone(), &mountpoint, &opts)?;
     eprintln!(

@@ -369,3 +369,50 @@ async fn writer_killed_at_any_write_leaves_no_generation() {
         "most injected failures must fail the ingest: {failures} of {total}"
     );
 }
+
+/// On a store that ignores create-if-absent (as Garage does), ingests of one host committing
+/// in the same second all become generations: none overwrites another's manifest.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn same_second_ingests_on_a_store_ignoring_conditions_all_commit() {
+    let dir = tempfile::tempdir().unwrap();
+    let src = dir.path().join("src");
+    std::fs::create_dir_all(&src).unwrap();
+    std::fs::write(src.join("f"), b"x").unwrap();
+    let faulty = Arc::new(FaultyStore::new(Arc::new(MemoryStore::new())));
+    faulty.inject(Fault::IgnoreCreateIfAbsent);
+    let store: DynStore = faulty.clone();
+    let repo = Arc::new(Repository::init(store).await.unwrap());
+    assert!(!repo.config().store_create_if_absent);
+    let time = chrono::DateTime::parse_from_rfc3339("2026-11-20T01:00:00Z")
+        .unwrap()
+        .with_timezone(&chrono::Utc);
+    for round in 0..5 {
+        let mut tasks = Vec::new();
+        for _ in 0..6 {
+            let mut o = opts("web1", &src);
+            o.time = Some(time);
+            tasks.push(tokio::spawn({
+                let repo = repo.clone();
+                async move { run(&repo, o).await.unwrap().manifest.name }
+            }));
+        }
+        let mut names = Vec::new();
+        for t in tasks {
+            names.push(t.await.unwrap());
+        }
+        names.sort();
+        names.dedup();
+        assert_eq!(names.len(), 6, "round {round}: {names:?}");
+        let gens = repo.generations("web1").await.unwrap();
+        assert_eq!(gens.len(), 6 * (round + 1), "round {round}: {gens:?}");
+    }
+    // No claims are left behind.
+    let left: Vec<_> = faulty
+        .list("snapshots/web1/")
+        .await
+        .unwrap()
+        .into_iter()
+        .filter(|o| o.key.contains(".claim-"))
+        .collect();
+    assert!(left.is_empty(), "{left:?}");
+}

@@ -18,10 +18,13 @@ use tokio::sync::OnceCell;
 
 type Shared = Arc<OnceCell<Result<Bytes, String>>>;
 
-/// Chunk fetches in flight at once. Each holds a stored and a decoded chunk (up to 2 × 8 MiB),
-/// so this bounds memory beyond the cache; 8 keeps two cores busy decoding while reads of the
-/// next chunks are outstanding.
+/// Chunk fetches in flight at once on a local store. Each holds a stored and a decoded chunk
+/// (up to 2 × 8 MiB), so this bounds memory beyond the cache; 8 keeps two cores busy decoding
+/// while reads of the next chunks are outstanding.
 pub const MAX_FETCHES: usize = 8;
+/// The same on S3, where a fetch mostly waits: bytes in flight must cover bandwidth × latency
+/// (16 × 1 MiB chunks at 20 ms is 800 MB/s), still bounded by the prefetch window.
+pub const MAX_FETCHES_REMOTE: usize = 16;
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
@@ -42,10 +45,11 @@ pub struct ChunkCache {
 }
 
 impl ChunkCache {
-    pub fn new(limit: usize, disk: Option<PathBuf>) -> Self {
+    /// `fetches`: chunk fetches in flight at most ([`MAX_FETCHES`], [`MAX_FETCHES_REMOTE`]).
+    pub fn new(limit: usize, fetches: usize, disk: Option<PathBuf>) -> Self {
         ChunkCache {
             limit,
-            fetches: tokio::sync::Semaphore::new(MAX_FETCHES),
+            fetches: tokio::sync::Semaphore::new(fetches.max(1)),
             lru: Mutex::new(Lru {
                 map: LruCache::unbounded(),
                 bytes: 0,

@@ -221,6 +221,8 @@ struct NodeRec {
 pub struct FsOptions {
     /// Bytes of decompressed chunks kept in memory.
     pub cache_size: usize,
+    /// Chunk fetches in flight at most (see [`crate::cache::MAX_FETCHES`]).
+    pub fetches: usize,
     /// Directory for an on-disk chunk cache.
     pub cache_dir: Option<std::path::PathBuf>,
     /// Owner of the virtual directories.
@@ -232,6 +234,7 @@ impl Default for FsOptions {
     fn default() -> Self {
         FsOptions {
             cache_size: 16 << 20,
+            fetches: crate::cache::MAX_FETCHES,
             cache_dir: None,
             // SAFETY: getuid/getgid cannot fail.
             uid: unsafe { libc::getuid() },
@@ -316,7 +319,11 @@ fn kind_of(k: Kind) -> FileKind {
 impl BacktreeFs {
     /// Creates the filesystem. Call inside a tokio runtime: prefetch tasks are spawned on it.
     pub fn new(repo: Arc<Repository>, opts: FsOptions) -> Self {
-        let cache = Arc::new(ChunkCache::new(opts.cache_size, opts.cache_dir.clone()));
+        let cache = Arc::new(ChunkCache::new(
+            opts.cache_size,
+            opts.fetches,
+            opts.cache_dir.clone(),
+        ));
         let packs = Arc::new(PackReader::new(
             repo.clone(),
             TREE_BYTES,

@@ -22,6 +22,9 @@ pub enum Fault {
     FailReadsOf(String),
     /// Every operation fails.
     Offline,
+    /// Create-if-absent overwrites an existing object and reports success, as Garage 2.5 does
+    /// with `If-None-Match: *`; [`ObjectStore::honors_create_if_absent`] is then `false`.
+    IgnoreCreateIfAbsent,
 }
 
 /// Wraps a store and injects [`Fault`]s.
@@ -62,6 +65,12 @@ impl FaultyStore {
     /// Whether a write fault has fired.
     pub fn tripped(&self) -> bool {
         self.tripped.load(Ordering::SeqCst)
+    }
+
+    fn ignores_condition(&self) -> bool {
+        self.faults()
+            .iter()
+            .any(|f| matches!(f, Fault::IgnoreCreateIfAbsent))
     }
 
     fn faults(&self) -> std::sync::MutexGuard<'_, Vec<Fault>> {
@@ -119,6 +128,10 @@ impl ObjectStore for FaultyStore {
 
     async fn put_if_absent(&self, key: &str, data: Bytes) -> Result<bool> {
         self.check_write(key)?;
+        if self.ignores_condition() {
+            self.inner.put(key, data).await?;
+            return Ok(true);
+        }
         self.inner.put_if_absent(key, data).await
     }
 
@@ -153,7 +166,7 @@ impl ObjectStore for FaultyStore {
     }
 
     fn honors_create_if_absent(&self) -> bool {
-        self.inner.honors_create_if_absent()
+        !self.ignores_condition() && self.inner.honors_create_if_absent()
     }
 
     fn location(&self) -> String {
