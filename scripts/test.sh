@@ -21,5 +21,7 @@ if [ -z "${BACKTREE_TEST_S3:-}" ]; then
   # shellcheck disable=SC1091
   . "$GARAGE_DIR/env"
   export BACKTREE_TEST_S3
+  # The outage tests stop and restart this node.
+  export BACKTREE_TEST_GARAGE_DIR="$GARAGE_DIR"
 fi
 cargo test --workspace --all-targets "$@"

@@ -5,6 +5,7 @@
 //! Exit codes (docs/cli.md): 0 success; 1 error, nothing committed; 2 usage error;
 //! 3 the generation was committed but some paths were skipped (each was reported).
 
+#[macro_use]
 mod output;
 
 use anyhow::{bail, Context, Result};
@@ -175,11 +176,9 @@ fn parse_size(s: &str) -> Result<usize, String> {
 }
 
 fn main() {
-    // Like other Unix tools, die quietly when the reader of our output goes away (`| head`).
-    // SAFETY: setting a signal disposition to the default before any thread is started.
-    unsafe {
-        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
-    }
+    // SIGPIPE stays ignored (Rust's default): the S3 client writes to sockets with writev,
+    // and a store that drops a connection must give an error, not kill an ingest. A reader of
+    // our output that goes away (`| head`) ends us quietly through `out!` instead.
     tame_malloc();
     tracing_subscriber::fmt()
         .with_env_filter(
@@ -270,7 +269,7 @@ fn run(cli: Cli) -> Result<i32> {
         Cmd::Init { repo } => {
             let store = store_for(&rt, &repo, true)?;
             rt.block_on(Repository::init(store))?;
-            println!("created backtree repository at {}", repo.repo);
+            out!("created backtree repository at {}", repo.repo);
             Ok(0)
         }
         Cmd::Ingest {
@@ -306,7 +305,11 @@ fn run(cli: Cli) -> Result<i32> {
                 label,
                 excludes: exclude,
                 skip_dirs,
-                checkpoint_bytes: None,
+                // Tuning (docs/cli.md): new pack bytes between index checkpoints.
+                checkpoint_bytes: std::env::var("BACKTREE_CHECKPOINT")
+                    .ok()
+                    .and_then(|v| parse_size(&v).ok())
+                    .map(|v| v as u64),
                 threads: std::env::var("BACKTREE_THREADS")
                     .ok()
                     .and_then(|t| t.parse().ok()),
@@ -333,9 +336,12 @@ fn run(cli: Cli) -> Result<i32> {
                 &repo.repo,
                 mountpoint,
                 allow_other,
-                cache_size,
-                fetches,
-                cache_dir,
+                backtree_fs::FsOptions {
+                    cache_size,
+                    fetches,
+                    cache_dir,
+                    ..Default::default()
+                },
             )
         }
         Cmd::Ls { repo, json, what } => {
@@ -353,21 +359,11 @@ fn mount_cmd(
     location: &str,
     mountpoint: PathBuf,
     allow_other: bool,
-    cache_size: usize,
-    fetches: usize,
-    cache_dir: Option<PathBuf>,
+    fs_opts: backtree_fs::FsOptions,
 ) -> Result<i32> {
     use backtree_fs::mount::{mount, MountOptions};
     let _guard = rt.enter();
-    let fs = Arc::new(backtree_fs::BacktreeFs::new(
-        repo,
-        backtree_fs::FsOptions {
-            cache_size,
-            fetches,
-            cache_dir,
-            ..Default::default()
-        },
-    ));
+    let fs = Arc::new(backtree_fs::BacktreeFs::new(repo, fs_opts));
     let opts = MountOptions {
         allow_other,
         fsname: format!("backtree:{location}"),
@@ -474,7 +470,7 @@ fn ingest_cmd(
     let m = &report.manifest;
     if json {
         let v = serde_json::json!({ "generation": m, "skipped": report.skipped, "seconds": report.seconds });
-        println!("{}", serde_json::to_string_pretty(&v)?);
+        out!("{}", serde_json::to_string_pretty(&v)?);
     } else {
         let s = &m.stats;
         let ratio = if s.new_stored_bytes > 0 {
@@ -482,7 +478,7 @@ fn ingest_cmd(
         } else {
             "all deduplicated".to_owned()
         };
-        println!(
+        out!(
             "{}/{}: {} files, {} read, {} new, {} stored, ratio {}, {:.1} s{}",
             m.host,
             m.name,

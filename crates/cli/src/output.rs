@@ -1,4 +1,24 @@
-//! Human and JSON output of `backtree ls`.
+//! Human and JSON output of `backtree ls`, and the `out!` macro every command prints with.
+
+/// `println!` that ends the process quietly (exit 0) when stdout is a closed pipe (`| head`),
+/// as Unix tools do, instead of panicking; any other write error is exit 1.
+macro_rules! out {
+    ($($t:tt)*) => {{
+        use std::io::Write as _;
+        if let Err(e) = writeln!(std::io::stdout().lock(), $($t)*) {
+            $crate::output::stdout_failed(e)
+        }
+    }};
+}
+
+/// What `out!` does when stdout cannot be written.
+pub fn stdout_failed(e: std::io::Error) -> ! {
+    if e.kind() == std::io::ErrorKind::BrokenPipe {
+        std::process::exit(0)
+    }
+    eprintln!("backtree: cannot write output: {e}");
+    std::process::exit(1)
+}
 
 use anyhow::{bail, Result};
 use backtree_core::tree::{Entry, Kind};
@@ -91,11 +111,11 @@ pub async fn ls(repo: &Repository, what: Option<&str>, json: bool) -> Result<()>
                 .iter()
                 .map(|(h, n, l)| json!({"host": h, "generations": n, "latest": l}))
                 .collect();
-            println!("{}", serde_json::to_string_pretty(&v)?);
+            out!("{}", serde_json::to_string_pretty(&v)?);
         } else {
-            println!("{:<24} {:>11}  LATEST", "HOST", "GENERATIONS");
+            out!("{:<24} {:>11}  LATEST", "HOST", "GENERATIONS");
             for (h, n, l) in rows {
-                println!("{h:<24} {n:>11}  {l}");
+                out!("{h:<24} {n:>11}  {l}");
             }
         }
         return Ok(());
@@ -114,18 +134,22 @@ pub async fn ls(repo: &Repository, what: Option<&str>, json: bool) -> Result<()>
             ms.push(repo.manifest(host, g).await?);
         }
         if json {
-            println!("{}", serde_json::to_string_pretty(&ms)?);
+            out!("{}", serde_json::to_string_pretty(&ms)?);
         } else {
-            println!(
+            out!(
                 "{:<22} {:<20} {:>9} {:>11} {:>11}  LABEL",
-                "GENERATION", "TIME", "FILES", "SIZE", "NEW STORED"
+                "GENERATION",
+                "TIME",
+                "FILES",
+                "SIZE",
+                "NEW STORED"
             );
             for m in ms {
                 let t = m
                     .datetime()
                     .map(|t| t.format("%Y-%m-%d %H:%M:%S").to_string())
                     .unwrap_or(m.time.clone());
-                println!(
+                out!(
                     "{:<22} {:<20} {:>9} {:>11} {:>11}  {}",
                     m.name,
                     t,
@@ -163,7 +187,7 @@ pub async fn ls(repo: &Repository, what: Option<&str>, json: bool) -> Result<()>
     };
     if json {
         let v: Vec<_> = entries.iter().map(entry_json).collect();
-        println!("{}", serde_json::to_string_pretty(&v)?);
+        out!("{}", serde_json::to_string_pretty(&v)?);
         return Ok(());
     }
     for e in entries {
@@ -181,7 +205,7 @@ pub async fn ls(repo: &Repository, what: Option<&str>, json: bool) -> Result<()>
             .as_ref()
             .map(|t| format!(" -> {}", String::from_utf8_lossy(t)))
             .unwrap_or_default();
-        println!(
+        out!(
             "{} {:<8} {:<8} {:>12} {} {}{}",
             mode_string(e.kind, e.mode),
             owner,

@@ -250,6 +250,8 @@ pub struct BacktreeFs {
     mounted: SystemTime,
     nodes: Mutex<HashMap<u64, NodeRec>>,
     gens: Mutex<HashMap<(String, String), Arc<GenCtx>>>,
+    /// The last listing of hosts (key "") and of each host's generations.
+    listings: Mutex<HashMap<String, Vec<String>>>,
     trees: Mutex<LruCache<Id, Arc<backtree_core::tree::Tree>>>,
     packs: Arc<PackReader>,
     cache: Arc<ChunkCache>,
@@ -343,6 +345,7 @@ impl BacktreeFs {
             mounted: SystemTime::now(),
             nodes: Mutex::new(nodes),
             gens: Mutex::new(HashMap::new()),
+            listings: Mutex::new(HashMap::new()),
             trees: Mutex::new(LruCache::new(
                 NonZeroUsize::new(TREE_CACHE_ENTRIES).unwrap_or(NonZeroUsize::MIN),
             )),
@@ -637,17 +640,38 @@ impl BacktreeFs {
     }
 
     async fn hosts(&self) -> Result<Vec<String>> {
-        self.repo
-            .hosts()
+        self.listing(String::new(), "listing hosts".into(), self.repo.hosts())
             .await
-            .map_err(|e| self.io("listing hosts".into(), e))
     }
 
     async fn generations(&self, host: &str) -> Result<Vec<String>> {
-        self.repo
-            .generations(host)
+        let what = format!("listing generations of {host}");
+        self.listing(host.to_owned(), what, self.repo.generations(host))
             .await
-            .map_err(|e| self.io(format!("listing generations of {host}"), e))
+    }
+
+    /// A fresh listing of hosts (`key` "") or of a host's generations; if the store cannot be
+    /// reached, the last listing that succeeded, so that a store outage does not make the tree
+    /// vanish: what is cached stays readable and the rest gives EIO.
+    async fn listing(
+        &self,
+        key: String,
+        what: String,
+        fresh: impl std::future::Future<Output = backtree_core::Result<Vec<String>>>,
+    ) -> Result<Vec<String>> {
+        match fresh.await {
+            Ok(v) => {
+                lock(&self.listings).insert(key, v.clone());
+                Ok(v)
+            }
+            Err(e) => {
+                let err = self.io(what, e);
+                match lock(&self.listings).get(&key) {
+                    Some(v) => Ok(v.clone()),
+                    None => Err(err),
+                }
+            }
+        }
     }
 
     // ----- lookup, readlink, xattrs -------------------------------------------------------

@@ -207,6 +207,9 @@ pub fn read_file(
         let new: Vec<_> = prepared.iter().flatten().collect();
         w.append_refs(BlobKind::Data, &new)
             .map_err(io::Error::other)?;
+        // Within large files and big directories too: after a crash or a store outage, at most
+        // a checkpoint's worth of uploads is redone.
+        w.maybe_checkpoint().map_err(io::Error::other)?;
         for (piece, p) in batch.iter().zip(&prepared) {
             chunks.push(match (piece, p) {
                 (Piece::Data(end, _), Some(p)) => ChunkRef {

@@ -33,7 +33,9 @@ use tokio::task::JoinHandle;
 pub const MAX_UPLOADS_IN_FLIGHT: usize = 4;
 
 /// New pack bytes between index checkpoints: at most this much upload is redone after a crash.
-pub const CHECKPOINT_BYTES: u64 = 1 << 30;
+/// 256 MiB: one small index object per 256 MiB stored, and after a crash or a store outage
+/// at most that much is uploaded again.
+pub const CHECKPOINT_BYTES: u64 = 256 << 20;
 
 /// A chunk hashed (and, if new, compressed) and ready to append.
 #[derive(Debug)]
