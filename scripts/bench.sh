@@ -36,6 +36,8 @@
 #   BENCH_DOC        markdown file to update, '' for none    [docs/benchmarks.md]
 # `scripts/bench.sh --mount` runs the mount benchmark instead (scripts/bench-mount.sh).
 if [ "${1:-}" = "--mount" ]; then shift; exec "$(dirname "$0")/bench-mount.sh" "$@"; fi
+# `scripts/bench.sh --s3` runs the S3 benchmark against a local Garage (scripts/bench-s3.sh).
+if [ "${1:-}" = "--s3" ]; then shift; exec "$(dirname "$0")/bench-s3.sh" "$@"; fi
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)

@@ -5,6 +5,8 @@
 #   scripts/garage.sh start DIR    start the node whose state lives in DIR (created on first use);
 #                                  writes DIR/env, `export` lines for AWS_* and BACKTREE_TEST_S3
 #   scripts/garage.sh stop DIR     stop it (SIGTERM, then SIGKILL), keeping its data
+#   scripts/garage.sh kill DIR     kill it at once (SIGKILL: a crash, for outage tests), keeping
+#                                  its data
 #
 # The binary is built from crates.io with `cargo install --locked` into
 # ${BACKTREE_GARAGE_CACHE:-$HOME/.cache/backtree/garage-VERSION}; an existing build is reused.
@@ -39,7 +41,7 @@ fail() {
 }
 
 usage() {
-  die "usage: scripts/garage.sh install | start DIR | stop DIR"
+  die "usage: scripts/garage.sh install | start DIR | stop DIR | kill DIR"
 }
 
 # Random lowercase hex of $1 bytes.
@@ -196,7 +198,7 @@ EOF
   echo "garage.sh: Garage running on http://127.0.0.1:$s3_port (pid $(cat "$DIR/garage.pid")); source $DIR/env" >&2
 }
 
-cmd_stop() {
+cmd_stop() { # [SIGNAL]: TERM (the default, then KILL after 10 s) or KILL
   [ -d "$DIR" ] || die "$DIR does not exist."
   local pid
   if ! pid=$(running_pid); then
@@ -204,7 +206,7 @@ cmd_stop() {
     echo "garage.sh: Garage was not running for $DIR" >&2
     return 0
   fi
-  kill -TERM "$pid" 2>/dev/null || true
+  kill "-${1:-TERM}" "$pid" 2>/dev/null || true
   local deadline=$((SECONDS + 10))
   while kill -0 "$pid" 2>/dev/null; do
     if [ "$SECONDS" -ge "$deadline" ]; then
@@ -234,6 +236,11 @@ case "$1" in
     [ $# -eq 2 ] || usage
     DIR=$(cd "$2" 2>/dev/null && pwd) || die "$2 does not exist."
     cmd_stop
+    ;;
+  kill)
+    [ $# -eq 2 ] || usage
+    DIR=$(cd "$2" 2>/dev/null && pwd) || die "$2 does not exist."
+    cmd_stop KILL
     ;;
   *) usage ;;
 esac

@@ -141,7 +141,7 @@ fn store_outage_during_ingest_and_reads() {
         .spawn()
         .expect("start ingest");
     wait_for_packs(&repo, 4);
-    garage("stop");
+    garage("kill"); // at once, like a crash: the ingest is surely still uploading
     let out = wait_output(child, Duration::from_secs(120));
     garage("start");
     let err = String::from_utf8_lossy(&out.stderr);
