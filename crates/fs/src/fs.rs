@@ -62,6 +62,11 @@ const DATA_WINDOW_BYTES: usize = 8 << 20;
 /// A small blob found in a pack window is decoded on the FUSE thread if it decodes to at most
 /// this much (about 50 µs of zstd and BLAKE3), which saves two thread hand-offs per file.
 const INLINE_DECODE: u32 = 256 << 10;
+/// Directory read-ahead ([`BacktreeFs::dir_read_ahead`]): files looked at, windows fetched at
+/// most (within the 8 MiB of windows kept), and read-aheads running at once.
+const DIR_READ_AHEAD_FILES: usize = 32;
+const DIR_READ_AHEAD_WINDOWS: usize = 2;
+const MAX_DIR_READ_AHEADS: usize = 4;
 /// Manifests fetched at once when a host directory is listed (latency-bound on S3).
 const MANIFEST_FETCHES: usize = 16;
 /// st_blksize: asks `cp` and friends for large reads.
@@ -257,6 +262,8 @@ pub struct BacktreeFs {
     listings: Mutex<HashMap<String, Vec<String>>>,
     trees: Mutex<LruCache<Id, Arc<backtree_core::tree::Tree>>>,
     packs: Arc<PackReader>,
+    /// Directory read-aheads running.
+    read_aheads: Arc<std::sync::atomic::AtomicUsize>,
     cache: Arc<ChunkCache>,
     files: Mutex<HashMap<u64, Arc<FileHandle>>>,
     dirs: Mutex<HashMap<u64, Arc<DirHandle>>>,
@@ -364,6 +371,7 @@ impl BacktreeFs {
             )),
             cache,
             packs,
+            read_aheads: Default::default(),
             files: Mutex::new(HashMap::new()),
             dirs: Mutex::new(HashMap::new()),
             next_fh: AtomicU64::new(1),
@@ -1042,7 +1050,60 @@ impl BacktreeFs {
             return None;
         }
         let chunks = entry.chunks.clone().unwrap_or_default();
+        self.dir_read_ahead(&entry);
         Some(Ok(self.new_file(gen, path, chunks)))
+    }
+
+    /// Read-ahead across a directory. A restore (`rsync`, `cp -r`, `tar`) reads a directory's
+    /// files one after another in name order, which is the order of the directory page. So when
+    /// a file is opened whose data is not at hand, the pack windows holding the next files of
+    /// its page are fetched in the background (at most [`DIR_READ_AHEAD_WINDOWS`] windows, from
+    /// the next [`DIR_READ_AHEAD_FILES`] files): their opens and reads then find them in memory
+    /// instead of each waiting for the store in turn, which on S3 is a round trip per window.
+    fn dir_read_ahead(&self, entry: &EntryRef) {
+        let (Some(rt), EntryRef::Page(page, idx)) = (&self.rt, entry) else {
+            return;
+        };
+        let first = |e: &Entry| {
+            e.chunks
+                .as_ref()
+                .and_then(|c| c.0.first())
+                .and_then(|c| c.id)
+        };
+        let at_hand = |id: &Id| self.cache.present(id) || self.packs.data.contains(id);
+        // When this file is at hand, an earlier read-ahead already covers what follows it.
+        let Some(own) = first(entry).filter(|id| !at_hand(id)) else {
+            return;
+        };
+        let next: Vec<Id> = page.entries[*idx as usize + 1..]
+            .iter()
+            .filter(|e| e.kind == Kind::File)
+            .filter_map(first)
+            .take(DIR_READ_AHEAD_FILES)
+            .collect();
+        if next.is_empty()
+            || self.read_aheads.fetch_add(1, Ordering::Relaxed) >= MAX_DIR_READ_AHEADS
+        {
+            self.read_aheads.fetch_sub(1, Ordering::Relaxed);
+            return;
+        }
+        let (packs, running) = (self.packs.clone(), self.read_aheads.clone());
+        rt.spawn(async move {
+            // This file's own window first (shared with its reader's fetch), so that the next
+            // files' windows are counted from there.
+            let _ = packs.prefetch_window(&own).await;
+            let mut windows = 0;
+            for id in next {
+                if windows >= DIR_READ_AHEAD_WINDOWS {
+                    break;
+                }
+                // Errors surface (and are logged) when a reader gets there.
+                if let Ok(true) = packs.prefetch_window(&id).await {
+                    windows += 1;
+                }
+            }
+            running.fetch_sub(1, Ordering::Relaxed);
+        });
     }
 
     pub async fn open(&self, ino: u64) -> Result<u64> {
@@ -1058,6 +1119,7 @@ impl BacktreeFs {
                 e,
             )
         })?;
+        self.dir_read_ahead(&entry);
         Ok(self.new_file(gen, path, chunks))
     }
 

@@ -153,6 +153,11 @@ impl Windows {
         }
     }
 
+    /// Whether a blob is held.
+    pub fn contains(&self, id: &Id) -> bool {
+        lock(&self.inner).slots.contains_key(id)
+    }
+
     /// Bytes held.
     pub fn bytes(&self) -> usize {
         lock(&self.inner).bytes
@@ -163,6 +168,8 @@ impl Windows {
 pub struct PackReader {
     repo: Arc<Repository>,
     trailers: Mutex<LruCache<Id, Arc<Vec<PackEntry>>>>,
+    /// Window reads in flight, by pack and start.
+    inflight: Mutex<HashMap<(Id, u64), Arc<tokio::sync::OnceCell<Bytes>>>>,
     pub trees: Windows,
     pub data: Windows,
 }
@@ -175,6 +182,7 @@ impl PackReader {
             trailers: Mutex::new(LruCache::new(
                 NonZeroUsize::new(TRAILERS).unwrap_or(NonZeroUsize::MIN),
             )),
+            inflight: Mutex::new(HashMap::new()),
             trees: Windows::new(tree_bytes),
             data: Windows::new(data_bytes),
         }
@@ -226,6 +234,20 @@ impl PackReader {
         Ok((s, loc))
     }
 
+    /// Reads the window holding data blob `id` if the blob is small and not held yet.
+    /// Returns whether a window was read.
+    pub async fn prefetch_window(&self, id: &Id) -> backtree_core::Result<bool> {
+        if self.data.contains(id) {
+            return Ok(false);
+        }
+        let loc = self.repo.locate(id).await?;
+        if loc.kind != BlobKind::Data || loc.stored_len > SMALL_BLOB || self.data.contains(id) {
+            return Ok(false);
+        }
+        self.read_window(&loc).await?;
+        Ok(true)
+    }
+
     async fn trailer(&self, loc: &Location) -> backtree_core::Result<Arc<Vec<PackEntry>>> {
         if let Some(t) = lock(&self.trailers).get(&loc.pack).cloned() {
             return Ok(t);
@@ -270,10 +292,32 @@ impl PackReader {
                 (start, (start + DATA_WINDOW).min(data_end).max(hi))
             }
         };
-        let bytes = self.repo.store().get_range(&key, start..end).await?;
-        let own = bytes.slice((lo - start) as usize..(hi - start) as usize);
-        let same_kind: Vec<&PackEntry> = trailer.iter().filter(|e| e.kind == loc.kind).collect();
-        self.windows(loc.kind).insert(bytes, start, &same_kind);
+        // Concurrent misses in one window (a read and the directory read-ahead, or parallel
+        // readers of one directory) share one read.
+        let cell = lock(&self.inflight)
+            .entry((loc.pack, start))
+            .or_default()
+            .clone();
+        let res = cell
+            .get_or_try_init(|| async {
+                let bytes = self.repo.store().get_range(&key, start..end).await?;
+                let same_kind: Vec<&PackEntry> =
+                    trailer.iter().filter(|e| e.kind == loc.kind).collect();
+                self.windows(loc.kind)
+                    .insert(bytes.clone(), start, &same_kind);
+                Ok::<_, Error>(bytes)
+            })
+            .await
+            .cloned();
+        lock(&self.inflight).remove(&(loc.pack, start));
+        let bytes = res?;
+        let own = if hi <= start + bytes.len() as u64 {
+            bytes.slice((lo - start) as usize..(hi - start) as usize)
+        } else {
+            // A window read for another blob that ended before this one does.
+            let range = lo..hi;
+            self.repo.store().get_range(&key, range).await?
+        };
         Ok(Stored {
             bytes: own,
             flags: loc.flags,

@@ -382,3 +382,83 @@ async fn small_files_of_a_directory_come_from_one_pack_window() {
     }
     s.faulty.heal();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn opening_a_file_reads_ahead_the_next_files_of_its_directory() {
+    // 40 files of 200 kB that do not compress: about four 2 MiB pack windows.
+    let s = setup_with(|src| {
+        for i in 0..40u64 {
+            let data = random_bytes(1000 + i, 200_000);
+            std::fs::write(src.join(format!("f{i:02}")), data).unwrap();
+        }
+    })
+    .await;
+    let fs = Arc::new(BacktreeFs::new(
+        s.fs.repo().clone(),
+        FsOptions {
+            cache_size: 64 << 20,
+            ..Default::default()
+        },
+    ));
+    let (ino, _) = walk(&fs, "h/latest").await.unwrap();
+    let gen = String::from_utf8(fs.readlink(ino).await.unwrap()).unwrap();
+    let mut files = Vec::new();
+    for i in 0..40 {
+        files.push(walk(&fs, &format!("h/{gen}/f{i:02}")).await.unwrap().0);
+    }
+    let fh = fs
+        .open_cached(files[0])
+        .expect("chunk list inline")
+        .unwrap();
+    assert_eq!(
+        fs.read(fh, 0, 200_000).await.unwrap(),
+        random_bytes(1000, 200_000)
+    );
+    fs.release(fh);
+    // The read-ahead started by that open fetches the windows of the next files by name,
+    // wherever the parallel writer put them, until it has read two more windows. Which files
+    // that covers follows from where each file's blob is: replay it.
+    let m = fs.repo().manifest("h", &gen).await.unwrap();
+    let root = m.root.tree.unwrap();
+    let mut blobs = Vec::new();
+    for i in 0..40 {
+        let e = fs
+            .repo()
+            .resolve(&root, format!("f{i:02}").as_bytes())
+            .await
+            .unwrap()
+            .unwrap();
+        let id = e.chunks.as_ref().unwrap().0[0].id.unwrap();
+        let loc = fs.repo().locate(&id).await.unwrap();
+        let lo = loc.offset as u64;
+        blobs.push((loc.pack, lo, lo + loc.stored_len as u64));
+    }
+    let w = crate::packwin::DATA_WINDOW;
+    let window = |b: &(Id, u64, u64)| (b.0, b.1 - b.1 % w, (b.1 - b.1 % w + w).max(b.2));
+    let mut held = vec![window(&blobs[0])];
+    let covered = |held: &[(Id, u64, u64)], b: &(Id, u64, u64)| {
+        held.iter().any(|h| h.0 == b.0 && b.1 >= h.1 && b.2 <= h.2)
+    };
+    for b in &blobs[1..33] {
+        if !covered(&held, b) {
+            if held.len() == 3 {
+                break;
+            }
+            held.push(window(b));
+        }
+    }
+    assert_eq!(held.len(), 3, "the 40 files span more than one window");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    s.faulty.inject(Fault::FailReadsOf("packs/data".into()));
+    for (i, ino) in files.iter().enumerate().skip(1) {
+        if !covered(&held, &blobs[i]) {
+            continue;
+        }
+        let fh = fs.open_cached(*ino).expect("chunk list inline").unwrap();
+        let got = fs.read_cached(fh, 0, 200_000);
+        fs.release(fh);
+        let want = random_bytes(1000 + i as u64, 200_000);
+        assert!(got.as_deref() == Some(&want[..]), "f{i:02} was read ahead");
+    }
+    s.faulty.heal();
+}
