@@ -164,12 +164,15 @@ impl Windows {
     }
 }
 
+/// A window read in flight; every blob that needs the window waits for the one read.
+type WindowRead = Arc<tokio::sync::OnceCell<Bytes>>;
+
 /// Reads blobs through windows of their packs (see the module docs).
 pub struct PackReader {
     repo: Arc<Repository>,
     trailers: Mutex<LruCache<Id, Arc<Vec<PackEntry>>>>,
     /// Window reads in flight, by pack and start.
-    inflight: Mutex<HashMap<(Id, u64), Arc<tokio::sync::OnceCell<Bytes>>>>,
+    inflight: Mutex<HashMap<(Id, u64), WindowRead>>,
     pub trees: Windows,
     pub data: Windows,
 }
