@@ -28,6 +28,13 @@
 //! each index file whole into a set of ids: about 40 bytes per chunk (1 TiB of unique data in
 //! 1 MiB chunks ≈ 1 M chunks ≈ 40 MB).
 //!
+//! A small index file (at most [`WHOLE_FILE`], about 20 000 entries, one ingest of up to
+//! about 20 GB of new data) is instead read whole with one request and all its entries are
+//! loaded: on S3 every request costs a round trip (and some stores answer small ranged reads
+//! slowly: Garage took 44 ms for any range under 64 KiB), and a cold sequential read touches
+//! every bucket within its first few hundred chunks, so per-bucket reads of small files cost
+//! 256 round trips, one after another, for a few hundred KB.
+//!
 //! Many index files make first lookups slower (one ranged read per file); a later `compact`
 //! step merges them into sorted shards by id prefix. Entries are idempotent facts about
 //! immutable packs, so duplicates across files are harmless and merging needs no lock.
@@ -44,6 +51,8 @@ pub const INDEX_PREFIX: &str = "index/";
 const HEADER_LEN: usize = 8 + 8 + 256 * 4;
 const PACK_ROW: usize = 33;
 const ENTRY_LEN: usize = 52;
+/// Index files up to this size are read whole on first use (see the module docs).
+pub const WHOLE_FILE: u64 = 1 << 20;
 
 /// Where a blob lives.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -235,6 +244,8 @@ struct FileState {
     size: u64,
     header: Option<Header>,
     packs: Option<Vec<(BlobKind, Id)>>,
+    /// Every entry of the file is loaded (a small file, read whole).
+    all: bool,
 }
 
 /// A loaded entry: the location with its pack as a row of `State::packs`.
@@ -252,11 +263,30 @@ struct State {
     listed: bool,
     files: Vec<FileState>,
     buckets: HashMap<u8, HashMap<Id, Slot>>,
+    /// Buckets loaded from every listed file (a bucket may hold entries of whole-read files
+    /// before that).
+    loaded: HashSet<u8>,
     packs: Vec<(BlobKind, Id)>,
     pack_rows: HashMap<Id, u32>,
 }
 
 impl State {
+    fn insert(&mut self, id: Id, loc: Location) {
+        let next = self.packs.len() as u32;
+        let row = *self.pack_rows.entry(loc.pack).or_insert(next);
+        if row == next {
+            self.packs.push((loc.kind, loc.pack));
+        }
+        let slot = Slot {
+            pack: row,
+            offset: loc.offset,
+            stored_len: loc.stored_len,
+            raw_len: loc.raw_len,
+            flags: loc.flags,
+        };
+        self.buckets.entry(id.0[0]).or_default().insert(id, slot);
+    }
+
     fn get(&self, id: &Id) -> Option<Location> {
         let s = self.buckets.get(&id.0[0])?.get(id)?;
         let (kind, pack) = self.packs[s.pack as usize];
@@ -275,6 +305,7 @@ impl State {
 #[derive(Debug)]
 pub struct IndexSet {
     store: DynStore,
+    whole_file: u64,
     state: RwLock<State>,
 }
 
@@ -282,8 +313,16 @@ impl IndexSet {
     pub fn new(store: DynStore) -> Self {
         IndexSet {
             store,
+            whole_file: WHOLE_FILE,
             state: RwLock::new(State::default()),
         }
+    }
+
+    /// Index files up to `bytes` are read whole (default [`WHOLE_FILE`]); 0 reads every file
+    /// bucket by bucket.
+    pub fn whole_file_limit(mut self, bytes: u64) -> Self {
+        self.whole_file = bytes;
+        self
     }
 
     /// Finds a blob. Loads its bucket from every index file on first use; on a miss, looks
@@ -309,14 +348,11 @@ impl IndexSet {
         if !st.listed {
             self.refresh(st).await?;
         }
-        if let std::collections::hash_map::Entry::Vacant(v) = st.buckets.entry(b) {
-            v.insert(HashMap::new());
+        if !st.loaded.contains(&b) {
             for i in 0..st.files.len() {
-                if let Err(e) = self.load_bucket(st, i, b).await {
-                    st.buckets.remove(&b);
-                    return Err(e);
-                }
+                self.load_bucket(st, i, b).await?;
             }
+            st.loaded.insert(b);
         }
         if let Some(loc) = st.get(id) {
             return Ok(loc);
@@ -324,7 +360,7 @@ impl IndexSet {
         // Not found: maybe it was committed after we last listed.
         let before = st.files.len();
         self.refresh(st).await?;
-        let loaded: Vec<u8> = st.buckets.keys().copied().collect();
+        let loaded: Vec<u8> = st.loaded.iter().copied().collect();
         for i in before..st.files.len() {
             for &lb in &loaded {
                 self.load_bucket(st, i, lb).await?;
@@ -355,6 +391,7 @@ impl IndexSet {
                 size: o.size,
                 header: None,
                 packs: None,
+                all: false,
             })
             .collect();
         st.files.extend(new);
@@ -362,9 +399,21 @@ impl IndexSet {
         Ok(())
     }
 
-    /// Loads bucket `b` of file `fi` into `st.buckets[b]` (which must exist).
+    /// Loads bucket `b` of file `fi` into `st.buckets[b]`; a small file is loaded whole.
+    /// Loading twice only inserts the same entries again.
     async fn load_bucket(&self, st: &mut State, fi: usize, b: u8) -> Result<()> {
         let (key, size) = (st.files[fi].key.clone(), st.files[fi].size);
+        if st.files[fi].all {
+            return Ok(());
+        }
+        if size <= self.whole_file {
+            let bytes = self.store.get(&key).await?;
+            for (id, loc) in parse_file(&key, &bytes)? {
+                st.insert(id, loc);
+            }
+            st.files[fi].all = true;
+            return Ok(());
+        }
         if st.files[fi].header.is_none() {
             let head = self
                 .store
@@ -399,19 +448,7 @@ impl IndexSet {
             parsed.push((id, loc));
         }
         for (id, loc) in parsed {
-            let next = st.packs.len() as u32;
-            let row = *st.pack_rows.entry(loc.pack).or_insert(next);
-            if row == next {
-                st.packs.push((loc.kind, loc.pack));
-            }
-            let slot = Slot {
-                pack: row,
-                offset: loc.offset,
-                stored_len: loc.stored_len,
-                raw_len: loc.raw_len,
-                flags: loc.flags,
-            };
-            st.buckets.entry(b).or_default().insert(id, slot);
+            st.insert(id, loc);
         }
         Ok(())
     }
@@ -444,7 +481,7 @@ mod tests {
         let (k1, bytes1) = b.encode();
         store.put(&k1, Bytes::from(bytes1)).await.unwrap();
 
-        let set = IndexSet::new(store.clone());
+        let set = IndexSet::new(store.clone()).whole_file_limit(0);
         let e = p1.entries[17];
         let loc = set.lookup(&e.id).await.unwrap();
         assert_eq!(
@@ -469,6 +506,23 @@ mod tests {
         ));
         let all = load_all_ids(&store).await.unwrap();
         assert_eq!(all.len(), 800);
+
+        // By default small files are read whole: one lookup loads every entry of both files,
+        // and lookups in any bucket, old or new files, still find everything.
+        let whole = IndexSet::new(store.clone());
+        whole.lookup(&p1.entries[3].id).await.unwrap();
+        assert_eq!(whole.loaded_entries().await, 800);
+        for e in p1.entries.iter().chain(p2.entries.iter()) {
+            assert_eq!(whole.lookup(&e.id).await.unwrap().offset, e.offset);
+        }
+        let p3 = pack_of(50, 3);
+        let mut b = IndexBuilder::new();
+        b.add_pack(p3.kind, p3.id, &p3.entries);
+        let (k3, bytes3) = b.encode();
+        store.put(&k3, Bytes::from(bytes3)).await.unwrap();
+        for e in &p3.entries {
+            assert_eq!(whole.lookup(&e.id).await.unwrap().offset, e.offset);
+        }
     }
 
     proptest! {
