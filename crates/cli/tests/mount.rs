@@ -5,7 +5,7 @@
 mod common;
 
 use backtree_core::testing::{build_fixture, compare_dirs, data_regions, random_bytes};
-use common::{bt, ok, Mounted};
+use common::{bt, ok, rsync_restore, Mounted};
 use std::io::Read;
 use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::{Path, PathBuf};
@@ -34,13 +34,7 @@ fn rsync_restore_from_the_mount_is_identical() {
     let latest = m.mnt.join("ve123/latest");
 
     let out = dir.path().join("restored");
-    let st = Command::new("rsync")
-        .args(["-aHAX", "--numeric-ids"])
-        .arg(format!("{}/", latest.display()))
-        .arg(format!("{}/", out.display()))
-        .status()
-        .expect("rsync (scripts/setup.sh installs it)");
-    assert!(st.success(), "rsync failed: {}", m.log_text());
+    rsync_restore(&m, &latest, &out);
     let diffs = compare_dirs(&src, &out);
     assert!(diffs.is_empty(), "restored tree differs: {diffs:#?}");
 

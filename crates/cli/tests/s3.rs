@@ -9,7 +9,7 @@
 mod common;
 
 use backtree_core::testing::{build_fixture, compare_dirs, random_bytes};
-use common::{bt, ok, Mounted};
+use common::{bt, ok, rsync_restore, Mounted};
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::sync::Mutex;
@@ -100,13 +100,7 @@ fn ingest_ls_mount_and_rsync_restore_on_s3() {
     let mut m = Mounted::start(&repo, &dir.path().join("mnt"), &[]);
     let latest = m.mnt.join("ve123/latest");
     let out = dir.path().join("restored");
-    let st = Command::new("rsync")
-        .args(["-aHAX", "--numeric-ids"])
-        .arg(format!("{}/", latest.display()))
-        .arg(format!("{}/", out.display()))
-        .status()
-        .expect("rsync (scripts/setup.sh installs it)");
-    assert!(st.success(), "rsync failed: {}", m.log_text());
+    rsync_restore(&m, &latest, &out);
     let diffs = compare_dirs(&src, &out);
     assert!(diffs.is_empty(), "restored tree differs: {diffs:#?}");
     assert!(m.stop().success(), "{}", m.log_text());

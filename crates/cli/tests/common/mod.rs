@@ -117,3 +117,15 @@ impl Drop for Mounted {
         }
     }
 }
+
+/// `rsync -aHAX --numeric-ids FROM/ TO/`, as an administrator restores from the mount; panics
+/// with the daemon's log if it fails.
+pub fn rsync_restore(m: &Mounted, from: &Path, to: &Path) {
+    let st = Command::new("rsync")
+        .args(["-aHAX", "--numeric-ids"])
+        .arg(format!("{}/", from.display()))
+        .arg(format!("{}/", to.display()))
+        .status()
+        .expect("rsync (scripts/setup.sh installs it)");
+    assert!(st.success(), "rsync failed: {}", m.log_text());
+}
