@@ -1206,6 +1206,10 @@ impl BacktreeFs {
     /// inline. A chunk that fails verification is left to [`read`](Self::read), which reports it.
     /// `keep`: whether to cache it (not when this read consumes it whole).
     fn decode_inline(&self, id: &Id, keep: bool) -> Option<Bytes> {
+        // With --cache-dir, chunks go through the cache's fetch, which also writes them to disk.
+        if self.opts.cache_dir.is_some() {
+            return None;
+        }
         let s = self.packs.data.get(id)?;
         if s.raw_len > INLINE_DECODE {
             return None;
