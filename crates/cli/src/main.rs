@@ -12,7 +12,7 @@ use anyhow::{bail, Context, Result};
 use backtree_core::ingest::{self, IngestOptions, Progress};
 use backtree_core::manifest::SkippedPath;
 use backtree_core::Repository;
-use backtree_fs::cache::{MAX_FETCHES, MAX_FETCHES_REMOTE};
+use backtree_fs::cache::MAX_FETCHES_REMOTE;
 use backtree_store::{DynStore, LocalStore, S3Options, S3Store};
 use clap::{Args, Parser, Subcommand};
 use std::io::IsTerminal;
@@ -326,9 +326,13 @@ fn run(cli: Cli) -> Result<i32> {
             let store = store_for(&rt, &repo, false)?;
             let r = Arc::new(rt.block_on(Repository::open(store))?);
             let (cache_size, fetches) = if repo.is_s3() {
-                (cache_size.unwrap_or(64 << 20), MAX_FETCHES_REMOTE)
+                (
+                    cache_size.unwrap_or(backtree_fs::fs::REMOTE_CACHE_SIZE),
+                    MAX_FETCHES_REMOTE,
+                )
             } else {
-                (cache_size.unwrap_or(16 << 20), MAX_FETCHES)
+                let local = backtree_fs::FsOptions::default();
+                (cache_size.unwrap_or(local.cache_size), local.fetches)
             };
             mount_cmd(
                 &rt,

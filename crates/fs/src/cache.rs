@@ -69,7 +69,9 @@ impl ChunkCache {
         lock(&self.lru).map.contains(id) || lock(&self.inflight).contains_key(id)
     }
 
-    fn insert(&self, id: Id, data: Bytes) {
+    /// Keeps a verified chunk (also one decoded elsewhere: on the FUSE thread, from a pack
+    /// window).
+    pub fn put(&self, id: Id, data: Bytes) {
         let mut l = lock(&self.lru);
         if data.len() > self.limit {
             return;
@@ -121,7 +123,7 @@ impl ChunkCache {
                 let res = self.fetch(id, fetch).await;
                 if let Ok(b) = &res {
                     if keep {
-                        self.insert(*id, b.clone());
+                        self.put(*id, b.clone());
                     }
                 }
                 res
@@ -130,11 +132,6 @@ impl ChunkCache {
             .clone();
         lock(&self.inflight).remove(id);
         res
-    }
-
-    /// Keeps a chunk decoded and verified elsewhere (on the FUSE thread, from a pack window).
-    pub fn put(&self, id: Id, data: Bytes) {
-        self.insert(id, data);
     }
 
     async fn fetch<F, Fut>(&self, id: &Id, fetch: F) -> Result<Bytes, String>

@@ -224,6 +224,10 @@ struct NodeRec {
     lookups: u64,
 }
 
+/// Default `--cache-size` on S3: the prefetch window (half of it) must cover the bytes in
+/// flight that hide the store's latency. Locally [`FsOptions::default`]'s 16 MiB reads as fast.
+pub const REMOTE_CACHE_SIZE: usize = 64 << 20;
+
 /// Mount-time settings.
 #[derive(Debug, Clone)]
 pub struct FsOptions {
@@ -734,10 +738,7 @@ impl BacktreeFs {
             }
             Node::Latest(_) => return Err(FsError::NotDir),
             Node::Entry { gen, path, .. } => {
-                let tree = match self.entry(&pnode).await? {
-                    Some(e) if e.kind == Kind::Dir => e.tree.ok_or(FsError::NotDir)?,
-                    _ => return Err(FsError::NotDir),
-                };
+                let tree = dir_tree(self.entry(&pnode).await?.as_deref())?;
                 let t = self.tree(gen, path, &tree).await?;
                 let (page_id, page) = if t.is_paged() {
                     match t.page_for(name) {
@@ -747,12 +748,7 @@ impl BacktreeFs {
                 } else {
                     (tree, t)
                 };
-                let i = page
-                    .entries
-                    .binary_search_by(|e| e.name.as_slice().cmp(name))
-                    .map_err(|_| FsError::NotFound)?;
-                let (ino, node, attr) = Self::child(parent, gen, path, page_id, &page, i);
-                return Ok((ino, node, attr, LONG_TTL));
+                return Self::named(parent, gen, path, page_id, &page, name);
             }
         };
         let e = self.entry(&node.1).await?;
@@ -770,9 +766,9 @@ impl BacktreeFs {
         let Ok((Node::Entry { gen, path, .. }, Some(entry))) = self.resolve_cached(parent)? else {
             return None;
         };
-        let tree = match (entry.kind, entry.tree) {
-            (Kind::Dir, Some(t)) => t,
-            _ => return Some(Err(FsError::NotDir)),
+        let tree = match dir_tree(Some(&entry)) {
+            Ok(t) => t,
+            Err(e) => return Some(Err(e)),
         };
         let (page_id, page) = {
             let mut trees = lock(&self.trees);
@@ -786,14 +782,25 @@ impl BacktreeFs {
                 (tree, t)
             }
         };
-        let Ok(i) = page
+        Some(Self::named(parent, &gen, &path, page_id, &page, name))
+    }
+
+    /// The entry `name` of directory page `page` (id `page_id`) of directory `parent`, as
+    /// [`lookup`](Self::lookup) answers it.
+    fn named(
+        parent: u64,
+        gen: &Arc<GenCtx>,
+        path: &[u8],
+        page_id: Id,
+        page: &backtree_core::tree::Tree,
+        name: &[u8],
+    ) -> Result<(u64, Node, Attr, Duration)> {
+        let i = page
             .entries
             .binary_search_by(|e| e.name.as_slice().cmp(name))
-        else {
-            return Some(Err(FsError::NotFound));
-        };
-        let (ino, node, attr) = Self::child(parent, &gen, &path, page_id, &page, i);
-        Some(Ok((ino, node, attr, LONG_TTL)))
+            .map_err(|_| FsError::NotFound)?;
+        let (ino, node, attr) = Self::child(parent, gen, path, page_id, page, i);
+        Ok((ino, node, attr, LONG_TTL))
     }
 
     pub async fn readlink(&self, ino: u64) -> Result<Vec<u8>> {
@@ -901,18 +908,11 @@ impl BacktreeFs {
                 DirHandle::Virtual(self.virtual_items(out))
             }
             Node::Latest(_) => return Err(FsError::NotDir),
-            Node::Entry { gen, path, .. } => match self.entry(&node).await?.as_deref() {
-                Some(Entry {
-                    kind: Kind::Dir,
-                    tree: Some(tree),
-                    ..
-                }) => DirHandle::Gen {
-                    gen: gen.clone(),
-                    path: path.clone(),
-                    ino,
-                    tree: *tree,
-                },
-                _ => return Err(FsError::NotDir),
+            Node::Entry { gen, path, .. } => DirHandle::Gen {
+                gen: gen.clone(),
+                path: path.clone(),
+                ino,
+                tree: dir_tree(self.entry(&node).await?.as_deref())?,
             },
         };
         let immutable = matches!(handle, DirHandle::Gen { .. });
@@ -1330,6 +1330,18 @@ async fn fetch_chunk(packs: &PackReader, id: Id) -> std::result::Result<Bytes, S
             .map_err(|e| format!("blob {id}: decoding task failed: {e}"))?
     };
     raw.map(Bytes::from).map_err(|e| e.to_string())
+}
+
+/// The tree of a directory entry; ENOTDIR for anything else (and for virtual nodes).
+fn dir_tree(entry: Option<&Entry>) -> Result<Id> {
+    match entry {
+        Some(Entry {
+            kind: Kind::Dir,
+            tree: Some(t),
+            ..
+        }) => Ok(*t),
+        _ => Err(FsError::NotDir),
+    }
 }
 
 /// The value of xattr `name` of `entry`; ENODATA when absent (and for virtual nodes).

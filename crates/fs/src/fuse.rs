@@ -137,28 +137,22 @@ impl Filesystem for FuseAdapter {
     }
 
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
-        // In a directory page that is already parsed, answer here without a thread hand-off.
-        if let Some(res) = self.fs.lookup_cached(parent.0, name.as_bytes()) {
-            match res {
-                Ok((ino, node, attr, ttl)) => {
-                    self.fs.remember(ino, &node);
-                    reply.entry(&ttl, &file_attr(&attr), Generation(0));
-                }
-                Err(e) => reply.error(errno(&e)),
-            }
-            return;
-        }
-        let fs = self.fs.clone();
+        // In a directory page that is already parsed, answered here without a thread hand-off.
         let name = name.as_bytes().to_vec();
-        self.rt.spawn(async move {
-            match fs.lookup(parent.0, &name).await {
+        let fs = self.fs.clone();
+        self.answer(
+            self.fs.lookup_cached(parent.0, &name),
+            move |fs| async move { fs.lookup(parent.0, &name).await },
+            reply,
+            move |reply, res| match res {
                 Ok((ino, node, attr, ttl)) => {
+                    // The kernel now holds a reference to this inode.
                     fs.remember(ino, &node);
                     reply.entry(&ttl, &file_attr(&attr), Generation(0));
                 }
                 Err(e) => reply.error(errno(&e)),
-            }
-        });
+            },
+        );
     }
 
     fn forget(&self, _req: &Request, ino: INodeNo, nlookup: u64) {

@@ -540,31 +540,25 @@ impl S3Store {
                 key,
                 message: format!("S3 endpoint {endpoint} did not answer in time"),
             },
-            SdkError::DispatchFailure(_) => {
-                let reason = innermost(&err);
-                if mentions_credentials(&err) {
-                    return no_credentials(key, &reason);
-                }
-                StoreError::Unreachable {
-                    key,
-                    endpoint,
-                    reason,
-                }
+            // Missing credentials surface as a dispatch or construction failure.
+            SdkError::DispatchFailure(_) | SdkError::ConstructionFailure(_)
+                if mentions_credentials(&err) =>
+            {
+                no_credentials(key, &innermost(&err))
             }
+            SdkError::DispatchFailure(_) => StoreError::Unreachable {
+                key,
+                endpoint,
+                reason: innermost(&err),
+            },
             SdkError::TimeoutError(_) => StoreError::Unavailable {
                 key,
                 message: format!("the request to S3 endpoint {endpoint} timed out"),
             },
-            SdkError::ConstructionFailure(_) => {
-                let reason = innermost(&err);
-                if mentions_credentials(&err) {
-                    return no_credentials(key, &reason);
-                }
-                StoreError::Remote {
-                    key,
-                    message: format!("cannot build the S3 request: {reason}"),
-                }
-            }
+            SdkError::ConstructionFailure(_) => StoreError::Remote {
+                key,
+                message: format!("cannot build the S3 request: {}", innermost(&err)),
+            },
             _ => {
                 let message = err.message().map(str::to_owned);
                 classify(key, &self.inner.bucket, &endpoint, status, code, message)
