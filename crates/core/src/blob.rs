@@ -19,13 +19,33 @@ thread_local! {
     static DECOMPRESSOR: RefCell<Option<zstd::bulk::Decompressor<'static>>> = const { RefCell::new(None) };
 }
 
+/// zstd's tables for level 3 on inputs over 256 KiB: hashLog 17 and chainLog 16, 768 KiB in
+/// all, more than a core's L2 cache. Blobs are chunks of 1 MiB on average, and with tables of
+/// half that size (hashLog 16, chainLog 15) the compressor ran 17% faster on /usr data cut in
+/// 1 MiB blocks (`zstd -b3 -B1048576 --zstd=…`) for 0.9% more bytes, and an ingest of the
+/// benchmark's disk image stored 1% more. Only the writer sees these parameters: any zstd
+/// decoder reads the frames.
+const LEVEL3_TABLES: (u32, u32) = (16, 15);
+
+/// A compressor for `level`, with [`LEVEL3_TABLES`] at level 3.
+fn compressor(level: i32) -> Option<zstd::bulk::Compressor<'static>> {
+    let mut z = zstd::bulk::Compressor::new(level).ok()?;
+    if level == 3 {
+        use zstd::stream::raw::CParameter;
+        z.set_parameter(CParameter::HashLog(LEVEL3_TABLES.0)).ok()?;
+        z.set_parameter(CParameter::ChainLog(LEVEL3_TABLES.1))
+            .ok()?;
+    }
+    Some(z)
+}
+
 /// Compresses `raw` with zstd at `level`, keeping the result only if it is smaller by at least
 /// 1/32. Returns the stored bytes and their flags.
 pub fn encode(raw: &[u8], level: i32) -> (Vec<u8>, u8) {
     let compressed = COMPRESSOR.with(|c| {
         let mut c = c.borrow_mut();
         if c.as_ref().map(|(l, _)| *l) != Some(level) {
-            *c = zstd::bulk::Compressor::new(level).ok().map(|z| (level, z));
+            *c = compressor(level).map(|z| (level, z));
         }
         c.as_mut().and_then(|(_, z)| z.compress(raw).ok())
     });

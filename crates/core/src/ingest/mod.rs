@@ -71,10 +71,18 @@ pub struct IngestOptions {
     pub threads: Option<usize>,
 }
 
-/// Twice the cores: while one thread waits for the disk (a cold read of a small file), another
-/// compresses, so both the disk queue and the cores stay busy.
+/// Four times the cores: most of a walk is waiting, for `lstat`, `listxattr` and the cold read
+/// of a small file, and the more such requests are in flight the better the disk queue is used
+/// (a cold ingest of the benchmark's 54 591 files under /usr took 7.3–7.6 s with 2 threads per
+/// core and 6.2–6.3 s with 4). Memory stays bounded because only [`cores`] files larger than a
+/// batch are read at once (see [`Walker::large`]).
 pub fn default_threads() -> usize {
-    std::thread::available_parallelism().map_or(2, |n| n.get()) * 2
+    cores() * 4
+}
+
+/// The cores this process may use.
+pub fn cores() -> usize {
+    std::thread::available_parallelism().map_or(2, |n| n.get())
 }
 
 /// Live counters for a progress display.
@@ -139,6 +147,12 @@ pub fn ingest(
         repo,
         handle,
         w: &w,
+        large: tokio::sync::Semaphore::new(cores()),
+        hashers: rayon::ThreadPoolBuilder::new()
+            .num_threads(cores())
+            .thread_name(|i| format!("backtree-hash-{i}"))
+            .build()
+            .map_err(|e| Error::Invalid(format!("cannot start worker threads: {e}")))?,
         excludes,
         skip_dirs: opts.skip_dirs.clone(),
         names: meta::Names::default(),
@@ -514,6 +528,12 @@ struct Walker<'a> {
     repo: &'a Repository,
     handle: &'a Handle,
     w: &'a BlobWriter,
+    /// Hashes and compresses the chunks of files larger than one batch (see
+    /// [`read::read_file`]); its threads never block, so walk threads may wait for them.
+    hashers: rayon::ThreadPool,
+    /// Files larger than a batch being read, at most one per core. Each holds two or three
+    /// batches of memory; the hashers can keep only that many busy anyway.
+    large: tokio::sync::Semaphore,
     excludes: Excludes,
     skip_dirs: Vec<(u64, u64)>,
     names: meta::Names,
@@ -723,7 +743,13 @@ impl Walker<'_> {
             }
         }
         let chunker = self.repo.config().chunker;
-        match read::read_file(path, m.len(), &chunker, self.w) {
+        let _large = if m.len() > read::BATCH_BYTES as u64 {
+            // Closed never: the semaphore lives as long as the walker.
+            self.handle.block_on(self.large.acquire()).ok()
+        } else {
+            None
+        };
+        match read::read_file(path, m.len(), &chunker, self.w, &self.hashers) {
             Ok((list, read)) => {
                 e.size = list.size();
                 e.holes = Some(list.hole_bytes()).filter(|&h| h > 0);
