@@ -416,3 +416,39 @@ async fn same_second_ingests_on_a_store_ignoring_conditions_all_commit() {
         .collect();
     assert!(left.is_empty(), "{left:?}");
 }
+
+/// Files larger than a read batch (16 MiB) between small files, with one walk thread and with
+/// more walk threads than large-file permits: the walk finishes. Two deadlocks this guards
+/// against: hashing on the walk pool while a walk thread blocks for the results (with one walk
+/// thread, always), and waiting for hashing jobs inside a rayon scope, where the waiting thread
+/// ran another large file's walk job, which blocked for a permit held by a waiting thread
+/// (seen on /usr, not reproduced deterministically here; `read_file` now never waits inside
+/// rayon while it holds a permit).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn many_large_files_in_parallel_do_not_deadlock() {
+    let dir = tempfile::tempdir().unwrap();
+    let src = dir.path().join("src");
+    for d in 0..4u64 {
+        let sub = src.join(format!("d{d}"));
+        std::fs::create_dir_all(&sub).unwrap();
+        for i in 0..3u64 {
+            let big = random_bytes(d * 10 + i, (16 << 20) + 4096);
+            std::fs::write(sub.join(format!("big{i}")), big).unwrap();
+        }
+        for i in 0..50u64 {
+            std::fs::write(sub.join(format!("small{i}")), random_bytes(i, 1000)).unwrap();
+        }
+    }
+    for threads in [1, 8] {
+        let store: DynStore = Arc::new(MemoryStore::new());
+        let repo = Arc::new(Repository::init(store).await.unwrap());
+        let mut o = opts("h", &src);
+        o.threads = Some(threads);
+        let r = tokio::time::timeout(std::time::Duration::from_secs(300), run(&repo, o))
+            .await
+            .expect("the ingest finishes")
+            .unwrap();
+        let diffs = compare(&repo, "h", &r.manifest.name, &src).await;
+        assert!(diffs.is_empty(), "{threads} threads: {diffs:?}");
+    }
+}

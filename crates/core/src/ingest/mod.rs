@@ -135,14 +135,14 @@ pub fn ingest(
     let known = handle.block_on(load_all_ids(&store))?;
     let parent = handle.block_on(previous(repo, &opts.host));
     let cfg = repo.config();
-    let w = BlobWriter::new(
+    let w = Arc::new(BlobWriter::new(
         store.clone(),
         handle.clone(),
         cfg.compression.level,
         cfg.pack_size as usize,
         known,
         opts.checkpoint_bytes.unwrap_or(writer::CHECKPOINT_BYTES),
-    );
+    ));
     let walker = Walker {
         repo,
         handle,
@@ -527,7 +527,7 @@ impl Links {
 struct Walker<'a> {
     repo: &'a Repository,
     handle: &'a Handle,
-    w: &'a BlobWriter,
+    w: &'a Arc<BlobWriter>,
     /// Hashes and compresses the chunks of files larger than one batch (see
     /// [`read::read_file`]); its threads never block, so walk threads may wait for them.
     hashers: rayon::ThreadPool,
@@ -743,6 +743,10 @@ impl Walker<'_> {
             }
         }
         let chunker = self.repo.config().chunker;
+        // While it holds a permit, a thread must never wait inside rayon (a join, a scope): a
+        // waiting rayon thread runs other queued work, which may be another large file waiting
+        // for a permit, and with every permit held that way the walk deadlocks. `read_file`
+        // therefore reads a large file without rayon waits.
         let _large = if m.len() > read::BATCH_BYTES as u64 {
             // Closed never: the semaphore lives as long as the walker.
             self.handle.block_on(self.large.acquire()).ok()

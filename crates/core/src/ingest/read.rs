@@ -208,7 +208,7 @@ pub fn read_file(
     path: &Path,
     size: u64,
     chunker: &ChunkerParams,
-    w: &BlobWriter,
+    w: &Arc<BlobWriter>,
     hashers: &rayon::ThreadPool,
 ) -> io::Result<(ChunkList, u64)> {
     let f = open_noatime(path)?;
@@ -216,64 +216,64 @@ pub fn read_file(
     let mut chunks: Vec<ChunkRef> = Vec::new();
     let first = src.next_batch()?;
     if src.done {
-        let prepared: Vec<_> = first
-            .pieces
-            .par_iter()
-            .map(|p| match p {
-                Piece::Data(_, r) => Some(w.prepare(&first.buf[r.clone()])),
-                Piece::Hole(_) => None,
-            })
-            .collect();
+        let prep = |p: &Piece| match p {
+            Piece::Data(_, r) => Some(w.prepare(&first.buf[r.clone()])),
+            Piece::Hole(_) => None,
+        };
+        // A file larger than a batch (it shrank while read) holds the walker's large-file
+        // permit, and must not wait inside rayon.
+        let prepared: Vec<_> = if size > BATCH_BYTES as u64 {
+            first.pieces.iter().map(prep).collect()
+        } else {
+            first.pieces.par_iter().map(prep).collect()
+        };
         store_batch(w, &first, prepared, &mut chunks)?;
         return Ok((ChunkList(chunks), src.read));
     }
-    hashers.in_place_scope(|scope| -> io::Result<()> {
-        let mut pending: std::collections::VecDeque<(Arc<Batch>, Receiver<Ready>)> =
-            Default::default();
-        let mut next = Some(first);
-        loop {
-            if let Some(batch) = next.take().filter(|b| !b.pieces.is_empty()) {
-                let batch = Arc::new(batch);
-                let (tx, rx) = mpsc::channel();
-                for (i, p) in batch.pieces.iter().enumerate() {
-                    if let Piece::Data(_, r) = p {
-                        let (b, tx, r) = (batch.clone(), tx.clone(), r.clone());
-                        // A send fails only if the reader gave up on an error: nothing to do.
-                        scope.spawn(move |_| drop(tx.send((i, w.prepare(&b.buf[r])))));
-                    }
+    // The hashing jobs own what they use (`spawn`, not a scope), so this thread waits on its
+    // channels only: a rayon wait here could run other walk work and deadlock (see the walker).
+    let mut pending: std::collections::VecDeque<(Arc<Batch>, Receiver<Ready>)> = Default::default();
+    let mut next = Some(first);
+    loop {
+        if let Some(batch) = next.take().filter(|b| !b.pieces.is_empty()) {
+            let batch = Arc::new(batch);
+            let (tx, rx) = mpsc::channel();
+            for (i, p) in batch.pieces.iter().enumerate() {
+                if let Piece::Data(_, r) = p {
+                    let (b, tx, r, w) = (batch.clone(), tx.clone(), r.clone(), w.clone());
+                    // A send fails only if the reader gave up on an error: nothing to do.
+                    hashers.spawn(move || drop(tx.send((i, w.prepare(&b.buf[r])))));
                 }
-                pending.push_back((batch, rx));
             }
-            let more = !src.done;
-            while pending.len() > usize::from(more) {
-                let Some((batch, rx)) = pending.pop_front() else {
-                    break;
-                };
-                let mut prepared: Vec<Option<Prepared>> =
-                    batch.pieces.iter().map(|_| None).collect();
-                let data = batch
-                    .pieces
-                    .iter()
-                    .filter(|p| matches!(p, Piece::Data(..)))
-                    .count();
-                let mut got = 0;
-                for (i, p) in rx.iter().take(data) {
-                    prepared[i] = Some(p);
-                    got += 1;
-                }
-                if got < data {
-                    // A task died (its panic resurfaces when the scope ends): never store a
-                    // chunk as a hole.
-                    return Err(io::Error::other("a hashing task failed"));
-                }
-                store_batch(w, &batch, prepared, &mut chunks)?;
-            }
-            if !more {
-                return Ok(());
-            }
-            next = Some(src.next_batch()?);
+            pending.push_back((batch, rx));
         }
-    })?;
+        let more = !src.done;
+        while pending.len() > usize::from(more) {
+            let Some((batch, rx)) = pending.pop_front() else {
+                break;
+            };
+            let mut prepared: Vec<Option<Prepared>> = batch.pieces.iter().map(|_| None).collect();
+            let data = batch
+                .pieces
+                .iter()
+                .filter(|p| matches!(p, Piece::Data(..)))
+                .count();
+            let mut got = 0;
+            for (i, p) in rx.iter().take(data) {
+                prepared[i] = Some(p);
+                got += 1;
+            }
+            if got < data {
+                // A hashing job panicked: never store a chunk as a hole.
+                return Err(io::Error::other("a hashing task failed"));
+            }
+            store_batch(w, &batch, prepared, &mut chunks)?;
+        }
+        if !more {
+            break;
+        }
+        next = Some(src.next_batch()?);
+    }
     Ok((ChunkList(chunks), src.read))
 }
 
@@ -293,7 +293,13 @@ fn store_batch(
     // Within large files and big directories too: after a crash or a store outage, at most
     // a checkpoint's worth of uploads is redone.
     w.maybe_checkpoint().map_err(io::Error::other)?;
-    for (piece, p) in batch.pieces.iter().zip(&prepared) {
+    chunk_refs(batch, &prepared, chunks);
+    Ok(())
+}
+
+/// The chunk list entries of a batch's pieces.
+fn chunk_refs(batch: &Batch, prepared: &[Option<Prepared>], chunks: &mut Vec<ChunkRef>) {
+    for (piece, p) in batch.pieces.iter().zip(prepared) {
         chunks.push(match (piece, p) {
             (Piece::Data(end, _), Some(p)) => ChunkRef {
                 end: *end,
@@ -305,7 +311,6 @@ fn store_batch(
             },
         });
     }
-    Ok(())
 }
 
 /// Lists a directory's entry names (without `.` and `..`), opening it with `O_NOATIME` where
