@@ -180,10 +180,14 @@ fn main() {
     // and a store that drops a connection must give an error, not kill an ingest. A reader of
     // our output that goes away (`| head`) ends us quietly through `out!` instead.
     tame_malloc();
+    // fuser warns "Unmount failed" when its session ends after the mount was already unmounted
+    // (by `fusermount3 -u`, ours or the user's): expected, so not shown.
+    let quiet = "fuser::mnt=error".parse().expect("a valid directive");
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("BACKTREE_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"))
+                .add_directive(quiet),
         )
         .with_writer(std::io::stderr)
         .init();
@@ -242,13 +246,9 @@ fn store_for(rt: &tokio::runtime::Runtime, repo: &RepoArg, create: bool) -> Resu
         if create {
             // Record in the config whether this store refuses to overwrite (If-None-Match).
             let probe = format!("probe-{:016x}", rand::random::<u64>());
-            let honored = rt.block_on(store.probe_create_if_absent(&probe))?;
-            if !honored {
-                eprintln!(
-                    "backtree: {location} ignores conditional writes (If-None-Match); \
-                     generations are committed with claims instead (docs/concurrency.md)"
-                );
-            }
+            // The answer is kept in the store (`honors_create_if_absent`); `init` says what it
+            // means once the repository exists.
+            rt.block_on(store.probe_create_if_absent(&probe))?;
         }
         return Ok(Arc::new(store));
     }
@@ -268,8 +268,16 @@ fn run(cli: Cli) -> Result<i32> {
     match cli.cmd {
         Cmd::Init { repo } => {
             let store = store_for(&rt, &repo, true)?;
+            let conditional = store.honors_create_if_absent();
             rt.block_on(Repository::init(store))?;
             out!("created backtree repository at {}", repo.repo);
+            if repo.is_s3() && !conditional {
+                eprintln!(
+                    "backtree: {} ignores conditional writes (If-None-Match); generations are \
+                     committed with claims instead (docs/concurrency.md)",
+                    repo.repo
+                );
+            }
             Ok(0)
         }
         Cmd::Ingest {
@@ -394,15 +402,39 @@ fn mount_cmd(
             }
         }
     })?;
-    if external {
-        session
-            .join()
-            .context("the FUSE session ended with an error")?;
-    } else {
-        session
-            .umount_and_join()
-            .with_context(|| format!("cannot unmount {}", mountpoint.display()))?;
+    if !external {
+        use backtree_fs::mount::{unmount, Unmounted};
+        if unmount(&mountpoint)? == Unmounted::Detached {
+            eprintln!(
+                "backtree: {} is busy (a file or directory on it is still open); detached it: it \
+                 is gone from the tree, and open files are served until they are closed \
+                 (Ctrl-C again stops now and fails their reads)",
+                mountpoint.display()
+            );
+            let stop_now = rt.block_on(async {
+                let mut term =
+                    tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+                        .context("cannot watch for SIGTERM")?;
+                while !session.guard.is_finished() {
+                    tokio::select! {
+                        _ = tokio::signal::ctrl_c() => return Ok::<bool, anyhow::Error>(true),
+                        _ = term.recv() => return Ok(true),
+                        _ = tokio::time::sleep(Duration::from_millis(200)) => {}
+                    }
+                }
+                Ok(false)
+            })?;
+            if stop_now {
+                eprintln!(
+                    "backtree: stopped; reads of files still open on the detached mount fail"
+                );
+                return Ok(0);
+            }
+        }
     }
+    session
+        .join()
+        .context("the FUSE session ended with an error")?;
     eprintln!("backtree: unmounted {}", mountpoint.display());
     Ok(0)
 }

@@ -269,3 +269,55 @@ fn refuses_unsafe_or_impossible_mountpoints() {
         String::from_utf8_lossy(&o.stderr)
     );
 }
+
+/// SIGTERM while a file on the mount is open: the mount is detached at once (gone from the
+/// mount table, so nothing stale is left), the open file still reads correctly, and the daemon
+/// exits by itself once the file is closed.
+#[test]
+fn sigterm_with_an_open_file_detaches_and_serves_it_until_closed() {
+    let dir = tempfile::tempdir().unwrap();
+    let src = dir.path().join("src");
+    std::fs::create_dir_all(&src).unwrap();
+    let data = random_bytes(5, 3 << 20);
+    std::fs::write(src.join("big"), &data).unwrap();
+    let repo = repo_with(dir.path(), "h", &src);
+    let mut m = Mounted::start(&repo, &dir.path().join("mnt"), &[]);
+    let f = std::fs::File::open(m.mnt.join("h/latest/big")).unwrap();
+    let mut child = m.child.take().unwrap();
+    // SAFETY: sending a signal to our own child process.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let start = Instant::now();
+    while common::is_mounted(&m.mnt) {
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "still mounted: {}",
+            m.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(m.log_text().contains("detached"), "{}", m.log_text());
+    assert!(
+        child.try_wait().unwrap().is_none(),
+        "the daemon serves the open file"
+    );
+    let mut back = vec![0u8; data.len()];
+    f.read_exact_at(&mut back, 0).unwrap();
+    assert!(
+        back == data,
+        "the open file reads its content after the detach"
+    );
+    drop(f);
+    let start = Instant::now();
+    let status = loop {
+        if let Some(st) = child.try_wait().unwrap() {
+            break st;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "daemon did not exit after the last file closed: {}",
+            m.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert!(status.success(), "{}", m.log_text());
+}

@@ -82,7 +82,18 @@ fn ingest_ls_mount_and_rsync_restore_on_s3() {
     build_fixture(&src, true);
     let repo = fresh_repo(&base, "restore");
 
-    ok(bt().args(["init", "--repo", &repo]));
+    let init = bt().args(["init", "--repo", &repo]).output().unwrap();
+    assert!(init.status.success());
+    let said = String::from_utf8_lossy(&init.stderr);
+    assert!(said.contains("ignores conditional writes"), "{said}");
+    // A second init is refused in one sentence, without the note meant for a new repository.
+    let again = bt().args(["init", "--repo", &repo]).output().unwrap();
+    let said = String::from_utf8_lossy(&again.stderr);
+    assert!(
+        !again.status.success() && said.contains("already"),
+        "{said}"
+    );
+    assert!(!said.contains("conditional"), "{said}");
     let first = ingest_json(&repo, "ve123", &src, &[]);
     assert!(
         first["generation"]["stats"]["new_stored_bytes"]

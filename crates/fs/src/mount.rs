@@ -38,6 +38,57 @@ pub enum MountError {
         #[source]
         source: std::io::Error,
     },
+    #[error("cannot unmount {}: {message}", .mountpoint.display())]
+    Unmount {
+        mountpoint: PathBuf,
+        message: String,
+    },
+}
+
+/// How [`unmount`] left the mount.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Unmounted {
+    /// Unmounted: the session ends now.
+    Clean,
+    /// Something on the mount was still open (a file, a shell's working directory), so it was
+    /// detached lazily: gone from the directory tree at once, while the kernel keeps the
+    /// connection until the last open file is closed. Keep serving until the session ends, or
+    /// those reads fail.
+    Detached,
+}
+
+/// Unmounts with `fusermount3 -u`, and if the mount is busy, detaches it with
+/// `fusermount3 -u -z` instead. A daemon that simply exited on a busy mount left it stale
+/// ("Transport endpoint is not connected") until someone ran `fusermount3 -u` by hand.
+pub fn unmount(mountpoint: &Path) -> Result<Unmounted, MountError> {
+    let run = |lazy: bool| {
+        let mut c = std::process::Command::new("fusermount3");
+        c.arg("-u");
+        if lazy {
+            c.arg("-z");
+        }
+        c.arg("--").arg(mountpoint).output()
+    };
+    let failed = |message: String| MountError::Unmount {
+        mountpoint: mountpoint.to_path_buf(),
+        message,
+    };
+    let out = run(false).map_err(|e| failed(format!("cannot run fusermount3: {e}")))?;
+    if out.status.success() {
+        return Ok(Unmounted::Clean);
+    }
+    let why = String::from_utf8_lossy(&out.stderr).trim().to_string();
+    if !why.contains("busy") {
+        return Err(failed(why));
+    }
+    let out = run(true).map_err(|e| failed(format!("cannot run fusermount3: {e}")))?;
+    if out.status.success() {
+        Ok(Unmounted::Detached)
+    } else {
+        Err(failed(
+            String::from_utf8_lossy(&out.stderr).trim().to_string(),
+        ))
+    }
 }
 
 /// How to mount.
