@@ -387,21 +387,7 @@ fn mount_cmd(
         mountpoint.display(),
         mountpoint.display()
     );
-    let external = rt.block_on(async {
-        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-            .context("cannot watch for SIGTERM")?;
-        loop {
-            tokio::select! {
-                _ = tokio::signal::ctrl_c() => return Ok::<bool, anyhow::Error>(false),
-                _ = term.recv() => return Ok(false),
-                _ = tokio::time::sleep(Duration::from_millis(200)) => {
-                    if session.guard.is_finished() {
-                        return Ok(true);
-                    }
-                }
-            }
-        }
-    })?;
+    let external = !signal_or_end(rt, &session)?;
     if !external {
         use backtree_fs::mount::{unmount, Unmounted};
         if unmount(&mountpoint)? == Unmounted::Detached {
@@ -411,19 +397,7 @@ fn mount_cmd(
                  (Ctrl-C again stops now and fails their reads)",
                 mountpoint.display()
             );
-            let stop_now = rt.block_on(async {
-                let mut term =
-                    tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-                        .context("cannot watch for SIGTERM")?;
-                while !session.guard.is_finished() {
-                    tokio::select! {
-                        _ = tokio::signal::ctrl_c() => return Ok::<bool, anyhow::Error>(true),
-                        _ = term.recv() => return Ok(true),
-                        _ = tokio::time::sleep(Duration::from_millis(200)) => {}
-                    }
-                }
-                Ok(false)
-            })?;
+            let stop_now = signal_or_end(rt, &session)?;
             if stop_now {
                 eprintln!(
                     "backtree: stopped; reads of files still open on the detached mount fail"
@@ -437,6 +411,26 @@ fn mount_cmd(
         .context("the FUSE session ended with an error")?;
     eprintln!("backtree: unmounted {}", mountpoint.display());
     Ok(0)
+}
+
+/// Waits until SIGINT or SIGTERM arrives (`true`) or the FUSE session ends by itself (`false`:
+/// unmounted from outside, or the last open file of a detached mount closed).
+fn signal_or_end(
+    rt: &tokio::runtime::Runtime,
+    session: &backtree_fs::mount::BackgroundSession,
+) -> Result<bool> {
+    rt.block_on(async {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .context("cannot watch for SIGTERM")?;
+        while !session.guard.is_finished() {
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => return Ok(true),
+                _ = term.recv() => return Ok(true),
+                _ = tokio::time::sleep(Duration::from_millis(200)) => {}
+            }
+        }
+        Ok(false)
+    })
 }
 
 fn ingest_cmd(

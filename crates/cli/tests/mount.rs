@@ -133,17 +133,7 @@ fn new_generations_appear_without_remount() {
         .unwrap();
     assert!(st.success());
     let mut child = m.child.take().unwrap();
-    let start = Instant::now();
-    let status = loop {
-        if let Some(st) = child.try_wait().unwrap() {
-            break st;
-        }
-        assert!(
-            start.elapsed() < Duration::from_secs(10),
-            "daemon did not exit after fusermount3 -u"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    };
+    let status = m.wait_for_exit(&mut child, "fusermount3 -u");
     assert!(status.success(), "{}", m.log_text());
 }
 
@@ -307,17 +297,6 @@ fn sigterm_with_an_open_file_detaches_and_serves_it_until_closed() {
         "the open file reads its content after the detach"
     );
     drop(f);
-    let start = Instant::now();
-    let status = loop {
-        if let Some(st) = child.try_wait().unwrap() {
-            break st;
-        }
-        assert!(
-            start.elapsed() < Duration::from_secs(10),
-            "daemon did not exit after the last file closed: {}",
-            m.log_text()
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    };
+    let status = m.wait_for_exit(&mut child, "the last file closed");
     assert!(status.success(), "{}", m.log_text());
 }

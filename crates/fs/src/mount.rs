@@ -11,7 +11,9 @@
 
 use crate::fs::BacktreeFs;
 use crate::fuse::FuseAdapter;
-use fuser::{BackgroundSession, Config, MountOption, SessionACL};
+/// The running mount, as `fuser` returns it.
+pub use fuser::BackgroundSession;
+use fuser::{Config, MountOption, SessionACL};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;

@@ -97,6 +97,25 @@ impl Mounted {
     }
 }
 
+impl Mounted {
+    /// Waits up to 10 s for the daemon, already taken out of `child`, to exit by itself; panics
+    /// with `why` and the daemon's log if it does not.
+    pub fn wait_for_exit(&self, child: &mut Child, why: &str) -> std::process::ExitStatus {
+        let start = Instant::now();
+        loop {
+            if let Some(st) = child.try_wait().unwrap() {
+                return st;
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(10),
+                "daemon did not exit after {why}: {}",
+                self.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
 impl Drop for Mounted {
     fn drop(&mut self) {
         if let Some(mut c) = self.child.take() {

@@ -81,7 +81,7 @@ pub fn default_threads() -> usize {
 }
 
 /// The cores this process may use.
-pub fn cores() -> usize {
+fn cores() -> usize {
     std::thread::available_parallelism().map_or(2, |n| n.get())
 }
 

@@ -3,8 +3,8 @@
 //! Data regions are found with `lseek(SEEK_DATA/SEEK_HOLE)`, so holes of sparse files are
 //! recorded as holes and never read. Each data region is cut with FastCDC; chunks are gathered
 //! into batches of about [`BATCH_BYTES`], hashed and compressed in parallel (rayon), then
-//! appended to packs in file order (see [`read_file`] for the pipeline). Files are opened with `O_NOATIME` where permitted, so a
-//! backup does not change the source's access times.
+//! appended to packs in file order (see [`read_file`] for the pipeline). Files are opened with
+//! `O_NOATIME` where permitted, so a backup does not change the source's access times.
 
 use super::writer::{BlobWriter, Prepared};
 use crate::config::ChunkerParams;
@@ -78,7 +78,6 @@ enum Piece {
 }
 
 /// A batch of pieces and the buffer their data lies in.
-#[derive(Default)]
 struct Batch {
     buf: Vec<u8>,
     pieces: Vec<Piece>,
@@ -233,9 +232,9 @@ pub fn read_file(
     // The hashing jobs own what they use (`spawn`, not a scope), so this thread waits on its
     // channels only: a rayon wait here could run other walk work and deadlock (see the walker).
     let mut pending: std::collections::VecDeque<(Arc<Batch>, Receiver<Ready>)> = Default::default();
-    let mut next = Some(first);
+    let mut batch = first;
     loop {
-        if let Some(batch) = next.take().filter(|b| !b.pieces.is_empty()) {
+        if !batch.pieces.is_empty() {
             let batch = Arc::new(batch);
             let (tx, rx) = mpsc::channel();
             for (i, p) in batch.pieces.iter().enumerate() {
@@ -252,18 +251,14 @@ pub fn read_file(
             let Some((batch, rx)) = pending.pop_front() else {
                 break;
             };
+            // The channel ends when every job of the batch has finished (each holds a sender).
             let mut prepared: Vec<Option<Prepared>> = batch.pieces.iter().map(|_| None).collect();
-            let data = batch
-                .pieces
-                .iter()
-                .filter(|p| matches!(p, Piece::Data(..)))
-                .count();
-            let mut got = 0;
-            for (i, p) in rx.iter().take(data) {
+            for (i, p) in rx {
                 prepared[i] = Some(p);
-                got += 1;
             }
-            if got < data {
+            let lost = (batch.pieces.iter().zip(&prepared))
+                .any(|(piece, p)| matches!(piece, Piece::Data(..)) && p.is_none());
+            if lost {
                 // A hashing job panicked: never store a chunk as a hole.
                 return Err(io::Error::other("a hashing task failed"));
             }
@@ -272,7 +267,7 @@ pub fn read_file(
         if !more {
             break;
         }
-        next = Some(src.next_batch()?);
+        batch = src.next_batch()?;
     }
     Ok((ChunkList(chunks), src.read))
 }
@@ -293,13 +288,7 @@ fn store_batch(
     // Within large files and big directories too: after a crash or a store outage, at most
     // a checkpoint's worth of uploads is redone.
     w.maybe_checkpoint().map_err(io::Error::other)?;
-    chunk_refs(batch, &prepared, chunks);
-    Ok(())
-}
-
-/// The chunk list entries of a batch's pieces.
-fn chunk_refs(batch: &Batch, prepared: &[Option<Prepared>], chunks: &mut Vec<ChunkRef>) {
-    for (piece, p) in batch.pieces.iter().zip(prepared) {
+    for (piece, p) in batch.pieces.iter().zip(&prepared) {
         chunks.push(match (piece, p) {
             (Piece::Data(end, _), Some(p)) => ChunkRef {
                 end: *end,
@@ -311,6 +300,7 @@ fn chunk_refs(batch: &Batch, prepared: &[Option<Prepared>], chunks: &mut Vec<Chu
             },
         });
     }
+    Ok(())
 }
 
 /// Lists a directory's entry names (without `.` and `..`), opening it with `O_NOATIME` where
