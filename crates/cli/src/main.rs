@@ -12,7 +12,6 @@ use anyhow::{bail, Context, Result};
 use backtree_core::ingest::{self, IngestOptions, Progress};
 use backtree_core::manifest::SkippedPath;
 use backtree_core::Repository;
-use backtree_fs::cache::MAX_FETCHES_REMOTE;
 use backtree_store::{DynStore, LocalStore, S3Options, S3Store};
 use clap::{Args, Parser, Subcommand};
 use std::io::IsTerminal;
@@ -333,14 +332,10 @@ fn run(cli: Cli) -> Result<i32> {
         } => {
             let store = store_for(&rt, &repo, false)?;
             let r = Arc::new(rt.block_on(Repository::open(store))?);
-            let (cache_size, fetches) = if repo.is_s3() {
-                (
-                    cache_size.unwrap_or(backtree_fs::fs::REMOTE_CACHE_SIZE),
-                    MAX_FETCHES_REMOTE,
-                )
+            let defaults = if repo.is_s3() {
+                backtree_fs::FsOptions::remote()
             } else {
-                let local = backtree_fs::FsOptions::default();
-                (cache_size.unwrap_or(local.cache_size), local.fetches)
+                backtree_fs::FsOptions::default()
             };
             mount_cmd(
                 &rt,
@@ -349,10 +344,9 @@ fn run(cli: Cli) -> Result<i32> {
                 mountpoint,
                 allow_other,
                 backtree_fs::FsOptions {
-                    cache_size,
-                    fetches,
+                    cache_size: cache_size.unwrap_or(defaults.cache_size),
                     cache_dir,
-                    ..Default::default()
+                    ..defaults
                 },
             )
         }

@@ -51,6 +51,14 @@ pub const MAX_WINDOW: u64 = 64 << 20;
 /// reorders readahead requests): +16 MiB / −1 MiB, as mountpoint-s3 tolerates.
 const SEQ_FORWARD: u64 = 16 << 20;
 const SEQ_BACKWARD: u64 = 1 << 20;
+/// Files whose chunk lists are kept for reading (an LRU by inode). A file read after its list
+/// was dropped gets it again from its entry or from the store.
+const OPEN_FILES: usize = 256;
+/// Sequential readers of one file told apart: concurrent readers of a file share its state.
+const STREAMS: usize = 4;
+/// A read further than this ahead of the nearest stream starts a new stream (while fewer than
+/// [`STREAMS`] exist). Kernel readahead reorders reads by at most its window (1 MiB).
+const NEW_STREAM: u64 = 4 << 20;
 /// Directory pages kept parsed in memory (each up to 4096 entries).
 const TREE_CACHE_ENTRIES: usize = 256;
 /// Compressed tree blobs kept in memory, in windows of their packs (see [`crate::packwin`]): a
@@ -62,10 +70,10 @@ const DATA_WINDOW_BYTES: usize = 8 << 20;
 /// A small blob found in a pack window is decoded on the FUSE thread if it decodes to at most
 /// this much (about 50 µs of zstd and BLAKE3), which saves two thread hand-offs per file.
 const INLINE_DECODE: u32 = 256 << 10;
-/// Directory read-ahead ([`BacktreeFs::dir_read_ahead`]): files looked at, windows fetched at
-/// most (within the 8 MiB of windows kept), and read-aheads running at once.
+/// Directory read-ahead ([`BacktreeFs::dir_read_ahead`]): files looked at, windows and large
+/// files' first chunks fetched at most per read-ahead, and read-aheads running at once.
 const DIR_READ_AHEAD_FILES: usize = 32;
-const DIR_READ_AHEAD_WINDOWS: usize = 2;
+const DIR_READ_AHEAD_CHUNKS: usize = 2;
 const MAX_DIR_READ_AHEADS: usize = 4;
 /// Manifests fetched at once when a host directory is listed (latency-bound on S3).
 const MANIFEST_FETCHES: usize = 16;
@@ -193,18 +201,24 @@ pub struct DirItem {
     pub node: Node,
 }
 
-struct FileHandle {
+/// What reading a regular file needs, kept per inode (not per open: the kernel opens files
+/// without asking this daemon, see [`crate::fuse`]) in a small LRU.
+struct OpenFile {
     gen: Arc<GenCtx>,
     path: Arc<[u8]>,
     chunks: Arc<ChunkList>,
-    seq: Mutex<SeqState>,
+    /// Sequential-read streams, at most [`STREAMS`].
+    seq: Mutex<Vec<SeqState>>,
 }
 
-#[derive(Default)]
+/// One sequential reader's progress.
+#[derive(Default, Clone, Copy)]
 struct SeqState {
     next: u64,
     window: u64,
     prefetched_to: u64,
+    /// When this stream was last used (a counter), for replacing the oldest.
+    used: u64,
 }
 
 enum DirHandle {
@@ -228,6 +242,13 @@ struct NodeRec {
 /// flight that hide the store's latency. Locally [`FsOptions::default`]'s 16 MiB reads as fast.
 pub const REMOTE_CACHE_SIZE: usize = 64 << 20;
 
+/// Locally a read costs a syscall and a thread hand-off (~30 µs), about as much as copying
+/// 64 KiB from the page cache: smaller gaps are read over.
+pub const LOCAL_GATHER_GAP: u64 = 64 << 10;
+/// On S3 a request costs tens of milliseconds, in which megabytes arrive: a read-ahead reads
+/// whole windows' spans.
+pub const REMOTE_GATHER_GAP: u64 = crate::packwin::DATA_WINDOW;
+
 /// Mount-time settings.
 #[derive(Debug, Clone)]
 pub struct FsOptions {
@@ -237,9 +258,25 @@ pub struct FsOptions {
     pub fetches: usize,
     /// Directory for an on-disk chunk cache.
     pub cache_dir: Option<std::path::PathBuf>,
+    /// Largest gap between two small blobs of a pack that a directory read-ahead reads over
+    /// rather than making two reads ([`LOCAL_GATHER_GAP`], [`REMOTE_GATHER_GAP`]).
+    pub gather_gap: u64,
     /// Owner of the virtual directories.
     pub uid: u32,
     pub gid: u32,
+}
+
+impl FsOptions {
+    /// Defaults for a repository on S3: a larger cache, more fetches in flight, reads that
+    /// span gaps (see [`REMOTE_CACHE_SIZE`], [`crate::cache::MAX_FETCHES_REMOTE`]).
+    pub fn remote() -> Self {
+        FsOptions {
+            cache_size: REMOTE_CACHE_SIZE,
+            fetches: crate::cache::MAX_FETCHES_REMOTE,
+            gather_gap: REMOTE_GATHER_GAP,
+            ..Default::default()
+        }
+    }
 }
 
 impl Default for FsOptions {
@@ -248,6 +285,7 @@ impl Default for FsOptions {
             cache_size: 16 << 20,
             fetches: crate::cache::MAX_FETCHES,
             cache_dir: None,
+            gather_gap: LOCAL_GATHER_GAP,
             // SAFETY: getuid/getgid cannot fail.
             uid: unsafe { libc::getuid() },
             gid: unsafe { libc::getgid() },
@@ -268,8 +306,14 @@ pub struct BacktreeFs {
     packs: Arc<PackReader>,
     /// Directory read-aheads running.
     read_aheads: Arc<std::sync::atomic::AtomicUsize>,
+    /// How far the last directory read-ahead looked: (directory page, entry index).
+    frontier: Mutex<(usize, usize)>,
     cache: Arc<ChunkCache>,
-    files: Mutex<HashMap<u64, Arc<FileHandle>>>,
+    /// Files being read, by inode.
+    files: Mutex<LruCache<u64, Arc<OpenFile>>>,
+    /// Counts reads, to order sequential streams by last use.
+    reads: AtomicU64,
+
     dirs: Mutex<HashMap<u64, Arc<DirHandle>>>,
     next_fh: AtomicU64,
     logged: Mutex<std::collections::HashSet<String>>,
@@ -376,7 +420,12 @@ impl BacktreeFs {
             cache,
             packs,
             read_aheads: Default::default(),
-            files: Mutex::new(HashMap::new()),
+            frontier: Mutex::new((0, 0)),
+            files: Mutex::new(LruCache::new(
+                NonZeroUsize::new(OPEN_FILES).unwrap_or(NonZeroUsize::MIN),
+            )),
+            reads: AtomicU64::new(0),
+
             dirs: Mutex::new(HashMap::new()),
             next_fh: AtomicU64::new(1),
             logged: Mutex::new(Default::default()),
@@ -1025,23 +1074,30 @@ impl BacktreeFs {
         }
     }
 
-    fn new_file(&self, gen: Arc<GenCtx>, path: Arc<[u8]>, chunks: ChunkList) -> u64 {
-        let fh = self.new_fh();
-        lock(&self.files).insert(
-            fh,
-            Arc::new(FileHandle {
-                gen,
-                path,
-                chunks: Arc::new(chunks),
-                seq: Mutex::new(SeqState::default()),
-            }),
-        );
-        fh
+    fn new_file(
+        &self,
+        ino: u64,
+        gen: Arc<GenCtx>,
+        path: Arc<[u8]>,
+        chunks: ChunkList,
+    ) -> Arc<OpenFile> {
+        let f = Arc::new(OpenFile {
+            gen,
+            path,
+            chunks: Arc::new(chunks),
+            seq: Mutex::new(vec![SeqState::default()]),
+        });
+        lock(&self.files).put(ino, f.clone());
+        f
     }
 
-    /// Opens a file whose chunk list is in its entry (files of up to 64 chunks) without
-    /// waiting, or `None` if the list must be fetched (then [`open`](Self::open) is used).
-    pub fn open_cached(&self, ino: u64) -> Option<Result<u64>> {
+    /// A file's read state without waiting: kept, or made from an entry that carries its chunk
+    /// list (files of up to 64 chunks). `None` if the list must be fetched (then
+    /// [`file`](Self::file) is used). Making it starts a directory read-ahead.
+    fn file_cached(&self, ino: u64) -> Option<Result<Arc<OpenFile>>> {
+        if let Some(f) = lock(&self.files).get(&ino) {
+            return Some(Ok(f.clone()));
+        }
         let (gen, path, entry) = match self.resolve_cached(ino)?.and_then(Self::file_node) {
             Ok(v) => v,
             Err(e) => return Some(Err(e)),
@@ -1051,62 +1107,14 @@ impl BacktreeFs {
         }
         let chunks = entry.chunks.clone().unwrap_or_default();
         self.dir_read_ahead(&entry);
-        Some(Ok(self.new_file(gen, path, chunks)))
+        Some(Ok(self.new_file(ino, gen, path, chunks)))
     }
 
-    /// Read-ahead across a directory. A restore (`rsync`, `cp -r`, `tar`) reads a directory's
-    /// files one after another in name order, which is the order of the directory page. So when
-    /// a file is opened whose data is not at hand, the pack windows holding the next files of
-    /// its page are fetched in the background (at most [`DIR_READ_AHEAD_WINDOWS`] windows, from
-    /// the next [`DIR_READ_AHEAD_FILES`] files): their opens and reads then find them in memory
-    /// instead of each waiting for the store in turn, which on S3 is a round trip per window.
-    fn dir_read_ahead(&self, entry: &EntryRef) {
-        let (Some(rt), EntryRef::Page(page, idx)) = (&self.rt, entry) else {
-            return;
-        };
-        let first = |e: &Entry| {
-            e.chunks
-                .as_ref()
-                .and_then(|c| c.0.first())
-                .and_then(|c| c.id)
-        };
-        let at_hand = |id: &Id| self.cache.present(id) || self.packs.data.contains(id);
-        // When this file is at hand, an earlier read-ahead already covers what follows it.
-        let Some(own) = first(entry).filter(|id| !at_hand(id)) else {
-            return;
-        };
-        let next: Vec<Id> = page.entries[*idx as usize + 1..]
-            .iter()
-            .filter(|e| e.kind == Kind::File)
-            .filter_map(first)
-            .take(DIR_READ_AHEAD_FILES)
-            .collect();
-        if next.is_empty()
-            || self.read_aheads.fetch_add(1, Ordering::Relaxed) >= MAX_DIR_READ_AHEADS
-        {
-            self.read_aheads.fetch_sub(1, Ordering::Relaxed);
-            return;
+    /// A file's read state, fetching its chunk list if need be.
+    async fn file(&self, ino: u64) -> Result<Arc<OpenFile>> {
+        if let Some(f) = self.file_cached(ino) {
+            return f;
         }
-        let (packs, running) = (self.packs.clone(), self.read_aheads.clone());
-        rt.spawn(async move {
-            // This file's own window first (shared with its reader's fetch), so that the next
-            // files' windows are counted from there.
-            let _ = packs.prefetch_window(&own).await;
-            let mut windows = 0;
-            for id in next {
-                if windows >= DIR_READ_AHEAD_WINDOWS {
-                    break;
-                }
-                // Errors surface (and are logged) when a reader gets there.
-                if let Ok(true) = packs.prefetch_window(&id).await {
-                    windows += 1;
-                }
-            }
-            running.fetch_sub(1, Ordering::Relaxed);
-        });
-    }
-
-    pub async fn open(&self, ino: u64) -> Result<u64> {
         let (gen, path, entry) = Self::file_node(self.resolve(ino).await?)?;
         let chunks = self.repo.chunk_list(&entry).await.map_err(|e| {
             self.io(
@@ -1120,24 +1128,90 @@ impl BacktreeFs {
             )
         })?;
         self.dir_read_ahead(&entry);
-        Ok(self.new_file(gen, path, chunks))
+        Ok(self.new_file(ino, gen, path, chunks))
     }
 
-    pub fn release(&self, fh: u64) {
-        lock(&self.files).remove(&fh);
+    /// Checks that `ino` is a regular file that can be read, without waiting; `None` if that
+    /// needs the store (then [`open`](Self::open) is used). Reads need no open first.
+    pub fn open_cached(&self, ino: u64) -> Option<Result<()>> {
+        self.file_cached(ino).map(|r| r.map(|_| ()))
     }
 
-    fn file(&self, fh: u64) -> Result<Arc<FileHandle>> {
-        lock(&self.files)
-            .get(&fh)
-            .cloned()
-            .ok_or(FsError::BadHandle)
+    /// Checks that `ino` is a regular file that can be read, and prepares its reading.
+    pub async fn open(&self, ino: u64) -> Result<()> {
+        self.file(ino).await.map(|_| ())
+    }
+
+    /// Read-ahead across a directory. A restore (`rsync`, `cp -r`, `tar`) reads a directory's
+    /// files one after another in name order, which is the order of the directory page. So the
+    /// data of the next [`DIR_READ_AHEAD_FILES`] files of the page is fetched in the background:
+    /// the small files' blobs in a few ranged reads ([`PackReader::gather`]) and the first
+    /// chunks of at most [`DIR_READ_AHEAD_CHUNKS`] large ones. Their opens and reads
+    /// then find the data in memory instead of each waiting for the store in turn, which on S3
+    /// is a round trip per window.
+    ///
+    /// A read-ahead starts when an opened file's data is not at hand, and again whenever the
+    /// reader has consumed half of what the last one looked at (the *frontier*), so that a
+    /// directory read in order keeps the next windows coming instead of missing once per few
+    /// windows (the writer interleaves several directories' files in a pack, so a window holds
+    /// only about ten files of one directory).
+    fn dir_read_ahead(&self, entry: &EntryRef) {
+        let (Some(rt), EntryRef::Page(page, idx)) = (&self.rt, entry) else {
+            return;
+        };
+        let idx = *idx as usize;
+        let at_hand = |id: &Id| self.cache.present(id) || self.packs.data.contains(id);
+        let own_missing = first_chunk(entry).is_some_and(|id| !at_hand(&id));
+        let page_key = Arc::as_ptr(page) as usize;
+        let end = (idx + 1 + DIR_READ_AHEAD_FILES).min(page.entries.len());
+        {
+            let f = lock(&self.frontier);
+            // Not a miss, and the last read-ahead of this page still reaches far enough.
+            if !own_missing && f.0 == page_key && f.1 >= idx + DIR_READ_AHEAD_FILES / 2 {
+                return;
+            }
+        }
+        let want: Vec<Id> = page.entries[idx..end]
+            .iter()
+            .filter(|e| e.kind == Kind::File)
+            .filter_map(first_chunk)
+            .filter(|id| !at_hand(id))
+            .collect();
+        if want.is_empty() {
+            *lock(&self.frontier) = (page_key, end);
+            return;
+        }
+        if self.read_aheads.fetch_add(1, Ordering::Relaxed) >= MAX_DIR_READ_AHEADS {
+            // Too many running: the next open tries again.
+            self.read_aheads.fetch_sub(1, Ordering::Relaxed);
+            return;
+        }
+        *lock(&self.frontier) = (page_key, end);
+        let (packs, cache, running) = (
+            self.packs.clone(),
+            self.cache.clone(),
+            self.read_aheads.clone(),
+        );
+        let gap = self.opts.gather_gap;
+        rt.spawn(async move {
+            // Errors surface (and are logged) when a reader gets there.
+            if let Ok(large) = packs.gather(&want, gap).await {
+                let first_chunks = large.into_iter().filter(|id| !cache.present(id));
+                for id in first_chunks.take(DIR_READ_AHEAD_CHUNKS) {
+                    let (cache, packs) = (cache.clone(), packs.clone());
+                    tokio::spawn(async move {
+                        let _ = cache.get(&id, true, || fetch_chunk(&packs, id)).await;
+                    });
+                }
+            }
+            running.fetch_sub(1, Ordering::Relaxed);
+        });
     }
 
     /// Serves a read entirely from cached chunks, or `None` if any chunk is missing (then
     /// [`read`](Self::read) must be used). Cheap enough to run on the FUSE thread.
-    pub fn read_cached(&self, fh: u64, offset: u64, size: u32) -> Option<Bytes> {
-        let h = self.file(fh).ok()?;
+    pub fn read_cached(&self, ino: u64, offset: u64, size: u32) -> Option<Bytes> {
+        let h = self.file_cached(ino)?.ok()?;
         let list = &h.chunks;
         let end = offset.saturating_add(size as u64).min(list.size());
         let mut parts: Vec<Bytes> = Vec::new();
@@ -1167,8 +1241,8 @@ impl BacktreeFs {
     }
 
     /// Reads `size` bytes at `offset` (short at end of file), fetching what is not cached.
-    pub async fn read(self: &Arc<Self>, fh: u64, offset: u64, size: u32) -> Result<Bytes> {
-        let h = self.file(fh)?;
+    pub async fn read(self: &Arc<Self>, ino: u64, offset: u64, size: u32) -> Result<Bytes> {
+        let h = self.file(ino).await?;
         let list = h.chunks.clone();
         let end = offset.saturating_add(size as u64).min(list.size());
         self.note_read(&h, offset, end);
@@ -1221,7 +1295,7 @@ impl BacktreeFs {
         Some(data)
     }
 
-    async fn chunk(&self, h: &FileHandle, id: &Id, keep: bool) -> Result<Bytes> {
+    async fn chunk(&self, h: &OpenFile, id: &Id, keep: bool) -> Result<Bytes> {
         let packs = &self.packs;
         self.cache
             .get(id, keep, || fetch_chunk(packs, *id))
@@ -1239,19 +1313,41 @@ impl BacktreeFs {
             })
     }
 
-    /// Sequential-read detection and prefetch scheduling.
-    fn note_read(&self, h: &Arc<FileHandle>, offset: u64, end: u64) {
+    /// Sequential-read detection and prefetch scheduling. A read that continues one of the
+    /// file's streams grows that stream's prefetch window; any other read starts a new stream
+    /// (replacing the least recently used) and prefetches nothing.
+    fn note_read(&self, h: &Arc<OpenFile>, offset: u64, end: u64) {
+        let now = self.reads.fetch_add(1, Ordering::Relaxed);
         let (from, to) = {
-            let mut s = lock(&h.seq);
+            let mut streams = lock(&h.seq);
             let cap = (self.opts.cache_size as u64 / 2).max(1 << 20);
-            let sequential = offset + SEQ_BACKWARD >= s.next && offset <= s.next + SEQ_FORWARD;
-            if !sequential {
-                // Random access: fetch only what is asked, start over.
-                s.window = 0;
-                s.next = end;
-                s.prefetched_to = end;
+            // The stream this read continues most closely. A read far ahead of every stream
+            // starts a new one while there is room: a second reader 10 MiB further on is
+            // within SEQ_FORWARD of the first, but is not the first reader skipping ahead.
+            let continuing = streams
+                .iter()
+                .enumerate()
+                .filter(|(_, s)| offset + SEQ_BACKWARD >= s.next && offset <= s.next + SEQ_FORWARD)
+                .min_by_key(|(_, s)| s.next.abs_diff(offset))
+                .filter(|(_, s)| offset <= s.next + NEW_STREAM || streams.len() == STREAMS)
+                .map(|(i, _)| i);
+            let Some(i) = continuing else {
+                // Random access: fetch only what is asked.
+                let fresh = SeqState {
+                    next: end,
+                    window: 0,
+                    prefetched_to: end,
+                    used: now,
+                };
+                if streams.len() < STREAMS {
+                    streams.push(fresh);
+                } else if let Some(oldest) = streams.iter_mut().min_by_key(|s| s.used) {
+                    *oldest = fresh;
+                }
                 return;
-            }
+            };
+            let s = &mut streams[i];
+            s.used = now;
             s.window = if s.window == 0 {
                 FIRST_WINDOW
             } else {
@@ -1271,7 +1367,7 @@ impl BacktreeFs {
         self.prefetch(h, from, to);
     }
 
-    fn prefetch(&self, h: &Arc<FileHandle>, from: u64, to: u64) {
+    fn prefetch(&self, h: &Arc<OpenFile>, from: u64, to: u64) {
         let Some(rt) = &self.rt else { return };
         let list = &h.chunks;
         let Some(mut i) = list.find(from) else { return };
@@ -1290,9 +1386,22 @@ impl BacktreeFs {
         }
     }
 
+    /// `lseek` with SEEK_DATA (3) or SEEK_HOLE (4), without waiting; `None` if the file's
+    /// chunk list must be fetched (then [`lseek`](Self::lseek) is used).
+    pub fn lseek_cached(&self, ino: u64, offset: i64, whence: i32) -> Option<Result<i64>> {
+        Some(
+            self.file_cached(ino)?
+                .and_then(|h| Self::seek(&h, offset, whence)),
+        )
+    }
+
     /// `lseek` with SEEK_DATA (3) or SEEK_HOLE (4).
-    pub fn lseek(&self, fh: u64, offset: i64, whence: i32) -> Result<i64> {
-        let h = self.file(fh)?;
+    pub async fn lseek(&self, ino: u64, offset: i64, whence: i32) -> Result<i64> {
+        let h = self.file(ino).await?;
+        Self::seek(&h, offset, whence)
+    }
+
+    fn seek(h: &OpenFile, offset: i64, whence: i32) -> Result<i64> {
         if offset < 0 {
             return Err(FsError::Invalid);
         }
@@ -1307,8 +1416,6 @@ impl BacktreeFs {
             .ok_or(FsError::NoXio)
     }
 
-    /// Statistics for `statfs`: (total logical bytes of known generations is not cheap to
-    /// compute, so a read-only filesystem reports no free space and no totals).
     pub fn statfs(&self) -> (u64, u64, u32) {
         (0, 0, 255)
     }
@@ -1333,6 +1440,14 @@ async fn fetch_chunk(packs: &PackReader, id: Id) -> std::result::Result<Bytes, S
 }
 
 /// The tree of a directory entry; ENOTDIR for anything else (and for virtual nodes).
+/// The first chunk of a file whose entry carries its chunk list.
+fn first_chunk(e: &Entry) -> Option<Id> {
+    e.chunks
+        .as_ref()
+        .and_then(|c| c.0.first())
+        .and_then(|c| c.id)
+}
+
 fn dir_tree(entry: Option<&Entry>) -> Result<Id> {
     match entry {
         Some(Entry {

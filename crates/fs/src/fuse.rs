@@ -1,8 +1,14 @@
 //! The thin FUSE adapter: turns kernel requests into calls of [`BacktreeFs`] and results into
 //! replies. Errors become errno values in exactly one place, [`errno`]. Requests that may wait
 //! for the repository run as tasks on the tokio runtime and reply from there (fuser's reply
-//! objects are `Send`), so a slow fetch never blocks the FUSE threads; reads whose chunks are all
-//! cached are answered on the FUSE thread, which avoids a thread hand-off (~25 µs) per request.
+//! objects are `Send`), so a slow fetch never blocks the FUSE threads; requests whose answer is
+//! in memory are answered on the FUSE thread, which avoids a thread hand-off (~25 µs) each: reads
+//! and lookups through the `*_cached` fast paths, listings and `readlink` by polling the request's
+//! future once there ([`FuseAdapter::run`]).
+//!
+//! Files are opened by the kernel without a request (FUSE_NO_OPEN_SUPPORT, see `init`): the
+//! filesystem keeps what reading needs per inode, so a file's reads arrive with its inode and no
+//! handle.
 
 use crate::fs::{Attr, BacktreeFs, FileKind, FsError, BLKSIZE};
 use fuser::{
@@ -11,8 +17,10 @@ use fuser::{
     ReplyEmpty, ReplyEntry, ReplyLseek, ReplyOpen, ReplyStatfs, ReplyXattr, Request,
 };
 use std::ffi::OsStr;
+use std::future::Future;
 use std::os::unix::ffi::OsStrExt;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use tokio::runtime::Handle;
 
 /// Kernel readahead we ask for. The kernel caps it at what it offers (128 KiB on this kernel
@@ -83,15 +91,43 @@ fn xattr_reply(reply: ReplyXattr, size: u32, data: &[u8]) {
 pub struct FuseAdapter {
     fs: Arc<BacktreeFs>,
     rt: Handle,
+    /// The kernel opens files without asking (FUSE_NO_OPEN_SUPPORT): OPEN is answered ENOSYS.
+    no_open: bool,
 }
 
 impl FuseAdapter {
     pub fn new(fs: Arc<BacktreeFs>, rt: Handle) -> Self {
-        FuseAdapter { fs, rt }
+        FuseAdapter {
+            fs,
+            rt,
+            no_open: false,
+        }
     }
 }
 
 impl FuseAdapter {
+    /// Runs `fut` on the FUSE thread until it first has to wait: when everything it needs is
+    /// in memory (a parsed directory page, a symlink's entry), it completes there and `done`
+    /// replies without a thread hand-off (~25 µs). Otherwise the started future moves to the
+    /// runtime and replies from there; polling it there registers the runtime's waker (a
+    /// future must only wake the waker of its latest poll).
+    fn run<T>(
+        &self,
+        fut: impl Future<Output = T> + Send + 'static,
+        done: impl FnOnce(T) + Send + 'static,
+    ) {
+        let mut fut = Box::pin(fut);
+        // Inside the runtime's context, so that the future may spawn and use tokio's timers.
+        let _guard = self.rt.enter();
+        let mut cx = Context::from_waker(futures_util::task::noop_waker_ref());
+        match fut.as_mut().poll(&mut cx) {
+            Poll::Ready(v) => done(v),
+            Poll::Pending => {
+                self.rt.spawn(async move { done(fut.await) });
+            }
+        }
+    }
+
     /// Replies on the FUSE thread when the answer is at hand (`cached`), else from a task on
     /// the runtime that runs `slow`: a hand-off costs ~25 µs, and most requests need none.
     fn answer<T, R, Fut>(
@@ -116,6 +152,12 @@ impl FuseAdapter {
 
 impl Filesystem for FuseAdapter {
     fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
+        // Zero-message opens: a file's reads need nothing from its open, and an OPEN plus a
+        // RELEASE per file were two of the three requests per small file of a restore. The
+        // kernel then opens with FOPEN_KEEP_CACHE, which generation contents want anyway.
+        self.no_open = config
+            .capabilities()
+            .contains(InitFlags::FUSE_NO_OPEN_SUPPORT);
         let _ = config
             .set_max_readahead(MAX_READAHEAD)
             .or_else(|max| config.set_max_readahead(max));
@@ -173,11 +215,9 @@ impl Filesystem for FuseAdapter {
 
     fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
         let fs = self.fs.clone();
-        self.rt.spawn(async move {
-            match fs.readlink(ino.0).await {
-                Ok(t) => reply.data(&t),
-                Err(e) => reply.error(errno(&e)),
-            }
+        self.run(async move { fs.readlink(ino.0).await }, |res| match res {
+            Ok(t) => reply.data(&t),
+            Err(e) => reply.error(errno(&e)),
         });
     }
 
@@ -186,14 +226,20 @@ impl Filesystem for FuseAdapter {
             reply.error(Errno::EROFS);
             return;
         }
+        if self.no_open {
+            // "Opened, and do not ask again" (see init). A read of something that is not a
+            // readable file then gets the error its open would have got.
+            reply.error(Errno::ENOSYS);
+            return;
+        }
         // Files of up to 64 chunks carry their chunk list: usually opened here, no hand-off.
         self.answer(
             self.fs.open_cached(ino.0),
             move |fs| async move { fs.open(ino.0).await },
             reply,
             |reply, res| match res {
-                // Contents never change: keep the page cache across opens.
-                Ok(fh) => reply.opened(FileHandle(fh), FopenFlags::FOPEN_KEEP_CACHE),
+                // Contents never change: keep the page cache across opens. Reads go by inode.
+                Ok(()) => reply.opened(FileHandle(0), FopenFlags::FOPEN_KEEP_CACHE),
                 Err(e) => reply.error(errno(&e)),
             },
         );
@@ -202,21 +248,21 @@ impl Filesystem for FuseAdapter {
     fn read(
         &self,
         _req: &Request,
-        _ino: INodeNo,
-        fh: FileHandle,
+        ino: INodeNo,
+        _fh: FileHandle,
         offset: u64,
         size: u32,
         _flags: OpenFlags,
         _lock_owner: Option<LockOwner>,
         reply: ReplyData,
     ) {
-        if let Some(data) = self.fs.read_cached(fh.0, offset, size) {
+        if let Some(data) = self.fs.read_cached(ino.0, offset, size) {
             reply.data(&data);
             return;
         }
         let fs = self.fs.clone();
         self.rt.spawn(async move {
-            match fs.read(fh.0, offset, size).await {
+            match fs.read(ino.0, offset, size).await {
                 Ok(data) => reply.data(&data),
                 Err(e) => reply.error(errno(&e)),
             }
@@ -241,20 +287,20 @@ impl Filesystem for FuseAdapter {
         &self,
         _req: &Request,
         _ino: INodeNo,
-        fh: FileHandle,
+        _fh: FileHandle,
         _flags: OpenFlags,
         _lock_owner: Option<LockOwner>,
         _flush: bool,
         reply: ReplyEmpty,
     ) {
-        self.fs.release(fh.0);
+        // Reads go by inode; nothing is held per open.
         reply.ok();
     }
 
     fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
         let fs = self.fs.clone();
-        self.rt.spawn(async move {
-            match fs.opendir(ino.0).await {
+        self.run(async move { fs.opendir(ino.0).await }, |res| {
+            match res {
                 // Generation directories never change: let the kernel cache their listings.
                 // Root and host directories must be listed afresh so new generations appear.
                 Ok((fh, true)) => reply.opened(
@@ -276,8 +322,10 @@ impl Filesystem for FuseAdapter {
         mut reply: ReplyDirectory,
     ) {
         let fs = self.fs.clone();
-        self.rt.spawn(async move {
-            match fs.readdir(fh.0, offset, 512).await {
+        let listed = fs.clone();
+        self.run(
+            async move { listed.readdir(fh.0, offset, 512).await },
+            move |res| match res {
                 Ok(items) => {
                     for it in items {
                         if reply.add(
@@ -292,8 +340,8 @@ impl Filesystem for FuseAdapter {
                     reply.ok();
                 }
                 Err(e) => reply.error(errno(&e)),
-            }
-        });
+            },
+        );
     }
 
     fn readdirplus(
@@ -305,29 +353,33 @@ impl Filesystem for FuseAdapter {
         mut reply: ReplyDirectoryPlus,
     ) {
         let fs = self.fs.clone();
-        self.rt.spawn(async move {
-            match fs.readdir(fh.0, offset, 256).await {
-                Ok(items) => {
-                    for it in items {
-                        let full = reply.add(
-                            INodeNo(it.ino),
-                            it.next,
-                            OsStr::from_bytes(&it.name),
-                            &it.ttl,
-                            &file_attr(&it.attr),
-                            Generation(0),
-                        );
-                        if full {
-                            break;
+        let listed = fs.clone();
+        self.run(
+            async move { listed.readdir(fh.0, offset, 256).await },
+            move |res| {
+                match res {
+                    Ok(items) => {
+                        for it in items {
+                            let full = reply.add(
+                                INodeNo(it.ino),
+                                it.next,
+                                OsStr::from_bytes(&it.name),
+                                &it.ttl,
+                                &file_attr(&it.attr),
+                                Generation(0),
+                            );
+                            if full {
+                                break;
+                            }
+                            // The kernel now holds a reference to this inode.
+                            fs.remember(it.ino, &it.node);
                         }
-                        // The kernel now holds a reference to this inode.
-                        fs.remember(it.ino, &it.node);
+                        reply.ok();
                     }
-                    reply.ok();
+                    Err(e) => reply.error(errno(&e)),
                 }
-                Err(e) => reply.error(errno(&e)),
-            }
-        });
+            },
+        );
     }
 
     fn releasedir(
@@ -375,15 +427,20 @@ impl Filesystem for FuseAdapter {
     fn lseek(
         &self,
         _req: &Request,
-        _ino: INodeNo,
-        fh: FileHandle,
+        ino: INodeNo,
+        _fh: FileHandle,
         offset: i64,
         whence: i32,
         reply: ReplyLseek,
     ) {
-        match self.fs.lseek(fh.0, offset, whence) {
-            Ok(o) => reply.offset(o),
-            Err(e) => reply.error(errno(&e)),
-        }
+        self.answer(
+            self.fs.lseek_cached(ino.0, offset, whence),
+            move |fs| async move { fs.lseek(ino.0, offset, whence).await },
+            reply,
+            |reply, res| match res {
+                Ok(o) => reply.offset(o),
+                Err(e) => reply.error(errno(&e)),
+            },
+        );
     }
 }

@@ -73,18 +73,17 @@ async fn walk(fs: &BacktreeFs, path: &str) -> Result<(u64, Attr)> {
 }
 
 async fn read_all(fs: &Arc<BacktreeFs>, ino: u64, size: u64) -> Result<Vec<u8>> {
-    let fh = fs.open(ino).await?;
+    fs.open(ino).await?;
     let mut out = Vec::new();
     let mut off = 0;
     while off < size {
-        let chunk = fs.read(fh, off, 128 << 10).await?;
+        let chunk = fs.read(ino, off, 128 << 10).await?;
         if chunk.is_empty() {
             break;
         }
         off += chunk.len() as u64;
         out.extend_from_slice(&chunk);
     }
-    fs.release(fh);
     Ok(out)
 }
 
@@ -167,14 +166,17 @@ async fn tree_attributes_and_contents() {
         "blocks reflect holes: {}",
         a.blocks
     );
-    let fh = fs.open(ino).await.unwrap();
-    assert_eq!(fs.lseek(fh, 0, libc::SEEK_HOLE).unwrap(), 4096);
-    assert_eq!(fs.lseek(fh, 4096, libc::SEEK_DATA).unwrap(), 10 << 20);
+    fs.open(ino).await.unwrap();
+    assert_eq!(fs.lseek(ino, 0, libc::SEEK_HOLE).await.unwrap(), 4096);
+    assert_eq!(
+        fs.lseek(ino, 4096, libc::SEEK_DATA).await.unwrap(),
+        10 << 20
+    );
     assert!(matches!(
-        fs.lseek(fh, 64 << 20, libc::SEEK_DATA),
+        fs.lseek(ino, 64 << 20, libc::SEEK_DATA).await,
         Err(FsError::NoXio)
     ));
-    assert_eq!(fs.read(fh, 5000, 10).await.unwrap(), vec![0u8; 10]);
+    assert_eq!(fs.read(ino, 5000, 10).await.unwrap(), vec![0u8; 10]);
 
     // Xattrs: values, list, ENODATA for a missing name.
     let (ino, _) = walk(fs, &format!("h/{gen}/small.txt")).await.unwrap();
@@ -285,9 +287,9 @@ async fn sequential_reads_prefetch_ahead() {
     let (ino, _) = walk(fs, "h/latest").await.unwrap();
     let gen = String::from_utf8(fs.readlink(ino).await.unwrap()).unwrap();
     let (big, _) = walk(fs, &format!("h/{gen}/big.bin")).await.unwrap();
-    let fh = fs.open(big).await.unwrap();
+    fs.open(big).await.unwrap();
     for i in 0..8u64 {
-        fs.read(fh, i * (128 << 10), 128 << 10).await.unwrap();
+        fs.read(big, i * (128 << 10), 128 << 10).await.unwrap();
     }
     // Give the prefetch tasks a moment; then more than what was read is cached.
     tokio::time::sleep(Duration::from_millis(300)).await;
@@ -385,24 +387,25 @@ async fn small_files_of_a_directory_come_from_one_pack_window() {
     // With the store failing, the others are opened and read without waiting for it.
     s.faulty.inject(Fault::FailReadsOf("packs/data".into()));
     for (i, ino) in files.iter().enumerate().skip(1) {
-        let fh = fs.open_cached(*ino).expect("chunk list inline").unwrap();
-        let got = fs.read_cached(fh, 0, 4096);
+        fs.open_cached(*ino).expect("chunk list inline").unwrap();
+        let got = fs.read_cached(*ino, 0, 4096);
         assert_eq!(
             got.as_deref(),
             Some(&random_bytes(i as u64, 1000)[..]),
             "f{i:03}"
         );
-        fs.release(fh);
     }
     s.faulty.heal();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn opening_a_file_reads_ahead_the_next_files_of_its_directory() {
-    // 40 files of 200 kB that do not compress: about four 2 MiB pack windows.
+async fn reading_a_file_reads_ahead_the_next_files_of_its_directory() {
+    // 40 files of 100 kB that do not compress: they span two 2 MiB pack windows, so no one
+    // window read holds the next 32 of them.
+    const N: usize = 40;
     let s = setup_with(|src| {
-        for i in 0..40u64 {
-            let data = random_bytes(1000 + i, 200_000);
+        for i in 0..N as u64 {
+            let data = random_bytes(1000 + i, 100_000);
             std::fs::write(src.join(format!("f{i:02}")), data).unwrap();
         }
     })
@@ -417,62 +420,71 @@ async fn opening_a_file_reads_ahead_the_next_files_of_its_directory() {
     let (ino, _) = walk(&fs, "h/latest").await.unwrap();
     let gen = String::from_utf8(fs.readlink(ino).await.unwrap()).unwrap();
     let mut files = Vec::new();
-    for i in 0..40 {
+    for i in 0..N {
         files.push(walk(&fs, &format!("h/{gen}/f{i:02}")).await.unwrap().0);
     }
-    let fh = fs
-        .open_cached(files[0])
-        .expect("chunk list inline")
-        .unwrap();
-    assert_eq!(
-        fs.read(fh, 0, 200_000).await.unwrap(),
-        random_bytes(1000, 200_000)
-    );
-    fs.release(fh);
-    // The read-ahead started by that open fetches the windows of the next files by name,
-    // wherever the parallel writer put them, until it has read two more windows. Which files
-    // that covers follows from where each file's blob is: replay it.
-    let m = fs.repo().manifest("h", &gen).await.unwrap();
-    let root = m.root.tree.unwrap();
-    let mut blobs = Vec::new();
-    for i in 0..40 {
-        let e = fs
-            .repo()
-            .resolve(&root, format!("f{i:02}").as_bytes())
-            .await
-            .unwrap()
-            .unwrap();
-        let id = e.chunks.as_ref().unwrap().0[0].id.unwrap();
-        let loc = fs.repo().locate(&id).await.unwrap();
-        let lo = loc.offset as u64;
-        blobs.push((loc.pack, lo, lo + loc.stored_len as u64));
-    }
-    let w = crate::packwin::DATA_WINDOW;
-    let window = |b: &(Id, u64, u64)| (b.0, b.1 - b.1 % w, (b.1 - b.1 % w + w).max(b.2));
-    let mut held = vec![window(&blobs[0])];
-    let covered = |held: &[(Id, u64, u64)], b: &(Id, u64, u64)| {
-        held.iter().any(|h| h.0 == b.0 && b.1 >= h.1 && b.2 <= h.2)
+    let held = |fs: &Arc<BacktreeFs>, i: usize| {
+        let got = fs.read_cached(files[i], 0, 100_000);
+        got.as_deref() == Some(&random_bytes(1000 + i as u64, 100_000)[..])
     };
-    for b in &blobs[1..33] {
-        if !covered(&held, b) {
-            if held.len() == 3 {
-                break;
-            }
-            held.push(window(b));
-        }
-    }
-    assert_eq!(held.len(), 3, "the 40 files span more than one window");
+    // Reading f00 starts a read-ahead of the next DIR_READ_AHEAD_FILES (32) files by name,
+    // wherever the parallel writer put them.
+    assert_eq!(
+        fs.read(files[0], 0, 100_000).await.unwrap(),
+        random_bytes(1000, 100_000)
+    );
     tokio::time::sleep(Duration::from_millis(500)).await;
     s.faulty.inject(Fault::FailReadsOf("packs/data".into()));
-    for (i, ino) in files.iter().enumerate().skip(1) {
-        if !covered(&held, &blobs[i]) {
-            continue;
+    for i in 1..=16 {
+        assert!(held(&fs, i), "f{i:02} was read ahead");
+    }
+    s.faulty.heal();
+    // Half-way through what it covered, the next read-ahead starts: f33.. arrive before the
+    // reader gets there.
+    for i in 17..=18 {
+        assert!(held(&fs, i), "f{i:02} was read ahead");
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    s.faulty.inject(Fault::FailReadsOf("packs/data".into()));
+    for i in 19..N {
+        assert!(held(&fs, i), "f{i:02} was read ahead");
+    }
+    s.faulty.heal();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn interleaved_sequential_readers_of_one_file_each_prefetch() {
+    // Without per-open handles, two readers of one file share its state: each must still be
+    // seen as sequential, not reset the other's prefetch.
+    let s = setup().await;
+    let fs = Arc::new(BacktreeFs::new(
+        s.fs.repo().clone(),
+        FsOptions {
+            cache_size: 64 << 20,
+            ..Default::default()
+        },
+    ));
+    let (ino, _) = walk(&fs, "h/latest").await.unwrap();
+    let gen = String::from_utf8(fs.readlink(ino).await.unwrap()).unwrap();
+    let (big, _) = walk(&fs, &format!("h/{gen}/big.bin")).await.unwrap();
+    let want = std::fs::read(s.src.join("big.bin")).unwrap();
+    let starts = [0usize, 10 << 20];
+    for step in 0..4 {
+        for st in starts {
+            let off = st + step * (128 << 10);
+            let got = fs.read(big, off as u64, 128 << 10).await.unwrap();
+            assert!(got[..] == want[off..off + (128 << 10)], "read at {off}");
         }
-        let fh = fs.open_cached(*ino).expect("chunk list inline").unwrap();
-        let got = fs.read_cached(fh, 0, 200_000);
-        fs.release(fh);
-        let want = random_bytes(1000 + i as u64, 200_000);
-        assert!(got.as_deref() == Some(&want[..]), "f{i:02} was read ahead");
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    s.faulty.inject(Fault::FailReadsOf("packs/data".into()));
+    for st in starts {
+        let off = st + (3 << 20);
+        let got = fs.read_cached(big, off as u64, 128 << 10);
+        assert!(
+            got.as_deref() == Some(&want[off..off + (128 << 10)]),
+            "the reader at {st} was prefetched for"
+        );
     }
     s.faulty.heal();
 }
