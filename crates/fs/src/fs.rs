@@ -1150,8 +1150,8 @@ impl BacktreeFs {
     /// then find the data in memory instead of each waiting for the store in turn, which on S3
     /// is a round trip per window.
     ///
-    /// A read-ahead starts when an opened file's data is not at hand, and again whenever the
-    /// reader has consumed half of what the last one looked at (the *frontier*), so that a
+    /// A read-ahead starts at a file's first read when its data is not at hand, and again when
+    /// the reader has consumed half of what the last one looked at (the *frontier*), so that a
     /// directory read in order keeps the next windows coming instead of missing once per few
     /// windows (the writer interleaves several directories' files in a pack, so a window holds
     /// only about ten files of one directory).
@@ -1162,6 +1162,8 @@ impl BacktreeFs {
         let idx = *idx as usize;
         let at_hand = |id: &Id| self.cache.present(id) || self.packs.data.contains(id);
         let own_missing = first_chunk(entry).is_some_and(|id| !at_hand(&id));
+        // The page's address names it while it is parsed; should a later page reuse the address,
+        // the worst outcome is one read-ahead not started, and the next miss starts it.
         let page_key = Arc::as_ptr(page) as usize;
         let end = (idx + 1 + DIR_READ_AHEAD_FILES).min(page.entries.len());
         {
@@ -1182,7 +1184,7 @@ impl BacktreeFs {
             return;
         }
         if self.read_aheads.fetch_add(1, Ordering::Relaxed) >= MAX_DIR_READ_AHEADS {
-            // Too many running: the next open tries again.
+            // Too many running: the next file's first read tries again.
             self.read_aheads.fetch_sub(1, Ordering::Relaxed);
             return;
         }

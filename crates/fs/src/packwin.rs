@@ -256,20 +256,6 @@ impl PackReader {
         Ok((s, loc))
     }
 
-    /// Reads the window holding data blob `id` if the blob is small and not held yet.
-    /// Returns whether a window was read.
-    pub async fn prefetch_window(&self, id: &Id) -> backtree_core::Result<bool> {
-        if self.data.contains(id) {
-            return Ok(false);
-        }
-        let loc = self.repo.locate(id).await?;
-        if loc.kind != BlobKind::Data || loc.stored_len > SMALL_BLOB || self.data.contains(id) {
-            return Ok(false);
-        }
-        self.read_window(&loc).await?;
-        Ok(true)
-    }
-
     /// Reads ahead the small data blobs among `ids` that are not held yet, with as few ranged
     /// reads as their places allow: blobs of one pack are read together when the gap between
     /// them is at most `gap` bytes and the read stays within [`DATA_WINDOW`]. Unlike a window,
