@@ -75,6 +75,11 @@ const INLINE_DECODE: u32 = 256 << 10;
 const DIR_READ_AHEAD_FILES: usize = 32;
 const DIR_READ_AHEAD_CHUNKS: usize = 2;
 const MAX_DIR_READ_AHEADS: usize = 4;
+/// Read-ahead into the next directories ([`BacktreeFs::next_dirs_read_ahead`]): directories
+/// ahead, files of each, and listed directories remembered (about 350 bytes each).
+const NEXT_DIRS: usize = 2;
+const NEXT_DIR_FILES: usize = 8;
+const LISTED_DIRS: usize = 1024;
 /// Manifests fetched at once when a host directory is listed (latency-bound on S3).
 const MANIFEST_FETCHES: usize = 16;
 /// st_blksize: asks `cp` and friends for large reads.
@@ -308,6 +313,8 @@ pub struct BacktreeFs {
     read_aheads: Arc<std::sync::atomic::AtomicUsize>,
     /// How far the last directory read-ahead looked: (directory page, entry index).
     frontier: Mutex<(usize, usize)>,
+    /// Directory pages in the order they were listed, with their first files' first chunks.
+    listed: Mutex<std::collections::VecDeque<(usize, Vec<Id>)>>,
     cache: Arc<ChunkCache>,
     /// Files being read, by inode.
     files: Mutex<LruCache<u64, Arc<OpenFile>>>,
@@ -421,6 +428,7 @@ impl BacktreeFs {
             packs,
             read_aheads: Default::default(),
             frontier: Mutex::new((0, 0)),
+            listed: Mutex::new(Default::default()),
             files: Mutex::new(LruCache::new(
                 NonZeroUsize::new(OPEN_FILES).unwrap_or(NonZeroUsize::MIN),
             )),
@@ -1029,6 +1037,9 @@ impl BacktreeFs {
                     } else {
                         break;
                     };
+                    if offset == 0 {
+                        self.note_listed(&entries);
+                    }
                     for (i, e) in entries.entries.iter().enumerate().skip(idx as usize) {
                         if out.len() >= max {
                             return Ok(out);
@@ -1142,6 +1153,61 @@ impl BacktreeFs {
         self.file(ino).await.map(|_| ())
     }
 
+    /// Remembers that a directory page was listed, with its first files' first chunks: a
+    /// restore reads directories in the order it listed them (see
+    /// [`next_dirs_read_ahead`](Self::next_dirs_read_ahead)).
+    fn note_listed(&self, page: &Arc<backtree_core::tree::Tree>) {
+        let ids: Vec<Id> = page
+            .entries
+            .iter()
+            .filter(|e| e.kind == Kind::File)
+            .filter_map(first_chunk)
+            .take(NEXT_DIR_FILES)
+            .collect();
+        let mut l = lock(&self.listed);
+        if l.len() == LISTED_DIRS {
+            l.pop_front();
+        }
+        l.push_back((Arc::as_ptr(page) as usize, ids));
+    }
+
+    /// Read-ahead into the next directories. `rsync` lists directories 0.1–1 s before it reads
+    /// their files, and reads them in the order it listed them; so the first file of each
+    /// directory was a miss, waiting for its window while nothing else was read. When a
+    /// restore enters a directory (the first read of a file in another page than the last),
+    /// the first [`NEXT_DIR_FILES`] files of the next [`NEXT_DIRS`] directories listed after it
+    /// are read ahead. A `find` reads no files and triggers nothing; a walk that reads in
+    /// another order (`cp -r` descends as it lists) finds nothing listed after the directory.
+    fn next_dirs_read_ahead(&self, page_key: usize) {
+        let (Some(rt), want) = (&self.rt, {
+            let mut l = lock(&self.listed);
+            let Some(at) = l.iter().position(|(k, _)| *k == page_key) else {
+                return;
+            };
+            // This directory and those listed before it are done with (and a second call for
+            // it finds nothing).
+            l.drain(..=at);
+            l.iter()
+                .filter(|(_, ids)| !ids.is_empty())
+                .take(NEXT_DIRS)
+                .flat_map(|(_, ids)| ids.iter().copied())
+                .filter(|id| !self.cache.present(id) && !self.packs.data.contains(id))
+                .collect::<Vec<Id>>()
+        }) else {
+            return;
+        };
+        if want.is_empty() {
+            return;
+        }
+        let (packs, cache, gap) = (self.packs.clone(), self.cache.clone(), self.opts.gather_gap);
+        rt.spawn(async move {
+            // Errors surface (and are logged) when a reader gets there.
+            if let Ok(large) = packs.gather(&want, gap).await {
+                prefetch_first_chunks(&cache, &packs, large);
+            }
+        });
+    }
+
     /// Read-ahead across a directory. A restore (`rsync`, `cp -r`, `tar`) reads a directory's
     /// files one after another in name order, which is the order of the directory page. So the
     /// data of the next [`DIR_READ_AHEAD_FILES`] files of the page is fetched in the background:
@@ -1166,14 +1232,23 @@ impl BacktreeFs {
         // the worst outcome is one read-ahead not started, and the next miss starts it.
         let page_key = Arc::as_ptr(page) as usize;
         let end = (idx + 1 + DIR_READ_AHEAD_FILES).min(page.entries.len());
-        {
+        let (entered, far_enough) = {
             let f = lock(&self.frontier);
-            // Not a miss, and the last read-ahead of this page still reaches far enough.
-            if !own_missing && f.0 == page_key && f.1 >= idx + DIR_READ_AHEAD_FILES / 2 {
-                return;
-            }
+            (
+                f.0 != page_key,
+                f.0 == page_key && f.1 >= idx + DIR_READ_AHEAD_FILES / 2,
+            )
+        };
+        if entered {
+            self.next_dirs_read_ahead(page_key);
         }
-        let want: Vec<Id> = page.entries[idx..end]
+        // Not a miss, and the last read-ahead of this page still reaches far enough.
+        if !own_missing && far_enough {
+            return;
+        }
+        // Not this file: its reader is fetching it (a window, which holds some of its
+        // neighbours too).
+        let want: Vec<Id> = page.entries[idx + 1..end]
             .iter()
             .filter(|e| e.kind == Kind::File)
             .filter_map(first_chunk)
@@ -1198,13 +1273,7 @@ impl BacktreeFs {
         rt.spawn(async move {
             // Errors surface (and are logged) when a reader gets there.
             if let Ok(large) = packs.gather(&want, gap).await {
-                let first_chunks = large.into_iter().filter(|id| !cache.present(id));
-                for id in first_chunks.take(DIR_READ_AHEAD_CHUNKS) {
-                    let (cache, packs) = (cache.clone(), packs.clone());
-                    tokio::spawn(async move {
-                        let _ = cache.get(&id, true, || fetch_chunk(&packs, id)).await;
-                    });
-                }
+                prefetch_first_chunks(&cache, &packs, large);
             }
             running.fetch_sub(1, Ordering::Relaxed);
         });
@@ -1442,6 +1511,18 @@ async fn fetch_chunk(packs: &PackReader, id: Id) -> std::result::Result<Bytes, S
 }
 
 /// The tree of a directory entry; ENOTDIR for anything else (and for virtual nodes).
+/// Fetches into the chunk cache the first chunks of at most [`DIR_READ_AHEAD_CHUNKS`] large
+/// files that a read-ahead found (see [`BacktreeFs::dir_read_ahead`]).
+fn prefetch_first_chunks(cache: &Arc<ChunkCache>, packs: &Arc<PackReader>, large: Vec<Id>) {
+    let first_chunks = large.into_iter().filter(|id| !cache.present(id));
+    for id in first_chunks.take(DIR_READ_AHEAD_CHUNKS) {
+        let (cache, packs) = (cache.clone(), packs.clone());
+        tokio::spawn(async move {
+            let _ = cache.get(&id, true, || fetch_chunk(&packs, id)).await;
+        });
+    }
+}
+
 /// The first chunk of a file whose entry carries its chunk list.
 fn first_chunk(e: &Entry) -> Option<Id> {
     e.chunks

@@ -140,17 +140,17 @@ async fn tree_attributes_and_contents() {
 
     // Contents, including a multi-chunk file read in 128 KiB pieces.
     let (ino, a) = walk(fs, &format!("h/{gen}/big.bin")).await.unwrap();
-    assert_eq!(
-        read_all(fs, ino, a.size).await.unwrap(),
-        std::fs::read(s.src.join("big.bin")).unwrap()
+    let got = read_all(fs, ino, a.size).await.unwrap();
+    assert!(
+        got == std::fs::read(s.src.join("big.bin")).unwrap(),
+        "big.bin"
     );
     let (ino, a) = walk(fs, &format!("h/{gen}/dir/sub/random.bin"))
         .await
         .unwrap();
-    assert_eq!(
-        read_all(fs, ino, a.size).await.unwrap(),
-        std::fs::read(s.src.join("dir/sub/random.bin")).unwrap()
-    );
+    let got = read_all(fs, ino, a.size).await.unwrap();
+    let want = std::fs::read(s.src.join("dir/sub/random.bin")).unwrap();
+    assert!(got == want, "dir/sub/random.bin");
 
     // Hardlinks share one inode and report the true link count.
     let (a1, at1) = walk(fs, &format!("h/{gen}/linked")).await.unwrap();
@@ -380,20 +380,15 @@ async fn small_files_of_a_directory_come_from_one_pack_window() {
         files.push(walk(fs, &format!("h/{gen}/f{i:03}")).await.unwrap().0);
     }
     // The first file read fetches a window of its pack, which holds the others too.
-    assert_eq!(
-        read_all(fs, files[0], 1000).await.unwrap(),
-        random_bytes(0, 1000)
-    );
+    let got = read_all(fs, files[0], 1000).await.unwrap();
+    assert!(got == random_bytes(0, 1000), "f000");
     // With the store failing, the others are opened and read without waiting for it.
     s.faulty.inject(Fault::FailReadsOf("packs/data".into()));
     for (i, ino) in files.iter().enumerate().skip(1) {
         fs.open_cached(*ino).expect("chunk list inline").unwrap();
         let got = fs.read_cached(*ino, 0, 4096);
-        assert_eq!(
-            got.as_deref(),
-            Some(&random_bytes(i as u64, 1000)[..]),
-            "f{i:03}"
-        );
+        let want = random_bytes(i as u64, 1000);
+        assert!(got.as_deref() == Some(&want[..]), "f{i:03} from the window");
     }
     s.faulty.heal();
 }
@@ -429,10 +424,8 @@ async fn reading_a_file_reads_ahead_the_next_files_of_its_directory() {
     };
     // Reading f00 starts a read-ahead of the next DIR_READ_AHEAD_FILES (32) files by name,
     // wherever the parallel writer put them.
-    assert_eq!(
-        fs.read(files[0], 0, 100_000).await.unwrap(),
-        random_bytes(1000, 100_000)
-    );
+    let got = fs.read(files[0], 0, 100_000).await.unwrap();
+    assert!(got[..] == random_bytes(1000, 100_000)[..], "f00");
     tokio::time::sleep(Duration::from_millis(500)).await;
     s.faulty.inject(Fault::FailReadsOf("packs/data".into()));
     for i in 1..=16 {
@@ -484,6 +477,52 @@ async fn interleaved_sequential_readers_of_one_file_each_prefetch() {
         assert!(
             got.as_deref() == Some(&want[off..off + (128 << 10)]),
             "the reader at {st} was prefetched for"
+        );
+    }
+    s.faulty.heal();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn entering_a_directory_reads_ahead_the_next_listed_one() {
+    // Files of 200 kB that do not compress: d1's and d2's blobs fill several pack windows, so
+    // reading d1 does not bring d2's files in by accident.
+    let s = setup_with(|src| {
+        for (dir, n) in [("d1", 12u64), ("d2", 8)] {
+            std::fs::create_dir(src.join(dir)).unwrap();
+            for i in 0..n {
+                let data = random_bytes(dir.len() as u64 * 100 + n * 10 + i, 200_000);
+                std::fs::write(src.join(dir).join(format!("f{i:02}")), data).unwrap();
+            }
+        }
+    })
+    .await;
+    let fs = Arc::new(BacktreeFs::new(
+        s.fs.repo().clone(),
+        FsOptions {
+            cache_size: 64 << 20,
+            ..Default::default()
+        },
+    ));
+    let (ino, _) = walk(&fs, "h/latest").await.unwrap();
+    let gen = String::from_utf8(fs.readlink(ino).await.unwrap()).unwrap();
+    // A restore lists d1, then d2, then reads d1's files.
+    for (dir, n) in [("d1", 12), ("d2", 8)] {
+        let (d, _) = walk(&fs, &format!("h/{gen}/{dir}")).await.unwrap();
+        let fh = fs.opendir(d).await.unwrap().0;
+        assert_eq!(fs.readdir(fh, 0, 100).await.unwrap().len(), n);
+        fs.releasedir(fh);
+    }
+    let (a0, _) = walk(&fs, &format!("h/{gen}/d1/f00")).await.unwrap();
+    fs.read(a0, 0, 200_000).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    s.faulty.inject(Fault::FailReadsOf("packs/data".into()));
+    for i in 0..8u64 {
+        let (ino, _) = walk(&fs, &format!("h/{gen}/d2/f{i:02}")).await.unwrap();
+        let got = fs.read_cached(ino, 0, 200_000);
+        let want = random_bytes(2 * 100 + 8 * 10 + i, 200_000);
+        assert!(
+            got.as_deref() == Some(&want[..]),
+            "d2/f{i:02} was read ahead"
         );
     }
     s.faulty.heal();
