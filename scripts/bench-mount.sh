@@ -974,12 +974,13 @@ report() {
         print "Targets:"
         print ""
         bc = v("image", "backtree", "read-cold"); oc = v("image", "borg", "read-cold")
-        ceil = num(c2) ? c2 : 1200
-        ceilsrc = num(c2) ? "the measured ceiling with read_ahead_kb 1024, " c2 " MB/s" : "the documented ceiling lower bound, 1200 MB/s"
         comb = (num(dc) && num(c2)) ? sprintf(" (and %.0f%% of the decode-plus-FUSE bound, %d MB/s)", 100 * bc * (1 / dc + 1 / c2), 1 / (1 / dc + 1 / c2)) : ""
-        if (num(bc) && num(oc))
-            printf "- Cold sequential read at least 2× borg'"'"'s and close to the FUSE ceiling (taken as at least half of %s): %d MB/s = %.2f× borg, %.0f%% of the ceiling%s: **%s**\n",
-                ceilsrc, bc, bc / oc, 100 * bc / ceil, comb, (bc >= 2 * oc && bc >= ceil / 2) ? "met" : ((bc >= 2 * oc) ? "not met (2× borg met, near the ceiling not)" : "not met")
+        if (num(bc) && num(oc) && num(c2))
+            printf "- Cold sequential read at least 2× borg'"'"'s and close to the FUSE ceiling (taken as at least half of the measured ceiling with read_ahead_kb 1024, %d MB/s): %d MB/s = %.2f× borg, %.0f%% of the ceiling%s: **%s**\n",
+                c2, bc, bc / oc, 100 * bc / c2, comb, (bc >= 2 * oc && bc >= c2 / 2) ? "met" : ((bc >= 2 * oc) ? "not met (2× borg met, near the ceiling not)" : "not met")
+        else if (num(bc) && num(oc))
+            printf "- Cold sequential read at least 2× borg'"'"'s and close to the FUSE ceiling: %d MB/s = %.2f× borg: **%s**; the ceiling was not measured in this run (BENCH_CEILING=0), so closeness to it is not judged\n",
+                bc, bc / oc, (bc >= 2 * oc) ? "2× borg met" : "not met"
         bw = v("image", "backtree", "read-warm")
         if (num(bw)) printf "- Warm re-read at least 3 GB/s: %d MB/s: **%s**\n", bw, (bw >= 3000) ? "met" : "not met"
         br = v("tree", "backtree", "rsync"); orr = v("tree", "borg", "rsync")
