@@ -35,7 +35,7 @@ use futures_util::StreamExt;
 use lru::LruCache;
 use std::collections::HashMap;
 use std::num::NonZeroUsize;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -310,7 +310,7 @@ pub struct BacktreeFs {
     trees: Mutex<LruCache<Id, Arc<backtree_core::tree::Tree>>>,
     packs: Arc<PackReader>,
     /// Directory read-aheads running.
-    read_aheads: Arc<std::sync::atomic::AtomicUsize>,
+    read_aheads: Arc<AtomicUsize>,
     /// How far the last directory read-ahead looked: (directory page, entry index).
     frontier: Mutex<(usize, usize)>,
     /// Directory pages in the order they were listed, with their first files' first chunks.
@@ -1157,11 +1157,7 @@ impl BacktreeFs {
     /// restore reads directories in the order it listed them (see
     /// [`next_dirs_read_ahead`](Self::next_dirs_read_ahead)).
     fn note_listed(&self, page: &Arc<backtree_core::tree::Tree>) {
-        let ids: Vec<Id> = page
-            .entries
-            .iter()
-            .filter(|e| e.kind == Kind::File)
-            .filter_map(first_chunk)
+        let ids: Vec<Id> = files_first_chunks(&page.entries)
             .take(NEXT_DIR_FILES)
             .collect();
         let mut l = lock(&self.listed);
@@ -1191,7 +1187,7 @@ impl BacktreeFs {
                 .filter(|(_, ids)| !ids.is_empty())
                 .take(NEXT_DIRS)
                 .flat_map(|(_, ids)| ids.iter().copied())
-                .filter(|id| !self.cache.present(id) && !self.packs.data.contains(id))
+                .filter(|id| !self.at_hand(id))
                 .collect::<Vec<Id>>()
         }) else {
             return;
@@ -1199,13 +1195,7 @@ impl BacktreeFs {
         if want.is_empty() {
             return;
         }
-        let (packs, cache, gap) = (self.packs.clone(), self.cache.clone(), self.opts.gather_gap);
-        rt.spawn(async move {
-            // Errors surface (and are logged) when a reader gets there.
-            if let Ok(large) = packs.gather(&want, gap).await {
-                prefetch_first_chunks(&cache, &packs, large);
-            }
-        });
+        self.read_ahead(rt, want, None);
     }
 
     /// Read-ahead across a directory. A restore (`rsync`, `cp -r`, `tar`) reads a directory's
@@ -1226,8 +1216,7 @@ impl BacktreeFs {
             return;
         };
         let idx = *idx as usize;
-        let at_hand = |id: &Id| self.cache.present(id) || self.packs.data.contains(id);
-        let own_missing = first_chunk(entry).is_some_and(|id| !at_hand(&id));
+        let own_missing = first_chunk(entry).is_some_and(|id| !self.at_hand(&id));
         // The page's address names it while it is parsed; should a later page reuse the address,
         // the worst outcome is one read-ahead not started, and the next miss starts it.
         let page_key = Arc::as_ptr(page) as usize;
@@ -1248,11 +1237,8 @@ impl BacktreeFs {
         }
         // Not this file: its reader is fetching it (a window, which holds some of its
         // neighbours too).
-        let want: Vec<Id> = page.entries[idx + 1..end]
-            .iter()
-            .filter(|e| e.kind == Kind::File)
-            .filter_map(first_chunk)
-            .filter(|id| !at_hand(id))
+        let want: Vec<Id> = files_first_chunks(&page.entries[idx + 1..end])
+            .filter(|id| !self.at_hand(id))
             .collect();
         if want.is_empty() {
             *lock(&self.frontier) = (page_key, end);
@@ -1264,18 +1250,39 @@ impl BacktreeFs {
             return;
         }
         *lock(&self.frontier) = (page_key, end);
-        let (packs, cache, running) = (
-            self.packs.clone(),
-            self.cache.clone(),
-            self.read_aheads.clone(),
-        );
-        let gap = self.opts.gather_gap;
+        self.read_ahead(rt, want, Some(self.read_aheads.clone()));
+    }
+
+    /// Whether a chunk is in memory or on its way: cached or being fetched, or its stored
+    /// bytes in a pack window.
+    fn at_hand(&self, id: &Id) -> bool {
+        self.cache.present(id) || self.packs.data.contains(id)
+    }
+
+    /// Reads ahead, in a task, the small blobs among `want` ([`PackReader::gather`]) and the
+    /// first chunks of at most [`DIR_READ_AHEAD_CHUNKS`] large ones (into the chunk cache);
+    /// then decrements `running`, if given. Errors surface (and are logged) when a reader gets
+    /// there.
+    fn read_ahead(
+        &self,
+        rt: &tokio::runtime::Handle,
+        want: Vec<Id>,
+        running: Option<Arc<AtomicUsize>>,
+    ) {
+        let (packs, cache, gap) = (self.packs.clone(), self.cache.clone(), self.opts.gather_gap);
         rt.spawn(async move {
-            // Errors surface (and are logged) when a reader gets there.
             if let Ok(large) = packs.gather(&want, gap).await {
-                prefetch_first_chunks(&cache, &packs, large);
+                let first_chunks = large.into_iter().filter(|id| !cache.present(id));
+                for id in first_chunks.take(DIR_READ_AHEAD_CHUNKS) {
+                    let (cache, packs) = (cache.clone(), packs.clone());
+                    tokio::spawn(async move {
+                        let _ = cache.get(&id, true, || fetch_chunk(&packs, id)).await;
+                    });
+                }
             }
-            running.fetch_sub(1, Ordering::Relaxed);
+            if let Some(running) = running {
+                running.fetch_sub(1, Ordering::Relaxed);
+            }
         });
     }
 
@@ -1511,16 +1518,12 @@ async fn fetch_chunk(packs: &PackReader, id: Id) -> std::result::Result<Bytes, S
 }
 
 /// The tree of a directory entry; ENOTDIR for anything else (and for virtual nodes).
-/// Fetches into the chunk cache the first chunks of at most [`DIR_READ_AHEAD_CHUNKS`] large
-/// files that a read-ahead found (see [`BacktreeFs::dir_read_ahead`]).
-fn prefetch_first_chunks(cache: &Arc<ChunkCache>, packs: &Arc<PackReader>, large: Vec<Id>) {
-    let first_chunks = large.into_iter().filter(|id| !cache.present(id));
-    for id in first_chunks.take(DIR_READ_AHEAD_CHUNKS) {
-        let (cache, packs) = (cache.clone(), packs.clone());
-        tokio::spawn(async move {
-            let _ = cache.get(&id, true, || fetch_chunk(&packs, id)).await;
-        });
-    }
+/// The first chunks of the regular files among `entries` that carry their chunk list.
+fn files_first_chunks(entries: &[Entry]) -> impl Iterator<Item = Id> + '_ {
+    entries
+        .iter()
+        .filter(|e| e.kind == Kind::File)
+        .filter_map(first_chunk)
 }
 
 /// The first chunk of a file whose entry carries its chunk list.

@@ -72,6 +72,26 @@ async fn walk(fs: &BacktreeFs, path: &str) -> Result<(u64, Attr)> {
     Ok((ino, attr))
 }
 
+/// The name of host h's latest generation.
+async fn latest_gen(fs: &Arc<BacktreeFs>) -> String {
+    let (ino, _) = walk(fs, "h/latest").await.unwrap();
+    String::from_utf8(fs.readlink(ino).await.unwrap()).unwrap()
+}
+
+/// A filesystem of its own over the setup's repository with a 64 MiB cache (room for what the
+/// read-ahead tests fetch), and host h's latest generation.
+async fn roomy_fs(s: &Setup) -> (Arc<BacktreeFs>, String) {
+    let fs = Arc::new(BacktreeFs::new(
+        s.fs.repo().clone(),
+        FsOptions {
+            cache_size: 64 << 20,
+            ..Default::default()
+        },
+    ));
+    let gen = latest_gen(&fs).await;
+    (fs, gen)
+}
+
 async fn read_all(fs: &Arc<BacktreeFs>, ino: u64, size: u64) -> Result<Vec<u8>> {
     fs.open(ino).await?;
     let mut out = Vec::new();
@@ -221,8 +241,7 @@ async fn tree_attributes_and_contents() {
 async fn paged_directory_lists_in_pieces() {
     let s = setup().await;
     let fs = &s.fs;
-    let (ino, _) = walk(fs, "h/latest").await.unwrap();
-    let gen = String::from_utf8(fs.readlink(ino).await.unwrap()).unwrap();
+    let gen = latest_gen(fs).await;
     let (d, _) = walk(fs, &format!("h/{gen}/big-dir")).await.unwrap();
     let fh = fs.opendir(d).await.unwrap().0;
     let mut names = Vec::new();
@@ -247,8 +266,7 @@ async fn paged_directory_lists_in_pieces() {
 async fn corrupt_or_missing_data_is_eio_and_the_rest_reads() {
     let s = setup().await;
     let fs = &s.fs;
-    let (ino, _) = walk(fs, "h/latest").await.unwrap();
-    let gen = String::from_utf8(fs.readlink(ino).await.unwrap()).unwrap();
+    let gen = latest_gen(fs).await;
     let (big, ba) = walk(fs, &format!("h/{gen}/big.bin")).await.unwrap();
 
     // Corrupt one byte of every data pack: reads of data not yet cached fail with EIO.
@@ -284,8 +302,7 @@ async fn corrupt_or_missing_data_is_eio_and_the_rest_reads() {
 async fn sequential_reads_prefetch_ahead() {
     let s = setup().await;
     let fs = &s.fs;
-    let (ino, _) = walk(fs, "h/latest").await.unwrap();
-    let gen = String::from_utf8(fs.readlink(ino).await.unwrap()).unwrap();
+    let gen = latest_gen(fs).await;
     let (big, _) = walk(fs, &format!("h/{gen}/big.bin")).await.unwrap();
     fs.open(big).await.unwrap();
     for i in 0..8u64 {
@@ -315,8 +332,7 @@ async fn disk_cache_serves_repeated_restores_and_is_verified() {
         ))
     };
     let fs = mk();
-    let (ino, _) = walk(&fs, "h/latest").await.unwrap();
-    let gen = String::from_utf8(fs.readlink(ino).await.unwrap()).unwrap();
+    let gen = latest_gen(&fs).await;
     let path = format!("h/{gen}/dir/sub/random.bin");
     let (ino, a) = walk(&fs, &path).await.unwrap();
     let want = std::fs::read(s.src.join("dir/sub/random.bin")).unwrap();
@@ -373,8 +389,7 @@ async fn small_files_of_a_directory_come_from_one_pack_window() {
     })
     .await;
     let fs = &s.fs;
-    let (ino, _) = walk(fs, "h/latest").await.unwrap();
-    let gen = String::from_utf8(fs.readlink(ino).await.unwrap()).unwrap();
+    let gen = latest_gen(fs).await;
     let mut files = Vec::new();
     for i in 0..200u64 {
         files.push(walk(fs, &format!("h/{gen}/f{i:03}")).await.unwrap().0);
@@ -405,15 +420,7 @@ async fn reading_a_file_reads_ahead_the_next_files_of_its_directory() {
         }
     })
     .await;
-    let fs = Arc::new(BacktreeFs::new(
-        s.fs.repo().clone(),
-        FsOptions {
-            cache_size: 64 << 20,
-            ..Default::default()
-        },
-    ));
-    let (ino, _) = walk(&fs, "h/latest").await.unwrap();
-    let gen = String::from_utf8(fs.readlink(ino).await.unwrap()).unwrap();
+    let (fs, gen) = roomy_fs(&s).await;
     let mut files = Vec::new();
     for i in 0..N {
         files.push(walk(&fs, &format!("h/{gen}/f{i:02}")).await.unwrap().0);
@@ -450,15 +457,7 @@ async fn interleaved_sequential_readers_of_one_file_each_prefetch() {
     // Without per-open handles, two readers of one file share its state: each must still be
     // seen as sequential, not reset the other's prefetch.
     let s = setup().await;
-    let fs = Arc::new(BacktreeFs::new(
-        s.fs.repo().clone(),
-        FsOptions {
-            cache_size: 64 << 20,
-            ..Default::default()
-        },
-    ));
-    let (ino, _) = walk(&fs, "h/latest").await.unwrap();
-    let gen = String::from_utf8(fs.readlink(ino).await.unwrap()).unwrap();
+    let (fs, gen) = roomy_fs(&s).await;
     let (big, _) = walk(&fs, &format!("h/{gen}/big.bin")).await.unwrap();
     let want = std::fs::read(s.src.join("big.bin")).unwrap();
     let starts = [0usize, 10 << 20];
@@ -496,15 +495,7 @@ async fn entering_a_directory_reads_ahead_the_next_listed_one() {
         }
     })
     .await;
-    let fs = Arc::new(BacktreeFs::new(
-        s.fs.repo().clone(),
-        FsOptions {
-            cache_size: 64 << 20,
-            ..Default::default()
-        },
-    ));
-    let (ino, _) = walk(&fs, "h/latest").await.unwrap();
-    let gen = String::from_utf8(fs.readlink(ino).await.unwrap()).unwrap();
+    let (fs, gen) = roomy_fs(&s).await;
     // A restore lists d1, then d2, then reads d1's files.
     for (dir, n) in [("d1", 12), ("d2", 8)] {
         let (d, _) = walk(&fs, &format!("h/{gen}/{dir}")).await.unwrap();
