@@ -64,6 +64,15 @@ impl ChunkCache {
         lock(&self.lru).map.get(id).cloned()
     }
 
+    /// A cached chunk, removed from the cache: for a reader that consumes it whole, after which
+    /// the kernel's page cache holds its bytes (a chunk decoded ahead need not stay twice).
+    pub fn take(&self, id: &Id) -> Option<Bytes> {
+        let mut l = lock(&self.lru);
+        let data = l.map.pop(id)?;
+        l.bytes -= data.len();
+        Some(data)
+    }
+
     /// Whether a chunk is cached or being fetched.
     pub fn present(&self, id: &Id) -> bool {
         lock(&self.lru).map.contains(id) || lock(&self.inflight).contains_key(id)

@@ -181,7 +181,8 @@ pub enum EntryAt {
 /// An entry, kept alive by the page (or manifest) holding it.
 pub enum EntryRef {
     Root(Arc<GenCtx>),
-    Page(Arc<backtree_core::tree::Tree>, u32),
+    /// Entry `.1` of the directory page `.0`, whose tree id is `.2`.
+    Page(Arc<backtree_core::tree::Tree>, u32, Id),
 }
 
 impl std::ops::Deref for EntryRef {
@@ -189,7 +190,7 @@ impl std::ops::Deref for EntryRef {
     fn deref(&self) -> &Entry {
         match self {
             EntryRef::Root(g) => &g.manifest.root,
-            EntryRef::Page(t, i) => &t.entries[*i as usize],
+            EntryRef::Page(t, i, _) => &t.entries[*i as usize],
         }
     }
 }
@@ -312,9 +313,9 @@ pub struct BacktreeFs {
     /// Directory read-aheads running.
     read_aheads: Arc<AtomicUsize>,
     /// How far the last directory read-ahead looked: (directory page, entry index).
-    frontier: Mutex<(usize, usize)>,
+    frontier: Mutex<(Id, usize)>,
     /// Directory pages in the order they were listed, with their first files' first chunks.
-    listed: Mutex<std::collections::VecDeque<(usize, Vec<Id>)>>,
+    listed: Mutex<std::collections::VecDeque<(Id, Vec<Id>)>>,
     cache: Arc<ChunkCache>,
     /// Files being read, by inode.
     files: Mutex<LruCache<u64, Arc<OpenFile>>>,
@@ -427,7 +428,7 @@ impl BacktreeFs {
             cache,
             packs,
             read_aheads: Default::default(),
-            frontier: Mutex::new((0, 0)),
+            frontier: Mutex::new((Id([0; 32]), 0)),
             listed: Mutex::new(Default::default()),
             files: Mutex::new(LruCache::new(
                 NonZeroUsize::new(OPEN_FILES).unwrap_or(NonZeroUsize::MIN),
@@ -543,8 +544,8 @@ impl BacktreeFs {
             Node::Entry { gen, at, .. } => match *at {
                 EntryAt::Root => Some(Some(EntryRef::Root(gen.clone()))),
                 EntryAt::Page { page, idx } => {
-                    let t = lock(&self.trees).get(&page)?.clone();
-                    ((idx as usize) < t.entries.len()).then_some(Some(EntryRef::Page(t, idx)))
+                    let t = self.tree_cached(&page)?;
+                    ((idx as usize) < t.entries.len()).then_some(Some(EntryRef::Page(t, idx, page)))
                 }
             },
             _ => Some(None),
@@ -568,7 +569,7 @@ impl BacktreeFs {
         if *idx as usize >= t.entries.len() {
             return Err(FsError::NotFound);
         }
-        Ok(Some(EntryRef::Page(t, *idx)))
+        Ok(Some(EntryRef::Page(t, *idx, *page)))
     }
 
     /// A node and its entry, if that is at hand without fetching.
@@ -662,13 +663,37 @@ impl BacktreeFs {
         FsError::Io(line)
     }
 
+    /// A parsed directory page without waiting: a page parsed earlier, or one decoded and
+    /// parsed here from its stored bytes when a tree window holds them. `None` if the page must
+    /// be read from the store, or is too large to decode on the calling thread.
+    ///
+    /// This is what lets requests be answered on the FUSE thread after their page was evicted
+    /// from the parsed pages: `rsync` lists directories up to a second before it reads their
+    /// files, by which time hundreds of other pages have been parsed. Decoding a page of a few
+    /// KiB (zstd, BLAKE3, CBOR) costs less than handing the request to another thread (~25 µs).
+    /// A page that fails to decode is left to [`tree`](Self::tree), which reports it.
+    fn tree_cached(&self, id: &Id) -> Option<Arc<backtree_core::tree::Tree>> {
+        if let Some(t) = lock(&self.trees).get(id).cloned() {
+            return Some(t);
+        }
+        let stored = self.packs.trees.get(id)?;
+        if stored.raw_len > INLINE_DECODE {
+            return None;
+        }
+        let what = format!("tree {id}");
+        let raw = stored.decode(id, &what).ok()?;
+        let t = Arc::new(backtree_core::tree::Tree::decode(&what, &raw).ok()?);
+        lock(&self.trees).put(*id, t.clone());
+        Some(t)
+    }
+
     async fn tree(
         &self,
         gen: &GenCtx,
         path: &[u8],
         id: &Id,
     ) -> Result<Arc<backtree_core::tree::Tree>> {
-        if let Some(t) = lock(&self.trees).get(id).cloned() {
+        if let Some(t) = self.tree_cached(id) {
             return Ok(t);
         }
         let t = self.load_tree(id).await.map_err(|e| {
@@ -813,8 +838,8 @@ impl BacktreeFs {
         Ok((node.0, node.1, attr, ttl))
     }
 
-    /// [`lookup`](Self::lookup) inside a generation, answered only from parsed directory pages
-    /// already in memory; `None` when that would need the repository.
+    /// [`lookup`](Self::lookup) inside a generation, answered only from directory pages in
+    /// memory ([`tree_cached`](Self::tree_cached)); `None` when that would need the repository.
     pub fn lookup_cached(
         &self,
         parent: u64,
@@ -827,17 +852,14 @@ impl BacktreeFs {
             Ok(t) => t,
             Err(e) => return Some(Err(e)),
         };
-        let (page_id, page) = {
-            let mut trees = lock(&self.trees);
-            let t = trees.get(&tree)?.clone();
-            if t.is_paged() {
-                match t.page_for(name) {
-                    Some(p) => (p.id, trees.get(&p.id)?.clone()),
-                    None => return Some(Err(FsError::NotFound)),
-                }
-            } else {
-                (tree, t)
+        let t = self.tree_cached(&tree)?;
+        let (page_id, page) = if t.is_paged() {
+            match t.page_for(name) {
+                Some(p) => (p.id, self.tree_cached(&p.id)?),
+                None => return Some(Err(FsError::NotFound)),
             }
+        } else {
+            (tree, t)
         };
         Some(Self::named(parent, &gen, &path, page_id, &page, name))
     }
@@ -1038,7 +1060,7 @@ impl BacktreeFs {
                         break;
                     };
                     if offset == 0 {
-                        self.note_listed(&entries);
+                        self.note_listed(page_id, &entries);
                     }
                     for (i, e) in entries.entries.iter().enumerate().skip(idx as usize) {
                         if out.len() >= max {
@@ -1156,7 +1178,7 @@ impl BacktreeFs {
     /// Remembers that a directory page was listed, with its first files' first chunks: a
     /// restore reads directories in the order it listed them (see
     /// [`next_dirs_read_ahead`](Self::next_dirs_read_ahead)).
-    fn note_listed(&self, page: &Arc<backtree_core::tree::Tree>) {
+    fn note_listed(&self, page_id: Id, page: &backtree_core::tree::Tree) {
         let ids: Vec<Id> = files_first_chunks(&page.entries)
             .take(NEXT_DIR_FILES)
             .collect();
@@ -1164,7 +1186,7 @@ impl BacktreeFs {
         if l.len() == LISTED_DIRS {
             l.pop_front();
         }
-        l.push_back((Arc::as_ptr(page) as usize, ids));
+        l.push_back((page_id, ids));
     }
 
     /// Read-ahead into the next directories. `rsync` lists directories 0.1–1 s before it reads
@@ -1174,7 +1196,7 @@ impl BacktreeFs {
     /// the first [`NEXT_DIR_FILES`] files of the next [`NEXT_DIRS`] directories listed after it
     /// are read ahead. A `find` reads no files and triggers nothing; a walk that reads in
     /// another order (`cp -r` descends as it lists) finds nothing listed after the directory.
-    fn next_dirs_read_ahead(&self, page_key: usize) {
+    fn next_dirs_read_ahead(&self, page_key: Id) {
         let (Some(rt), want) = (&self.rt, {
             let mut l = lock(&self.listed);
             let Some(at) = l.iter().position(|(k, _)| *k == page_key) else {
@@ -1212,14 +1234,12 @@ impl BacktreeFs {
     /// windows (the writer interleaves several directories' files in a pack, so a window holds
     /// only about ten files of one directory).
     fn dir_read_ahead(&self, entry: &EntryRef) {
-        let (Some(rt), EntryRef::Page(page, idx)) = (&self.rt, entry) else {
+        let (Some(rt), EntryRef::Page(page, idx, page_key)) = (&self.rt, entry) else {
             return;
         };
         let idx = *idx as usize;
         let own_missing = first_chunk(entry).is_some_and(|id| !self.at_hand(&id));
-        // The page's address names it while it is parsed; should a later page reuse the address,
-        // the worst outcome is one read-ahead not started, and the next miss starts it.
-        let page_key = Arc::as_ptr(page) as usize;
+        let page_key = *page_key;
         let end = (idx + 1 + DIR_READ_AHEAD_FILES).min(page.entries.len());
         let (entered, far_enough) = {
             let f = lock(&self.frontier);
@@ -1270,8 +1290,16 @@ impl BacktreeFs {
         running: Option<Arc<AtomicUsize>>,
     ) {
         let (packs, cache, gap) = (self.packs.clone(), self.cache.clone(), self.opts.gather_gap);
+        // With --cache-dir, chunks go through the cache's fetch, which also writes them to disk.
+        // A quarter of the cache at most, so that decoding ahead never pushes out the chunks a
+        // large file's reader has prefetched.
+        let decode_budget = match self.opts.cache_dir {
+            None => self.opts.cache_size / 4,
+            Some(_) => 0,
+        };
         rt.spawn(async move {
             if let Ok(large) = packs.gather(&want, gap).await {
+                decode_ahead(&packs, &cache, &want, decode_budget);
                 let first_chunks = large.into_iter().filter(|id| !cache.present(id));
                 for id in first_chunks.take(DIR_READ_AHEAD_CHUNKS) {
                     let (cache, packs) = (cache.clone(), packs.clone());
@@ -1302,10 +1330,12 @@ impl BacktreeFs {
                 None => zeros((take - pos) as usize),
                 Some(id) => {
                     let whole = pos == cs && take == ce;
-                    let data = self
-                        .cache
-                        .peek(id)
-                        .or_else(|| self.decode_inline(id, !whole))?;
+                    let cached = if whole {
+                        self.cache.take(id)
+                    } else {
+                        self.cache.peek(id)
+                    };
+                    let data = cached.or_else(|| self.decode_inline(id, !whole))?;
                     if take - cs > data.len() as u64 {
                         return None;
                     }
@@ -1496,6 +1526,45 @@ impl BacktreeFs {
 
     pub fn statfs(&self) -> (u64, u64, u32) {
         (0, 0, 255)
+    }
+
+    /// Forgets every parsed directory page, as the LRU does on a large walk (tests). Returns
+    /// them: a test that keeps them alive makes pages parsed again land at other addresses, as
+    /// they do after a walk has parsed many others in between.
+    #[cfg(test)]
+    fn evict_parsed_pages(&self) -> Vec<Arc<backtree_core::tree::Tree>> {
+        let mut trees = lock(&self.trees);
+        let old = trees.iter().map(|(_, t)| t.clone()).collect();
+        trees.clear();
+        old
+    }
+}
+
+/// Decodes and verifies, into the chunk cache, the small chunks among `ids` (in their order,
+/// up to `budget` decoded bytes) whose stored bytes a read-ahead has just brought into a pack
+/// window. Their reads then only copy: decoding at the read put the zstd and BLAKE3 work of
+/// every small file (~20–30 µs) into the reader's wait on the FUSE thread, while the
+/// read-ahead's task runs beside the reader. A reader that consumes such a chunk whole takes it
+/// out of the cache ([`ChunkCache::take`]): the kernel's page cache has it then. Only chunks
+/// that [`BacktreeFs::decode_inline`] would decode (≤ [`INLINE_DECODE`]) are decoded here, so a
+/// read-ahead of 32 files decodes well under a millisecond's worth and can stay on the async
+/// worker. A chunk that fails verification is skipped; its reader reports it.
+fn decode_ahead(packs: &PackReader, cache: &ChunkCache, ids: &[Id], mut budget: usize) {
+    for id in ids {
+        if cache.present(id) {
+            continue;
+        }
+        let Some(stored) = packs.data.get(id) else {
+            continue;
+        };
+        let len = stored.raw_len as usize;
+        if stored.raw_len > INLINE_DECODE || len > budget {
+            continue;
+        }
+        if let Ok(data) = stored.decode(id, "") {
+            budget -= len;
+            cache.put(*id, Bytes::from(data));
+        }
     }
 }
 

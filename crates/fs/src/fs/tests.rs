@@ -483,6 +483,20 @@ async fn interleaved_sequential_readers_of_one_file_each_prefetch() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn entering_a_directory_reads_ahead_the_next_listed_one() {
+    next_listed_read_ahead(false).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn next_listed_read_ahead_survives_pages_parsed_again() {
+    // rsync lists directories up to a second before it reads them; by then their parsed pages
+    // may have been evicted and parsed again. The read-ahead must still know them (it used to
+    // name a page by its address in memory, and read nothing ahead for such directories).
+    next_listed_read_ahead(true).await;
+}
+
+/// A restore lists d1 and d2, then reads d1's first file: d2's first files are read ahead.
+/// `reparse`: every parsed page is evicted between the listing and the read.
+async fn next_listed_read_ahead(reparse: bool) {
     // Files of 200 kB that do not compress: d1's and d2's blobs fill several pack windows, so
     // reading d1 does not bring d2's files in by accident.
     let s = setup_with(|src| {
@@ -504,6 +518,7 @@ async fn entering_a_directory_reads_ahead_the_next_listed_one() {
         fs.releasedir(fh);
     }
     let (a0, _) = walk(&fs, &format!("h/{gen}/d1/f00")).await.unwrap();
+    let _evicted = reparse.then(|| fs.evict_parsed_pages());
     fs.read(a0, 0, 200_000).await.unwrap();
     tokio::time::sleep(Duration::from_millis(500)).await;
     s.faulty.inject(Fault::FailReadsOf("packs/data".into()));
@@ -517,4 +532,68 @@ async fn entering_a_directory_reads_ahead_the_next_listed_one() {
         );
     }
     s.faulty.heal();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn evicted_directory_pages_are_parsed_again_from_memory() {
+    // A directory whose parsed page was evicted (a large walk parses more than the LRU keeps)
+    // is still answered without the store while its tree blob is in a tree window: lookups,
+    // attributes and reads need no thread hand-off.
+    let s = setup().await;
+    let fs = &s.fs;
+    let gen = latest_gen(fs).await;
+    let (dir, _) = walk(fs, &format!("h/{gen}/dir")).await.unwrap();
+    let (file, _) = walk(fs, &format!("h/{gen}/small.txt")).await.unwrap();
+    let want = std::fs::read(s.src.join("small.txt")).unwrap();
+    assert!(read_all(fs, file, want.len() as u64).await.unwrap() == want);
+    let _ = fs.evict_parsed_pages();
+    s.faulty.inject(Fault::FailReadsOf("packs/tree".into()));
+    let names: Vec<Vec<u8>> = std::fs::read_dir(s.src.join("dir"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_encoded_bytes())
+        .collect();
+    assert!(!names.is_empty());
+    for name in &names {
+        let found = fs.lookup_cached(dir, name).expect("answered from memory");
+        assert!(found.is_ok(), "{}", String::from_utf8_lossy(name));
+    }
+    let _ = fs.evict_parsed_pages();
+    assert!(fs.getattr_cached(file).expect("from memory").is_ok());
+    let _ = fs.evict_parsed_pages();
+    let got = fs.read_cached(file, 0, 4096).expect("from memory");
+    assert!(got[..] == want[..]);
+    s.faulty.heal();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn read_ahead_decodes_small_files_and_whole_reads_take_them() {
+    // The read-ahead leaves the next files decoded and verified in the chunk cache, so their
+    // reads only copy; a read that consumes a chunk whole takes it out (the page cache has it).
+    const N: usize = 20;
+    let s = setup_with(|src| {
+        for i in 0..N as u64 {
+            std::fs::write(src.join(format!("f{i:02}")), random_bytes(500 + i, 20_000)).unwrap();
+        }
+    })
+    .await;
+    let (fs, gen) = roomy_fs(&s).await;
+    let mut files = Vec::new();
+    for i in 0..N {
+        files.push(walk(&fs, &format!("h/{gen}/f{i:02}")).await.unwrap().0);
+    }
+    fs.read(files[0], 0, 20_000).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let mut ids = Vec::new();
+    for ino in &files[1..] {
+        let f = fs.file(*ino).await.unwrap();
+        ids.push(f.chunks.0[0].id.expect("data"));
+    }
+    for (i, id) in ids.iter().enumerate() {
+        assert!(fs.cache.peek(id).is_some(), "f{:02} decoded ahead", i + 1);
+    }
+    for (i, ino) in files[1..].iter().enumerate() {
+        let got = fs.read_cached(*ino, 0, 20_000).expect("in memory");
+        assert!(got[..] == random_bytes(501 + i as u64, 20_000)[..]);
+        assert!(fs.cache.peek(&ids[i]).is_none(), "f{:02} taken", i + 1);
+    }
 }
