@@ -18,12 +18,16 @@
 //! follows the kernel's inode cache, not the repository.
 //!
 //! # Reads
-//! A file handle holds the file's chunk list. A read finds its first chunk by binary search,
-//! takes chunks from the [`ChunkCache`] (fetching, decompressing and verifying misses with one
-//! ranged read each), and copies the requested bytes; holes read as zeros. Each handle tracks
-//! whether reading is sequential; while it is, a prefetch window ahead of the reader is fetched
-//! by background tasks, and the window doubles each time the reader moves on, up to
-//! [`MAX_WINDOW`] (bounded by half the cache).
+//! Files are read by inode, with no open handle (the kernel opens files without asking, see
+//! `crate::fuse`): a file's read state, its chunk list and up to [`STREAMS`] sequential
+//! streams, is kept in an LRU of [`OPEN_FILES`] files. A read finds its first chunk by binary
+//! search, takes chunks from the [`ChunkCache`] (fetching, decompressing and verifying misses
+//! with one ranged read each, small ones through pack windows, `crate::packwin`), and copies
+//! the requested bytes; holes read as zeros. While a stream reads sequentially, a prefetch
+//! window ahead of it is fetched by background tasks, and the window doubles each time the
+//! reader moves on, up to [`MAX_WINDOW`] (bounded by half the cache). Reading a directory's
+//! files in order reads ahead the next files, and the first files of the next directories
+//! listed ([`BacktreeFs::dir_read_ahead`]).
 
 use crate::cache::ChunkCache;
 use crate::packwin::PackReader;
@@ -70,6 +74,10 @@ const DATA_WINDOW_BYTES: usize = 8 << 20;
 /// A small blob found in a pack window is decoded on the FUSE thread if it decodes to at most
 /// this much (about 50 µs of zstd and BLAKE3), which saves two thread hand-offs per file.
 const INLINE_DECODE: u32 = 256 << 10;
+/// A directory page evicted from the parsed pages is decoded and parsed again on the FUSE thread
+/// if it decodes to at most this much: a few hundred entries, under 100 µs (parsing dominates).
+/// Larger pages are parsed on a worker.
+const INLINE_TREE: u32 = 64 << 10;
 /// Directory read-ahead ([`BacktreeFs::dir_read_ahead`]): files looked at, windows and large
 /// files' first chunks fetched at most per read-ahead, and read-aheads running at once.
 const DIR_READ_AHEAD_FILES: usize = 32;
@@ -677,7 +685,7 @@ impl BacktreeFs {
             return Some(t);
         }
         let stored = self.packs.trees.get(id)?;
-        if stored.raw_len > INLINE_DECODE {
+        if stored.raw_len > INLINE_TREE {
             return None;
         }
         let what = format!("tree {id}");
