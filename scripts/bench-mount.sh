@@ -264,6 +264,15 @@ drop_caches() {
 
 # Busy CPU ticks of the whole machine (all cores).
 busy_ticks() { awk '/^cpu / { print $2 + $3 + $4 + $7 + $8 + $9; exit }' /proc/stat; }
+# CPU ticks used so far by kernel threads (PF_KTHREAD, 0x200000 in the flags field): work the
+# kernel does for what runs, such as the loop device's and the journal's writes of a restore into
+# the fresh ext4, which is the restore's own work and not noise.
+kthread_ticks() {
+    cat /proc/[0-9]*/stat 2>/dev/null | awk '{
+        n = split($0, f, ") "); split(f[n], g, " ")
+        if (int(g[7] / 2097152) % 2 == 1) s += g[12] + g[13]
+    } END { printf "%d\n", s }'
+}
 # CPU ticks of one process (user + system).
 proc_ticks() {
     if [ -n "$1" ] && [ -r "/proc/$1/stat" ]; then
@@ -308,12 +317,13 @@ run_session() {
 # T_WALL (seconds) and T_RC; records the load average and the CPU used by processes other than
 # COMMAND and the daemon (a noise gauge).
 timed() {
-    local ds=$1 tool=$2 step=$3 base t0 t1 b0 b1 d0 d1 user sys load other
+    local ds=$1 tool=$2 step=$3 base t0 t1 b0 b1 d0 d1 k0 k1 user sys load other kernel
     shift 4
     base=$LOGS/$ds-$tool-$step
     load=$(cut -d' ' -f1 /proc/loadavg)
     info "$tool $step: $*"
     T_RC=0
+    k0=$(kthread_ticks)
     b0=$(busy_ticks)
     d0=$(proc_ticks "$DAEMON_PID")
     t0=$(now)
@@ -321,18 +331,20 @@ timed() {
     t1=$(now)
     d1=$(proc_ticks "$DAEMON_PID")
     b1=$(busy_ticks)
+    k1=$(kthread_ticks)
     read -r user sys < <(tail -n1 "$base.time" | grep -E '^[0-9.]+ [0-9.]+$' || echo "0 0")
     T_WALL=$(elapsed "$t0" "$t1")
-    other=$(awk -v b="$((b1 - b0))" -v d="$((d1 - d0))" -v hz="$CLK_TCK" -v u="$user" -v s="$sys" \
-        'BEGIN { o = (b - d) / hz - u - s; if (o < 0) o = 0; printf "%.1f", o }')
+    kernel=$(awk -v k="$((k1 - k0))" -v hz="$CLK_TCK" 'BEGIN { printf "%.1f", k / hz }')
+    other=$(awk -v b="$((b1 - b0))" -v d="$((d1 - d0))" -v k="$((k1 - k0))" -v hz="$CLK_TCK" -v u="$user" -v s="$sys" \
+        'BEGIN { o = (b - d - k) / hz - u - s; if (o < 0) o = 0; printf "%.1f", o }')
     T_LOAD=$load
     T_OTHER=$other
     SESSION_NOISE=$(awk -v a="$SESSION_NOISE" -v b="$other" 'BEGIN { print (b > a) ? b : a }')
     if [ "$T_RC" -ne 0 ]; then
         info "FAILED (exit $T_RC): $(tail -n3 "$base.err" | tr '\n' ' ')"
     fi
-    info "$(printf '%s %s %s: %ss (load %s, others used %s CPU s, daemon %s CPU s, client %s CPU s)' \
-        "$ds" "$tool" "$step" "$T_WALL" "$load" "$other" \
+    info "$(printf '%s %s %s: %ss (load %s, others used %s CPU s, kernel threads %s CPU s, daemon %s CPU s, client %s CPU s)' \
+        "$ds" "$tool" "$step" "$T_WALL" "$load" "$other" "$kernel" \
         "$(awk -v d="$((d1 - d0))" -v hz="$CLK_TCK" 'BEGIN { printf "%.1f", d / hz }')" \
         "$(awk -v u="$user" -v s="$sys" 'BEGIN { printf "%.1f", u + s }')")"
 }
@@ -1036,8 +1048,8 @@ report() {
         for (r = 1; r <= 3; r++) { k = "ceiling" SUBSEP "fuse" SUBSEP "read-ra1024-" r; if (k in other) nz = nz (r == 1 ? " / " : ", ") other[k] }
         k = "image" SUBSEP "disk" SUBSEP "read-repo"
         print "(\"load\": 1-minute load average when the step started, which still counts this script'"'"'s own" \
-              " previous steps; \"others\": CPU seconds used by processes other than the daemon and the" \
-              " client during the step. FUSE ceiling reads, default / read_ahead_kb 1024: others " \
+              " previous steps; \"others\": CPU seconds used by processes other than the daemon, the" \
+              " client and kernel threads during the step. FUSE ceiling reads, default / read_ahead_kb 1024: others " \
               (nz == "" ? "n/a" : nz) " CPU s; disk baseline: others " ((k in other) ? other[k] : "n/a") " CPU s.)"
         print ""
         # The restore rounds.
