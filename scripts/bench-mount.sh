@@ -75,6 +75,10 @@ BENCH_IDLE_WAIT=${BENCH_IDLE_WAIT:-300}
 BENCH_NOISE=${BENCH_NOISE:-0.5}
 BENCH_RETRIES=${BENCH_RETRIES:-2}
 BENCH_RSYNC_ROUNDS=${BENCH_RSYNC_ROUNDS:-3}
+# The mount's read_ahead_kb as backtree sets it when run as root (crates/fs/src/mount.rs); the
+# FUSE ceiling is measured with the same.
+READ_AHEAD_KB=$(sed -n 's/^pub const READ_AHEAD_KB: u32 = \([0-9]*\);/\1/p' "$ROOT/crates/fs/src/mount.rs")
+READ_AHEAD_KB=${READ_AHEAD_KB:-4096}
 RESTORE_FS="a fresh ext4 for every restore (loop-mounted sparse file, mkfs.ext4 with the journal and inode tables written at mkfs)"
 BENCH_CEILING=${BENCH_CEILING:-1}
 BENCH_DOC=${BENCH_DOC-$ROOT/docs/benchmarks-mount.md}
@@ -754,7 +758,7 @@ decode_ceiling() {
 # ---------------------------------------------------------------------------------------------
 # FUSE ceiling: a minimal fuser (0.18) server with one 4 GiB file of a repeated pattern
 # generated in memory, read with dd like the image; once with default settings, once with the
-# mount's read_ahead_kb raised to 1024 (as backtree does when run as root).
+# mount's read_ahead_kb raised to READ_AHEAD_KB (as backtree does when run as root).
 # ---------------------------------------------------------------------------------------------
 
 write_ceiling_project() {
@@ -920,16 +924,16 @@ ceiling() {
     bin=$CEIL_DIR/target/release/fuse-ceiling
     CEIL_MNT=$BENCH_DIR/ceiling-mnt
     mkdir -p "$CEIL_MNT"
-    for mode in default ra1024; do
+    for mode in default ra; do
         wait_quiet "fuse ceiling $mode"
         unmount_dir "$CEIL_MNT"
         "$bin" "$CEIL_MNT" >"$LOGS/ceiling-$mode.log" 2>&1 &
         DAEMON_PID=$!
         for ((i = 0; i < 500; i++)); do [ -e "$CEIL_MNT/data.bin" ] && break; sleep 0.01; done
         [ -e "$CEIL_MNT/data.bin" ] || { info "WARNING: ceiling mount did not answer"; stop_daemon; return 0; }
-        if [ "$mode" = ra1024 ]; then
+        if [ "$mode" = ra ]; then
             bdi=/sys/class/bdi/$(mountpoint -d "$CEIL_MNT")/read_ahead_kb
-            echo 1024 >"$bdi" || info "WARNING: cannot write $bdi"
+            echo "$READ_AHEAD_KB" >"$bdi" || info "WARNING: cannot write $bdi"
         fi
         local runs=()
         for r in 1 2 3; do
@@ -980,7 +984,7 @@ machine_info() {
 }
 
 report() {
-    awk -F'\t' -v tools="$BENCH_TOOLS" -v cs="$BENCH_CACHE_SIZE" -v rounds="$BENCH_RSYNC_ROUNDS" '
+    awk -F'\t' -v tools="$BENCH_TOOLS" -v cs="$BENCH_CACHE_SIZE" -v rounds="$BENCH_RSYNC_ROUNDS" -v ra="$READ_AHEAD_KB" '
     function v(ds, t, s) { return ((ds SUBSEP t SUBSEP s) in val) ? val[ds, t, s] : "" }
     function num(x) { return x != "" && x != "-" }
     function fmt(x, f) { return num(x) ? sprintf(f, x) : "n/a" }
@@ -1045,11 +1049,11 @@ report() {
         print ""
         nz = ""
         for (r = 1; r <= 3; r++) { k = "ceiling" SUBSEP "fuse" SUBSEP "read-default-" r; if (k in other) nz = nz (nz == "" ? "" : ", ") other[k] }
-        for (r = 1; r <= 3; r++) { k = "ceiling" SUBSEP "fuse" SUBSEP "read-ra1024-" r; if (k in other) nz = nz (r == 1 ? " / " : ", ") other[k] }
+        for (r = 1; r <= 3; r++) { k = "ceiling" SUBSEP "fuse" SUBSEP "read-ra-" r; if (k in other) nz = nz (r == 1 ? " / " : ", ") other[k] }
         k = "image" SUBSEP "disk" SUBSEP "read-repo"
         print "(\"load\": 1-minute load average when the step started, which still counts this script'"'"'s own" \
               " previous steps; \"others\": CPU seconds used by processes other than the daemon, the" \
-              " client and kernel threads during the step. FUSE ceiling reads, default / read_ahead_kb 1024: others " \
+              " client and kernel threads during the step. FUSE ceiling reads, default / read_ahead_kb " ra ": others " \
               (nz == "" ? "n/a" : nz) " CPU s; disk baseline: others " ((k in other) ? other[k] : "n/a") " CPU s.)"
         print ""
         # The restore rounds.
@@ -1071,11 +1075,11 @@ report() {
         b = v("tree", "backtree", "rsync"); o = v("tree", "borg", "rsync")
         printf " %s |\n\n", (num(b) && num(o)) ? sprintf("%.2f", b / o) : "n/a"
         disk = v("image", "disk", "read-repo")
-        c1 = v("ceiling", "fuse", "read-default"); c2 = v("ceiling", "fuse", "read-ra1024")
+        c1 = v("ceiling", "fuse", "read-default"); c2 = v("ceiling", "fuse", "read-ra")
         lf = v("tree", "local", "find"); lr = v("tree", "local", "rsync")
         if (num(lf) || num(lr)) printf "- Local baseline, no FUSE: the same cold `find` straight from the local disk takes %s s (others used %s CPU s), the same cold `rsync -a` into a fresh ext4 %s s (median of the rounds, range %s).\n", fmt(lf, "%.2f"), other["tree", "local", "find"], fmt(lr, "%.2f"), v("tree", "local", "rsync-range")
         if (num(disk)) printf "- Disk: a cold `tar | cat` of the backtree image repository reads %d MB/s (compressed bytes).\n", disk
-        if (num(c1) || num(c2)) printf "- FUSE ceiling (a minimal fuser 0.18 server with backtree'"'"'s kernel settings and 2 threads, one 4 GiB file served from memory, `dd bs=1M`, best of 3 reads): %s MB/s (range %s) with the default `read_ahead_kb`, %s MB/s (range %s) with `read_ahead_kb` 1024 (what backtree sets as root).\n", fmt(c1, "%d"), v("ceiling", "fuse", "range-default"), fmt(c2, "%d"), v("ceiling", "fuse", "range-ra1024")
+        if (num(c1) || num(c2)) printf "- FUSE ceiling (a minimal fuser 0.18 server with backtree'"'"'s kernel settings and 2 threads, one 4 GiB file served from memory, `dd bs=1M`, best of 3 reads): %s MB/s (range %s) with the default `read_ahead_kb`, %s MB/s (range %s) with `read_ahead_kb` %d (what backtree sets as root).\n", fmt(c1, "%d"), v("ceiling", "fuse", "range-default"), fmt(c2, "%d"), v("ceiling", "fuse", "range-ra"), ra
         else print "- FUSE ceiling: not measured in this run; the documented figure (docs field notes, same machine type) is 1–2 GB/s with default settings and 1.2–3.9 GB/s with `read_ahead_kb` 1024."
         dc = v("image", "decode", "read")
         if (num(dc)) printf "- Decode ceiling (no FUSE, no I/O: every data blob of the backtree image repository decompressed and BLAKE3-verified from memory, one thread per core, `crates/core/examples/decode_ceiling.rs`, best of 3): %d MB/s of the image (%d MB/s of decoded data).\n", dc, v("image", "decode", "read-raw")
@@ -1091,8 +1095,8 @@ report() {
         bc = v("image", "backtree", "read-cold"); oc = v("image", "borg", "read-cold")
         comb = (num(dc) && num(c2)) ? sprintf(" (and %.0f%% of the decode-plus-FUSE bound, %d MB/s)", 100 * bc * (1 / dc + 1 / c2), 1 / (1 / dc + 1 / c2)) : ""
         if (num(bc) && num(oc) && num(c2))
-            printf "- Cold sequential read at least 2× borg'"'"'s and close to the FUSE ceiling (taken as at least half of the measured ceiling with read_ahead_kb 1024, %d MB/s): %d MB/s = %.2f× borg, %.0f%% of the ceiling%s: **%s**\n",
-                c2, bc, bc / oc, 100 * bc / c2, comb, (bc >= 2 * oc && bc >= c2 / 2) ? "met" : ((bc >= 2 * oc) ? "not met (2× borg met, near the ceiling not)" : "not met")
+            printf "- Cold sequential read at least 2× borg'"'"'s and close to the FUSE ceiling (taken as at least half of the measured ceiling with read_ahead_kb %d, %d MB/s): %d MB/s = %.2f× borg, %.0f%% of the ceiling%s: **%s**\n",
+                ra, c2, bc, bc / oc, 100 * bc / c2, comb, (bc >= 2 * oc && bc >= c2 / 2) ? "met" : ((bc >= 2 * oc) ? "not met (2× borg met, near the ceiling not)" : "not met")
         else if (num(bc) && num(oc))
             printf "- Cold sequential read at least 2× borg'"'"'s and close to the FUSE ceiling: %d MB/s = %.2f× borg: **%s**; the ceiling was not measured in this run (BENCH_CEILING=0), so closeness to it is not judged\n",
                 bc, bc / oc, (bc >= 2 * oc) ? "2× borg met" : "not met"

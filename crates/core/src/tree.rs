@@ -295,6 +295,35 @@ impl Tree {
         !self.pages.is_empty()
     }
 
+    /// Bytes this tree takes in memory once parsed, about (its vectors' capacities and every
+    /// entry's own allocations): what a cache of parsed trees counts against its budget.
+    pub fn mem_size(&self) -> usize {
+        use std::mem::size_of;
+        let entries: usize = self
+            .entries
+            .iter()
+            .map(|e| {
+                e.name.capacity()
+                    + e.user.as_ref().map_or(0, String::capacity)
+                    + e.group.as_ref().map_or(0, String::capacity)
+                    + e.target.as_ref().map_or(0, Vec::capacity)
+                    + e.xattrs.capacity() * size_of::<Xattr>()
+                    + e.xattrs
+                        .iter()
+                        .map(|x| x.name.capacity() + x.value.capacity())
+                        .sum::<usize>()
+                    + e.chunks
+                        .as_ref()
+                        .map_or(0, |c| c.0.capacity() * size_of::<ChunkRef>())
+            })
+            .sum();
+        size_of::<Tree>()
+            + self.entries.capacity() * size_of::<Entry>()
+            + entries
+            + self.pages.capacity() * size_of::<PageRef>()
+            + self.pages.iter().map(|p| p.first.capacity()).sum::<usize>()
+    }
+
     /// Number of entries in the directory (all pages).
     pub fn count(&self) -> u64 {
         if self.is_paged() {
@@ -438,6 +467,22 @@ mod tests {
     }
 
     proptest! {
+        #[test]
+        fn mem_size_counts_entries_and_what_they_hold(mut entries in proptest::collection::vec(arb_entry(), 1..30)) {
+            entries.sort_by(|a, b| a.name.cmp(&b.name));
+            entries.dedup_by(|a, b| a.name == b.name);
+            let n = entries.len();
+            let held: usize = entries
+                .iter()
+                .map(|e| e.name.len() + e.chunks.as_ref().map_or(0, |c| c.0.len() * std::mem::size_of::<ChunkRef>()))
+                .sum();
+            let t = Tree::leaf(entries);
+            prop_assert!(t.mem_size() >= n * std::mem::size_of::<Entry>() + held);
+            // A tree parsed from its encoding counts about the same (capacities may differ).
+            let back = Tree::decode("t", &t.encode()).unwrap();
+            prop_assert!(back.mem_size() >= n * std::mem::size_of::<Entry>() + held);
+        }
+
         #[test]
         fn tree_round_trip(mut entries in proptest::collection::vec(arb_entry(), 0..20)) {
             entries.sort_by(|a, b| a.name.cmp(&b.name));

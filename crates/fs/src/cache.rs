@@ -30,16 +30,77 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-struct Lru {
-    map: LruCache<Id, Bytes>,
+/// An LRU bounded by the bytes its values take (each value's size is given when it is put).
+/// The chunk cache and the parsed directory pages use it.
+pub struct SizedLru<V> {
+    map: LruCache<Id, (V, usize)>,
     bytes: usize,
+    limit: usize,
+}
+
+impl<V: Clone> SizedLru<V> {
+    pub fn new(limit: usize) -> Self {
+        SizedLru {
+            map: LruCache::unbounded(),
+            bytes: 0,
+            limit,
+        }
+    }
+
+    /// The value, marked as recently used.
+    pub fn get(&mut self, id: &Id) -> Option<V> {
+        self.map.get(id).map(|(v, _)| v.clone())
+    }
+
+    /// Removes and returns the value.
+    pub fn pop(&mut self, id: &Id) -> Option<V> {
+        let (v, size) = self.map.pop(id)?;
+        self.bytes -= size;
+        Some(v)
+    }
+
+    pub fn contains(&self, id: &Id) -> bool {
+        self.map.contains(id)
+    }
+
+    /// Keeps `value`, which takes `size` bytes, evicting the least recently used until the
+    /// bytes are within the limit again; a value larger than the limit is not kept.
+    pub fn put(&mut self, id: Id, value: V, size: usize) {
+        if size > self.limit {
+            return;
+        }
+        self.bytes += size;
+        if let Some((_, old)) = self.map.put(id, (value, size)) {
+            self.bytes -= old;
+        }
+        while self.bytes > self.limit {
+            match self.map.pop_lru() {
+                Some((_, (_, n))) => self.bytes -= n,
+                None => break,
+            }
+        }
+    }
+
+    /// Bytes held.
+    pub fn bytes(&self) -> usize {
+        self.bytes
+    }
+
+    /// Removes every value, returning them.
+    pub fn clear(&mut self) -> Vec<V> {
+        self.bytes = 0;
+        let mut out = Vec::with_capacity(self.map.len());
+        while let Some((_, (v, _))) = self.map.pop_lru() {
+            out.push(v);
+        }
+        out
+    }
 }
 
 /// A byte-bounded LRU of decompressed, verified chunks with merged concurrent misses.
 pub struct ChunkCache {
-    limit: usize,
     fetches: tokio::sync::Semaphore,
-    lru: Mutex<Lru>,
+    lru: Mutex<SizedLru<Bytes>>,
     inflight: Mutex<HashMap<Id, Shared>>,
     disk: Option<PathBuf>,
 }
@@ -48,12 +109,8 @@ impl ChunkCache {
     /// `fetches`: chunk fetches in flight at most ([`MAX_FETCHES`], [`MAX_FETCHES_REMOTE`]).
     pub fn new(limit: usize, fetches: usize, disk: Option<PathBuf>) -> Self {
         ChunkCache {
-            limit,
             fetches: tokio::sync::Semaphore::new(fetches.max(1)),
-            lru: Mutex::new(Lru {
-                map: LruCache::unbounded(),
-                bytes: 0,
-            }),
+            lru: Mutex::new(SizedLru::new(limit)),
             inflight: Mutex::new(HashMap::new()),
             disk,
         }
@@ -61,45 +118,30 @@ impl ChunkCache {
 
     /// A cached chunk, without fetching.
     pub fn peek(&self, id: &Id) -> Option<Bytes> {
-        lock(&self.lru).map.get(id).cloned()
+        lock(&self.lru).get(id)
     }
 
     /// A cached chunk, removed from the cache: for a reader that consumes it whole, after which
     /// the kernel's page cache holds its bytes (a chunk decoded ahead need not stay twice).
     pub fn take(&self, id: &Id) -> Option<Bytes> {
-        let mut l = lock(&self.lru);
-        let data = l.map.pop(id)?;
-        l.bytes -= data.len();
-        Some(data)
+        lock(&self.lru).pop(id)
     }
 
     /// Whether a chunk is cached or being fetched.
     pub fn present(&self, id: &Id) -> bool {
-        lock(&self.lru).map.contains(id) || lock(&self.inflight).contains_key(id)
+        lock(&self.lru).contains(id) || lock(&self.inflight).contains_key(id)
     }
 
     /// Keeps a verified chunk (also one decoded elsewhere: on the FUSE thread, from a pack
     /// window).
     pub fn put(&self, id: Id, data: Bytes) {
-        let mut l = lock(&self.lru);
-        if data.len() > self.limit {
-            return;
-        }
-        l.bytes += data.len();
-        if let Some(old) = l.map.put(id, data) {
-            l.bytes -= old.len();
-        }
-        while l.bytes > self.limit {
-            match l.map.pop_lru() {
-                Some((_, v)) => l.bytes -= v.len(),
-                None => break,
-            }
-        }
+        let size = data.len();
+        lock(&self.lru).put(id, data, size);
     }
 
     /// Bytes currently held.
     pub fn bytes(&self) -> usize {
-        lock(&self.lru).bytes
+        lock(&self.lru).bytes()
     }
 
     fn disk_path(&self, id: &Id) -> Option<PathBuf> {
@@ -175,4 +217,33 @@ fn write_atomic(p: &std::path::Path, data: &[u8]) -> std::io::Result<()> {
     let tmp = p.with_extension(format!("tmp{}", std::process::id()));
     std::fs::write(&tmp, data)?;
     std::fs::rename(&tmp, p)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn id(n: u8) -> Id {
+        Id([n; 32])
+    }
+
+    #[test]
+    fn sized_lru_keeps_within_its_bytes_least_recently_used_first() {
+        let mut l = SizedLru::new(100);
+        l.put(id(1), "a", 40);
+        l.put(id(2), "b", 40);
+        assert_eq!(l.get(&id(1)), Some("a")); // 1 is now the most recently used
+        l.put(id(3), "c", 40); // 120 > 100: 2 goes
+        assert_eq!((l.get(&id(2)), l.bytes()), (None, 80));
+        assert!(l.contains(&id(1)) && l.contains(&id(3)));
+        // Replacing a value counts its new size only; a value over the limit is not kept.
+        l.put(id(3), "c2", 10);
+        assert_eq!(l.bytes(), 50);
+        l.put(id(4), "huge", 101);
+        assert_eq!((l.get(&id(4)), l.bytes()), (None, 50));
+        assert_eq!(l.pop(&id(1)), Some("a"));
+        assert_eq!(l.bytes(), 10);
+        assert_eq!(l.clear(), vec!["c2"]);
+        assert_eq!(l.bytes(), 0);
+    }
 }

@@ -29,7 +29,7 @@
 //! files in order reads ahead the next files, and the first files of the next directories
 //! listed ([`BacktreeFs::dir_read_ahead`]).
 
-use crate::cache::ChunkCache;
+use crate::cache::{ChunkCache, SizedLru};
 use crate::packwin::PackReader;
 use backtree_core::manifest::{generation_sort_key, is_generation_name, Manifest};
 use backtree_core::tree::{ChunkList, Entry, Kind};
@@ -61,10 +61,18 @@ const OPEN_FILES: usize = 256;
 /// Sequential readers of one file told apart: concurrent readers of a file share its state.
 const STREAMS: usize = 4;
 /// A read further than this ahead of the nearest stream starts a new stream (while fewer than
-/// [`STREAMS`] exist). Kernel readahead reorders reads by at most its window (1 MiB).
-const NEW_STREAM: u64 = 4 << 20;
-/// Directory pages kept parsed in memory (each up to 4096 entries).
-const TREE_CACHE_ENTRIES: usize = 256;
+/// [`STREAMS`] exist). The kernel keeps up to its readahead (4 MiB as `backtree mount` sets it,
+/// [`crate::mount::READ_AHEAD_KB`]) of one reader's reads in flight, and two FUSE threads may
+/// answer them out of order: twice that is still the same reader.
+const NEW_STREAM: u64 = 8 << 20;
+/// Bytes of parsed directory pages kept in memory ([`Tree::mem_size`], an LRU). A page of
+/// 4096 entries takes about 1–2 MB parsed, a typical directory's a few KiB; an evicted page is
+/// parsed again from the compressed tree cache when needed, on the FUSE thread if it is small
+/// ([`INLINE_TREE`]). Bounded by bytes, not by count: 256 pages (the bound until 2026-12-01) were
+/// 8 MB of an `rsync` restore's peak, and could have been far more with large directories.
+///
+/// [`Tree::mem_size`]: backtree_core::tree::Tree::mem_size
+const PARSED_PAGE_BYTES: usize = 4 << 20;
 /// Compressed tree blobs kept in memory, in windows of their packs (see [`crate::packwin`]): a
 /// cold `find` then reads each tree pack once instead of making one small read per directory.
 const TREE_BYTES: usize = 32 << 20;
@@ -316,7 +324,7 @@ pub struct BacktreeFs {
     gens: Mutex<HashMap<(String, String), Arc<GenCtx>>>,
     /// The last listing of hosts (key "") and of each host's generations.
     listings: Mutex<HashMap<String, Vec<String>>>,
-    trees: Mutex<LruCache<Id, Arc<backtree_core::tree::Tree>>>,
+    trees: Mutex<SizedLru<Arc<backtree_core::tree::Tree>>>,
     packs: Arc<PackReader>,
     /// Directory read-aheads running.
     read_aheads: Arc<AtomicUsize>,
@@ -430,9 +438,7 @@ impl BacktreeFs {
             nodes: Mutex::new(nodes),
             gens: Mutex::new(HashMap::new()),
             listings: Mutex::new(HashMap::new()),
-            trees: Mutex::new(LruCache::new(
-                NonZeroUsize::new(TREE_CACHE_ENTRIES).unwrap_or(NonZeroUsize::MIN),
-            )),
+            trees: Mutex::new(SizedLru::new(PARSED_PAGE_BYTES)),
             cache,
             packs,
             read_aheads: Default::default(),
@@ -681,7 +687,7 @@ impl BacktreeFs {
     /// KiB (zstd, BLAKE3, CBOR) costs less than handing the request to another thread (~25 µs).
     /// A page that fails to decode is left to [`tree`](Self::tree), which reports it.
     fn tree_cached(&self, id: &Id) -> Option<Arc<backtree_core::tree::Tree>> {
-        if let Some(t) = lock(&self.trees).get(id).cloned() {
+        if let Some(t) = lock(&self.trees).get(id) {
             return Some(t);
         }
         let stored = self.packs.trees.get(id)?;
@@ -691,7 +697,7 @@ impl BacktreeFs {
         let what = format!("tree {id}");
         let raw = stored.decode(id, &what).ok()?;
         let t = Arc::new(backtree_core::tree::Tree::decode(&what, &raw).ok()?);
-        lock(&self.trees).put(*id, t.clone());
+        lock(&self.trees).put(*id, t.clone(), t.mem_size());
         Some(t)
     }
 
@@ -716,7 +722,7 @@ impl BacktreeFs {
             )
         })?;
         let t = Arc::new(t);
-        lock(&self.trees).put(*id, t.clone());
+        lock(&self.trees).put(*id, t.clone(), t.mem_size());
         Ok(t)
     }
 
@@ -1541,10 +1547,7 @@ impl BacktreeFs {
     /// they do after a walk has parsed many others in between.
     #[cfg(test)]
     fn evict_parsed_pages(&self) -> Vec<Arc<backtree_core::tree::Tree>> {
-        let mut trees = lock(&self.trees);
-        let old = trees.iter().map(|(_, t)| t.clone()).collect();
-        trees.clear();
-        old
+        lock(&self.trees).clear()
     }
 }
 

@@ -190,9 +190,17 @@ pub fn mount(
     Ok(session)
 }
 
-/// Raises the mount's kernel readahead to 1 MiB (root only; a no-op otherwise): with the default
-/// 128 KiB the kernel sends small reads and sequential throughput drops (measured: 1–2 GB/s
-/// versus 1.2–3.9 GB/s through FUSE itself).
+/// The mount's kernel readahead, KiB. With the default 128 KiB the kernel sends small reads and
+/// sequential throughput drops (FUSE itself: 1–2 GB/s versus 1.2–3.9 GB/s at 1024). At 1024 the
+/// kernel keeps about one 1 MiB READ in flight, which waits for its chunk to be decoded; at 4096
+/// it keeps four, most of them answered on the FUSE thread from chunks the prefetch decoded
+/// meanwhile: a cold read of a 2 GiB disk image went from 640–980 to 780–1100 MB/s (medians of
+/// alternating single runs 775 → 916 MB/s) with 10–25% less daemon CPU. 8192 gained nothing more.
+/// The kernel's requests stay 1 MiB each (FUSE_MAX_PAGES); the prefetch window (half the cache,
+/// 8 MiB by default) stays ahead of it.
+pub const READ_AHEAD_KB: u32 = 4096;
+
+/// Raises the mount's kernel readahead to [`READ_AHEAD_KB`] (root only; a no-op otherwise).
 fn raise_readahead(mountpoint: &Path) {
     let Ok(m) = std::fs::metadata(mountpoint) else {
         return;
@@ -200,7 +208,7 @@ fn raise_readahead(mountpoint: &Path) {
     let dev = m.dev();
     let (major, minor) = (libc::major(dev), libc::minor(dev));
     let path = format!("/sys/class/bdi/{major}:{minor}/read_ahead_kb");
-    if let Err(e) = std::fs::write(&path, "1024") {
+    if let Err(e) = std::fs::write(&path, READ_AHEAD_KB.to_string()) {
         tracing::debug!("could not raise readahead ({path}): {e}");
     }
 }
