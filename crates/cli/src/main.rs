@@ -145,7 +145,7 @@ enum Cmd {
         /// file's mode, owner and ACL (default_permissions).
         #[arg(long)]
         allow_other: bool,
-        /// Memory for decompressed file data, e.g. 16M, 1G [default: 16M for a local
+        /// Memory for decompressed file data, e.g. 12M, 1G [default: 12M for a local
         /// repository, 64M on S3]. The prefetch window is at most half of it: on S3 it must
         /// cover the bytes in flight that hide the store's latency; a local disk has none.
         #[arg(long, value_parser = parse_size, value_name = "SIZE")]

@@ -261,8 +261,14 @@ struct NodeRec {
 }
 
 /// Default `--cache-size` on S3: the prefetch window (half of it) must cover the bytes in
-/// flight that hide the store's latency. Locally [`FsOptions::default`]'s 16 MiB reads as fast.
+/// flight that hide the store's latency. Locally [`LOCAL_CACHE_SIZE`] reads as fast.
 pub const REMOTE_CACHE_SIZE: usize = 64 << 20;
+/// Default `--cache-size` for a local repository. Its prefetch window (6 MiB) stays ahead of the
+/// kernel's 4 MiB readahead; a cold read of a 2 GiB disk image ran as fast with 12 as with 16
+/// MiB (alternating single runs, 694–808 vs 688–796 MB/s), and the peak RSS of an `rsync -a`
+/// restore of a 54 k-file tree fell by about 5 MiB (80–85 vs 86–90 MiB), which the 100 MB
+/// target needed (docs/benchmarks-mount.md).
+pub const LOCAL_CACHE_SIZE: usize = 12 << 20;
 
 /// Locally a read costs a syscall and a thread hand-off (~30 µs), about as much as copying
 /// 64 KiB from the page cache: smaller gaps are read over.
@@ -304,7 +310,7 @@ impl FsOptions {
 impl Default for FsOptions {
     fn default() -> Self {
         FsOptions {
-            cache_size: 16 << 20,
+            cache_size: LOCAL_CACHE_SIZE,
             fetches: crate::cache::MAX_FETCHES,
             cache_dir: None,
             gather_gap: LOCAL_GATHER_GAP,
