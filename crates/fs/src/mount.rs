@@ -197,7 +197,7 @@ pub fn mount(
 /// meanwhile: a cold read of a 2 GiB disk image went from 640–980 to 780–1100 MB/s (medians of
 /// alternating single runs 775 → 916 MB/s) with 10–25% less daemon CPU. 8192 gained nothing more.
 /// The kernel's requests stay 1 MiB each (FUSE_MAX_PAGES); the prefetch window (half the cache,
-/// 8 MiB by default) stays ahead of it.
+/// 6 MiB with a local repository's default) stays ahead of it.
 pub const READ_AHEAD_KB: u32 = 4096;
 
 /// Raises the mount's kernel readahead to [`READ_AHEAD_KB`] (root only; a no-op otherwise).
