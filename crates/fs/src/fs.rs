@@ -1412,10 +1412,7 @@ impl BacktreeFs {
         if self.opts.cache_dir.is_some() {
             return None;
         }
-        let s = self.packs.data.get(id)?;
-        if s.raw_len > INLINE_DECODE {
-            return None;
-        }
+        let s = small_in_window(&self.packs, id)?;
         let data = Bytes::from(s.decode(id, "").ok()?);
         if keep {
             self.cache.put(*id, data.clone());
@@ -1557,6 +1554,13 @@ impl BacktreeFs {
     }
 }
 
+/// A data chunk's stored bytes, if a pack window holds them and the chunk is small enough
+/// (≤ [`INLINE_DECODE`]) to be decoded on the thread at hand: a FUSE thread
+/// ([`BacktreeFs::decode_inline`]) or a read-ahead's task ([`decode_ahead`]).
+fn small_in_window(packs: &PackReader, id: &Id) -> Option<crate::packwin::Stored> {
+    packs.data.get(id).filter(|s| s.raw_len <= INLINE_DECODE)
+}
+
 /// Decodes and verifies, into the chunk cache, the small chunks among `ids` (in their order,
 /// up to `budget` decoded bytes) whose stored bytes a read-ahead has just brought into a pack
 /// window. Their reads then only copy: decoding at the read put the zstd and BLAKE3 work of
@@ -1571,11 +1575,11 @@ fn decode_ahead(packs: &PackReader, cache: &ChunkCache, ids: &[Id], mut budget: 
         if cache.present(id) {
             continue;
         }
-        let Some(stored) = packs.data.get(id) else {
+        let Some(stored) = small_in_window(packs, id) else {
             continue;
         };
         let len = stored.raw_len as usize;
-        if stored.raw_len > INLINE_DECODE || len > budget {
+        if len > budget {
             continue;
         }
         if let Ok(data) = stored.decode(id, "") {
