@@ -7,7 +7,7 @@
 //! An optional on-disk cache (`--cache-dir`) keeps fetched chunks across remounts; chunks read
 //! back from it are verified against their id like any other.
 
-use backtree_core::Id;
+use backtree_core::{Error, Id};
 use bytes::Bytes;
 use lru::LruCache;
 use std::collections::HashMap;
@@ -16,7 +16,7 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use tokio::sync::OnceCell;
 
-type Shared = Arc<OnceCell<Result<Bytes, String>>>;
+type Shared = Arc<OnceCell<Result<Bytes, Arc<Error>>>>;
 
 /// Chunk fetches in flight at once on a local store. Each holds a stored and a decoded chunk
 /// (up to 2 × 8 MiB), so this bounds memory beyond the cache; 8 keeps two cores busy decoding
@@ -154,10 +154,10 @@ impl ChunkCache {
     /// `keep` false: a chunk that the caller consumes whole is not kept in memory (the kernel's
     /// page cache keeps the file's pages); keeping every small file of a restore would only
     /// churn the cache and fragment the heap.
-    pub async fn get<F, Fut>(&self, id: &Id, keep: bool, fetch: F) -> Result<Bytes, String>
+    pub async fn get<F, Fut>(&self, id: &Id, keep: bool, fetch: F) -> Result<Bytes, Arc<Error>>
     where
         F: FnOnce() -> Fut,
-        Fut: Future<Output = Result<Bytes, String>>,
+        Fut: Future<Output = Result<Bytes, Arc<Error>>>,
     {
         if let Some(b) = self.peek(id) {
             return Ok(b);
@@ -185,12 +185,16 @@ impl ChunkCache {
         res
     }
 
-    async fn fetch<F, Fut>(&self, id: &Id, fetch: F) -> Result<Bytes, String>
+    async fn fetch<F, Fut>(&self, id: &Id, fetch: F) -> Result<Bytes, Arc<Error>>
     where
         F: FnOnce() -> Fut,
-        Fut: Future<Output = Result<Bytes, String>>,
+        Fut: Future<Output = Result<Bytes, Arc<Error>>>,
     {
-        let _slot = self.fetches.acquire().await.map_err(|e| e.to_string())?;
+        let _slot = self
+            .fetches
+            .acquire()
+            .await
+            .map_err(|e| Arc::new(Error::Invalid(format!("chunk cache: {e}"))))?;
         if let Some(p) = self.disk_path(id) {
             if let Ok(b) = tokio::fs::read(&p).await {
                 if Id::of(&b) == *id {

@@ -1,10 +1,12 @@
 //! The thin FUSE adapter: turns kernel requests into calls of [`BacktreeFs`] and results into
-//! replies. Errors become errno values in exactly one place, [`errno`]. Requests that may wait
-//! for the repository run as tasks on the tokio runtime and reply from there (fuser's reply
-//! objects are `Send`), so a slow fetch never blocks the FUSE threads; requests whose answer is
-//! in memory are answered on the FUSE thread, which avoids a thread hand-off (~25 µs) each: reads
-//! and lookups through the `*_cached` fast paths, listings and `readlink` by polling the request's
-//! future once there ([`FuseAdapter::run`]).
+//! replies. Errors become errno values in exactly one place, [`errno`].
+//!
+//! Every request is dispatched the same way ([`FuseAdapter::run`]): its async operation is
+//! polled once on the FUSE thread and replies there if it completes, which it does whenever
+//! what it needs is in memory (a parsed directory page, a cached chunk); otherwise the started
+//! operation moves to the tokio runtime and replies from there (fuser's reply objects are
+//! `Send`), so a slow fetch never blocks the FUSE threads and a fast answer pays no thread
+//! hand-off (~25 µs).
 //!
 //! Files are opened by the kernel without a request (FUSE_NO_OPEN_SUPPORT, see `init`): the
 //! filesystem keeps what reading needs per inode, so a file's reads arrive with its inode and no
@@ -40,7 +42,7 @@ pub fn errno(e: &FsError) -> Errno {
         FsError::NoXio => Errno::ENXIO,
         FsError::Invalid => Errno::EINVAL,
         FsError::BadHandle => Errno::EBADF,
-        FsError::Io(_) => Errno::EIO,
+        FsError::Io { .. } => Errno::EIO,
     }
 }
 
@@ -106,46 +108,38 @@ impl FuseAdapter {
 }
 
 impl FuseAdapter {
-    /// Runs `fut` on the FUSE thread until it first has to wait: when everything it needs is
-    /// in memory (a parsed directory page, a symlink's entry), it completes there and `done`
-    /// replies without a thread hand-off (~25 µs). Otherwise the started future moves to the
-    /// runtime and replies from there; polling it there registers the runtime's waker (a
-    /// future must only wake the waker of its latest poll).
+    /// Answers a request: see [`dispatch`].
     fn run<T>(
         &self,
         fut: impl Future<Output = T> + Send + 'static,
         done: impl FnOnce(T) + Send + 'static,
     ) {
-        let mut fut = Box::pin(fut);
-        // Inside the runtime's context, so that the future may spawn and use tokio's timers.
-        let _guard = self.rt.enter();
-        let mut cx = Context::from_waker(futures_util::task::noop_waker_ref());
-        match fut.as_mut().poll(&mut cx) {
-            Poll::Ready(v) => done(v),
-            Poll::Pending => {
-                self.rt.spawn(async move { done(fut.await) });
-            }
-        }
+        dispatch(&self.rt, fut, done);
     }
+}
 
-    /// Replies on the FUSE thread when the answer is at hand (`cached`), else from a task on
-    /// the runtime that runs `slow`: a hand-off costs ~25 µs, and most requests need none.
-    fn answer<T, R, Fut>(
-        &self,
-        cached: Option<Result<T, FsError>>,
-        slow: impl FnOnce(Arc<BacktreeFs>) -> Fut,
-        reply: R,
-        send: impl FnOnce(R, Result<T, FsError>) + Send + 'static,
-    ) where
-        Fut: std::future::Future<Output = Result<T, FsError>> + Send + 'static,
-        R: Send + 'static,
-    {
-        match cached {
-            Some(res) => send(reply, res),
-            None => {
-                let fut = slow(self.fs.clone());
-                self.rt.spawn(async move { send(reply, fut.await) });
-            }
+/// Runs `fut` on the calling (FUSE) thread until it first has to wait. When everything it
+/// needs is in memory it completes there, and `done` replies without a thread hand-off
+/// (~25 µs); otherwise the started future moves to `rt` and `done` runs there. Polling it there
+/// registers the runtime's waker (a future must only wake the waker of its latest poll).
+/// Returns whether it completed on the calling thread.
+pub(crate) fn dispatch<T>(
+    rt: &Handle,
+    fut: impl Future<Output = T> + Send + 'static,
+    done: impl FnOnce(T) + Send + 'static,
+) -> bool {
+    let mut fut = Box::pin(fut);
+    // Inside the runtime's context, so that the future may spawn and use tokio's timers.
+    let _guard = rt.enter();
+    let mut cx = Context::from_waker(futures_util::task::noop_waker_ref());
+    match fut.as_mut().poll(&mut cx) {
+        Poll::Ready(v) => {
+            done(v);
+            true
+        }
+        Poll::Pending => {
+            rt.spawn(async move { done(fut.await) });
+            false
         }
     }
 }
@@ -179,14 +173,12 @@ impl Filesystem for FuseAdapter {
     }
 
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
-        // In a directory page that is already parsed, answered here without a thread hand-off.
         let name = name.as_bytes().to_vec();
         let fs = self.fs.clone();
-        self.answer(
-            self.fs.lookup_cached(parent.0, &name),
-            move |fs| async move { fs.lookup(parent.0, &name).await },
-            reply,
-            move |reply, res| match res {
+        let asked = fs.clone();
+        self.run(
+            async move { asked.lookup(parent.0, &name).await },
+            move |res| match res {
                 Ok((ino, node, attr, ttl)) => {
                     // The kernel now holds a reference to this inode.
                     fs.remember(ino, &node);
@@ -202,15 +194,11 @@ impl Filesystem for FuseAdapter {
     }
 
     fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
-        self.answer(
-            self.fs.getattr_cached(ino.0),
-            move |fs| async move { fs.getattr(ino.0).await },
-            reply,
-            |reply, res| match res {
-                Ok((attr, ttl)) => reply.attr(&ttl, &file_attr(&attr)),
-                Err(e) => reply.error(errno(&e)),
-            },
-        );
+        let fs = self.fs.clone();
+        self.run(async move { fs.getattr(ino.0).await }, |res| match res {
+            Ok((attr, ttl)) => reply.attr(&ttl, &file_attr(&attr)),
+            Err(e) => reply.error(errno(&e)),
+        });
     }
 
     fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
@@ -233,16 +221,12 @@ impl Filesystem for FuseAdapter {
             return;
         }
         // Files of up to 64 chunks carry their chunk list: usually opened here, no hand-off.
-        self.answer(
-            self.fs.open_cached(ino.0),
-            move |fs| async move { fs.open(ino.0).await },
-            reply,
-            |reply, res| match res {
-                // Contents never change: keep the page cache across opens. Reads go by inode.
-                Ok(()) => reply.opened(FileHandle(0), FopenFlags::FOPEN_KEEP_CACHE),
-                Err(e) => reply.error(errno(&e)),
-            },
-        );
+        let fs = self.fs.clone();
+        self.run(async move { fs.open(ino.0).await }, |res| match res {
+            // Contents never change: keep the page cache across opens. Reads go by inode.
+            Ok(()) => reply.opened(FileHandle(0), FopenFlags::FOPEN_KEEP_CACHE),
+            Err(e) => reply.error(errno(&e)),
+        });
     }
 
     fn read(
@@ -256,17 +240,14 @@ impl Filesystem for FuseAdapter {
         _lock_owner: Option<LockOwner>,
         reply: ReplyData,
     ) {
-        if let Some(data) = self.fs.read_cached(ino.0, offset, size) {
-            reply.data(&data);
-            return;
-        }
         let fs = self.fs.clone();
-        self.rt.spawn(async move {
-            match fs.read(ino.0, offset, size).await {
+        self.run(
+            async move { fs.read(ino.0, offset, size).await },
+            |res| match res {
                 Ok(data) => reply.data(&data),
                 Err(e) => reply.error(errno(&e)),
-            }
-        });
+            },
+        );
     }
 
     fn flush(
@@ -401,11 +382,10 @@ impl Filesystem for FuseAdapter {
 
     fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
         let name = name.as_bytes().to_vec();
-        self.answer(
-            self.fs.getxattr_cached(ino.0, &name),
-            move |fs| async move { fs.getxattr(ino.0, &name).await },
-            reply,
-            move |reply, res| match res {
+        let fs = self.fs.clone();
+        self.run(
+            async move { fs.getxattr(ino.0, &name).await },
+            move |res| match res {
                 Ok(v) => xattr_reply(reply, size, &v),
                 Err(e) => reply.error(errno(&e)),
             },
@@ -413,11 +393,10 @@ impl Filesystem for FuseAdapter {
     }
 
     fn listxattr(&self, _req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
-        self.answer(
-            self.fs.listxattr_cached(ino.0),
-            move |fs| async move { fs.listxattr(ino.0).await },
-            reply,
-            move |reply, res| match res {
+        let fs = self.fs.clone();
+        self.run(
+            async move { fs.listxattr(ino.0).await },
+            move |res| match res {
                 Ok(v) => xattr_reply(reply, size, &v),
                 Err(e) => reply.error(errno(&e)),
             },
@@ -433,11 +412,10 @@ impl Filesystem for FuseAdapter {
         whence: i32,
         reply: ReplyLseek,
     ) {
-        self.answer(
-            self.fs.lseek_cached(ino.0, offset, whence),
-            move |fs| async move { fs.lseek(ino.0, offset, whence).await },
-            reply,
-            |reply, res| match res {
+        let fs = self.fs.clone();
+        self.run(
+            async move { fs.lseek(ino.0, offset, whence).await },
+            |res| match res {
                 Ok(o) => reply.offset(o),
                 Err(e) => reply.error(errno(&e)),
             },

@@ -1,19 +1,91 @@
-//! Directories: the parsed-page cache, lookups, directory handles and readdir.
+//! Directories inside generations: the parsed-page cache, lookups, directory handles and
+//! readdir.
+//!
+//! A directory is a tree blob; a large one is split into pages sorted by name
+//! (docs/format.md), so a lookup parses one page and a listing one page at a time. Parsed pages
+//! are kept in an LRU bounded by bytes ([`PARSED_PAGE_BYTES`]); their stored (compressed) bytes
+//! stay longer in the tree windows of [`PackReader`], so an evicted page is decoded and parsed
+//! again from memory, on the calling (FUSE) thread when it is small ([`INLINE_TREE`]). `rsync`
+//! lists directories up to a second before it reads their files, by which time hundreds of
+//! other pages have been parsed, so this is what lets its requests be answered without a thread
+//! hand-off.
 
-use super::*;
+use super::error::{lock, Failures, FsError, Result};
+use super::inodes::{entry_attr, entry_ino, Attr, EntryAt, EntryRef, Node};
+use super::namespace::GenCtx;
+use super::{hand_off, LONG_TTL};
+use crate::cache::SizedLru;
+use crate::packwin::PackReader;
+use backtree_core::tree::{Entry, Kind, Tree};
+use backtree_core::{BlobKind, Id};
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
-impl BacktreeFs {
-    /// A parsed directory page without waiting: a page parsed earlier, or one decoded and
-    /// parsed here from its stored bytes when a tree window holds them. `None` if the page must
-    /// be read from the store, or is too large to decode on the calling thread.
-    ///
-    /// This is what lets requests be answered on the FUSE thread after their page was evicted
-    /// from the parsed pages: `rsync` lists directories up to a second before it reads their
-    /// files, by which time hundreds of other pages have been parsed. Decoding a page of a few
-    /// KiB (zstd, BLAKE3, CBOR) costs less than handing the request to another thread (~25 µs).
-    /// A page that fails to decode is left to [`tree`](Self::tree), which reports it.
-    pub(super) fn tree_cached(&self, id: &Id) -> Option<Arc<backtree_core::tree::Tree>> {
-        if let Some(t) = lock(&self.trees).get(id) {
+/// Bytes of parsed directory pages kept in memory ([`Tree::mem_size`], an LRU). A page of
+/// 4096 entries takes about 1–2 MB parsed, a typical directory's a few KiB. Bounded by bytes,
+/// not by count: 256 pages (the bound until 2026-12-01) were 8 MB of an `rsync` restore's
+/// peak, and could have been far more with large directories.
+const PARSED_PAGE_BYTES: usize = 4 << 20;
+/// A directory page not parsed yet (or evicted) is decoded and parsed on the calling thread if
+/// it decodes to at most this much: a few hundred entries, under 100 µs (parsing dominates),
+/// less than a hand-off to another thread. Larger pages are parsed on a worker.
+const INLINE_TREE: u32 = 64 << 10;
+/// Listing offsets: page index × `PAGE_SPAN` + index in the page + 1, so a paged directory is
+/// listed one page at a time without holding it all in memory.
+const PAGE_SPAN: u64 = 1 << 20;
+
+/// A directory listing item.
+#[derive(Debug, Clone)]
+pub struct DirItem {
+    pub ino: u64,
+    /// Offset of the *next* item (what the kernel passes back to continue).
+    pub next: u64,
+    pub name: Vec<u8>,
+    pub attr: Attr,
+    pub ttl: Duration,
+    pub node: Node,
+}
+
+/// An open directory.
+pub(super) enum DirHandle {
+    /// Root or host directory: a snapshot of its items taken at opendir.
+    Virtual(Vec<DirItem>),
+    /// A generation directory, listed page by page.
+    Gen {
+        gen: Arc<GenCtx>,
+        path: Arc<[u8]>,
+        ino: u64,
+        tree: Id,
+    },
+}
+
+/// Parsed directory pages and open directory handles.
+pub(super) struct Dirs {
+    packs: Arc<PackReader>,
+    failures: Arc<Failures>,
+    pages: Mutex<SizedLru<Arc<Tree>>>,
+    handles: Mutex<HashMap<u64, Arc<DirHandle>>>,
+    next_fh: AtomicU64,
+}
+
+impl Dirs {
+    pub(super) fn new(packs: Arc<PackReader>, failures: Arc<Failures>) -> Self {
+        Dirs {
+            packs,
+            failures,
+            pages: Mutex::new(SizedLru::new(PARSED_PAGE_BYTES)),
+            handles: Mutex::new(HashMap::new()),
+            next_fh: AtomicU64::new(1),
+        }
+    }
+
+    /// A parsed directory page without waiting: parsed earlier, or small and decoded here from
+    /// a tree window. A page that fails to decode is left to [`page`](Self::page), which
+    /// reports it.
+    fn page_at_hand(&self, id: &Id) -> Option<Arc<Tree>> {
+        if let Some(t) = lock(&self.pages).get(id) {
             return Some(t);
         }
         let stored = self.packs.trees.get(id)?;
@@ -22,323 +94,192 @@ impl BacktreeFs {
         }
         let what = format!("tree {id}");
         let raw = stored.decode(id, &what).ok()?;
-        let t = Arc::new(backtree_core::tree::Tree::decode(&what, &raw).ok()?);
-        lock(&self.trees).put(*id, t.clone(), t.mem_size());
+        let t = Arc::new(Tree::decode(&what, &raw).ok()?);
+        lock(&self.pages).put(*id, t.clone(), t.mem_size());
         Some(t)
     }
 
-    pub(super) async fn tree(
-        &self,
-        gen: &GenCtx,
-        path: &[u8],
-        id: &Id,
-    ) -> Result<Arc<backtree_core::tree::Tree>> {
-        if let Some(t) = self.tree_cached(id) {
+    /// The parsed directory page `id` of the directory at `path` (named in errors).
+    pub(super) async fn page(&self, gen: &GenCtx, path: &[u8], id: &Id) -> Result<Arc<Tree>> {
+        if let Some(t) = self.page_at_hand(id) {
             return Ok(t);
         }
-        let t = self.load_tree(id).await.map_err(|e| {
-            self.io(
-                format!(
-                    "{}/{}/{}: directory",
-                    gen.host,
-                    gen.name,
-                    String::from_utf8_lossy(path)
-                ),
-                e,
-            )
+        // A large page is parsed, and a missing one fetched, off the FUSE thread.
+        hand_off().await;
+        let t = self.load(id).await.map_err(|e| {
+            self.failures
+                .fail(format!("{}: directory", gen.describe(path)), e)
         })?;
         let t = Arc::new(t);
-        lock(&self.trees).put(*id, t.clone(), t.mem_size());
+        lock(&self.pages).put(*id, t.clone(), t.mem_size());
         Ok(t)
     }
 
     /// Reads and parses a tree blob, fetching its pack's neighbourhood on a miss.
-    pub(super) async fn load_tree(
-        &self,
-        id: &Id,
-    ) -> backtree_core::Result<backtree_core::tree::Tree> {
+    async fn load(&self, id: &Id) -> backtree_core::Result<Tree> {
         let what = format!("tree {id}");
         let (stored, _) = self.packs.stored(id, BlobKind::Tree).await?;
         let raw = stored.decode(id, &format!("{what} ({} bytes stored)", stored.bytes.len()))?;
-        backtree_core::tree::Tree::decode(&what, &raw)
+        Tree::decode(&what, &raw)
     }
 
-    /// Finds `name` in directory `parent`. The caller must [`remember`](Self::remember) the
-    /// returned inode if it hands it to the kernel.
-    pub async fn lookup(&self, parent: u64, name: &[u8]) -> Result<(u64, Node, Attr, Duration)> {
-        let pnode = self.node(parent)?;
-        let name_str = std::str::from_utf8(name).ok();
-        let node = match &pnode {
-            Node::Root => {
-                let host = name_str.ok_or(FsError::NotFound)?;
-                if !self.hosts().await?.iter().any(|h| h == host) {
+    /// A node's entry (`None` for virtual nodes), parsing its directory page if needed.
+    pub(super) async fn entry(&self, node: &Node) -> Result<Option<EntryRef>> {
+        let Node::Entry { gen, path, at } = node else {
+            return Ok(None);
+        };
+        match *at {
+            EntryAt::Root => Ok(Some(EntryRef::Root(gen.clone()))),
+            EntryAt::Page { page, idx } => {
+                let t = self.page(gen, path, &page).await?;
+                if idx as usize >= t.entries.len() {
                     return Err(FsError::NotFound);
                 }
-                (hash_ino(&[b"host", name]), Node::Host(host.into()))
+                Ok(Some(EntryRef::Page(t, idx, page)))
             }
-            Node::Host(host) => {
-                let n = name_str.ok_or(FsError::NotFound)?;
-                if n == "latest" {
-                    (
-                        hash_ino(&[b"latest", host.as_bytes()]),
-                        Node::Latest(host.clone()),
-                    )
-                } else {
-                    if !is_generation_name(n) {
-                        return Err(FsError::NotFound);
-                    }
-                    let g = self.generation(host, n).await?;
-                    (
-                        g.ino,
-                        Node::Entry {
-                            gen: g,
-                            path: Arc::from(&b""[..]),
-                            at: EntryAt::Root,
-                        },
-                    )
-                }
-            }
-            Node::Latest(_) => return Err(FsError::NotDir),
-            Node::Entry { gen, path, .. } => {
-                let tree = dir_tree(self.entry(&pnode).await?.as_deref())?;
-                let t = self.tree(gen, path, &tree).await?;
-                let (page_id, page) = if t.is_paged() {
-                    match t.page_for(name) {
-                        Some(p) => (p.id, self.tree(gen, path, &p.id).await?),
-                        None => return Err(FsError::NotFound),
-                    }
-                } else {
-                    (tree, t)
-                };
-                return Self::named(parent, gen, path, page_id, &page, name);
-            }
-        };
-        let e = self.entry(&node.1).await?;
-        let (attr, ttl) = self.attr_of(node.0, &node.1, e.as_deref());
-        Ok((node.0, node.1, attr, ttl))
+        }
     }
 
-    /// [`lookup`](Self::lookup) inside a generation, answered only from directory pages in
-    /// memory ([`tree_cached`](Self::tree_cached)); `None` when that would need the repository.
-    pub fn lookup_cached(
+    /// Finds `name` in the directory `parent` (at `path` of `gen`, with tree `dir`): at most
+    /// one page is parsed.
+    pub(super) async fn lookup(
         &self,
-        parent: u64,
-        name: &[u8],
-    ) -> Option<Result<(u64, Node, Attr, Duration)>> {
-        let Ok((Node::Entry { gen, path, .. }, Some(entry))) = self.resolve_cached(parent)? else {
-            return None;
-        };
-        let tree = match dir_tree(Some(&entry)) {
-            Ok(t) => t,
-            Err(e) => return Some(Err(e)),
-        };
-        let t = self.tree_cached(&tree)?;
-        let (page_id, page) = if t.is_paged() {
-            match t.page_for(name) {
-                Some(p) => (p.id, self.tree_cached(&p.id)?),
-                None => return Some(Err(FsError::NotFound)),
-            }
-        } else {
-            (tree, t)
-        };
-        Some(Self::named(parent, &gen, &path, page_id, &page, name))
-    }
-
-    /// The entry `name` of directory page `page` (id `page_id`) of directory `parent`, as
-    /// [`lookup`](Self::lookup) answers it.
-    pub(super) fn named(
         parent: u64,
         gen: &Arc<GenCtx>,
         path: &[u8],
-        page_id: Id,
-        page: &backtree_core::tree::Tree,
+        dir: &Id,
         name: &[u8],
-    ) -> Result<(u64, Node, Attr, Duration)> {
+    ) -> Result<(u64, Node, Attr)> {
+        let t = self.page(gen, path, dir).await?;
+        let (page_id, page) = if t.is_paged() {
+            match t.page_for(name) {
+                Some(p) => (p.id, self.page(gen, path, &p.id).await?),
+                None => return Err(FsError::NotFound),
+            }
+        } else {
+            (*dir, t)
+        };
         let i = page
             .entries
             .binary_search_by(|e| e.name.as_slice().cmp(name))
             .map_err(|_| FsError::NotFound)?;
-        let (ino, node, attr) = Self::child(parent, gen, path, page_id, page, i);
-        Ok((ino, node, attr, LONG_TTL))
+        Ok(child(parent, gen, path, page_id, &page, i))
     }
 
-    pub(super) fn new_fh(&self) -> u64 {
-        self.next_fh.fetch_add(1, Ordering::Relaxed)
+    /// Opens a directory handle.
+    pub(super) fn open(&self, handle: DirHandle) -> u64 {
+        let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
+        lock(&self.handles).insert(fh, Arc::new(handle));
+        fh
     }
 
-    /// Opens a directory. Returns the handle and whether its listing is immutable (inside a
-    /// generation: the kernel may cache it) or not (root and host directories change).
-    pub async fn opendir(&self, ino: u64) -> Result<(u64, bool)> {
-        let node = self.node(ino)?;
-        let handle = match &node {
-            Node::Root => {
-                let mut items = Vec::new();
-                for h in self.hosts().await? {
-                    let hino = hash_ino(&[b"host", h.as_bytes()]);
-                    let n = Node::Host(h.as_str().into());
-                    items.push((hino, h.into_bytes(), n));
-                }
-                DirHandle::Virtual(self.virtual_items(items))
-            }
-            Node::Host(host) => {
-                let mut gens = self.generations(host).await?;
-                gens.sort_by_cached_key(|g| generation_sort_key(g));
-                let mut items = Vec::new();
-                for g in gens {
-                    let gino = hash_ino(&[b"gen", host.as_bytes(), g.as_bytes()]);
-                    items.push((gino, g.into_bytes()));
-                }
-                let mut out = Vec::new();
-                // Generation roots need their manifest for attributes: load them here (two
-                // small GETs each, cached for the life of the mount), several at once, so that
-                // a host with a year of nightly generations lists quickly on S3 too.
-                let loaded: Vec<_> = futures_util::stream::iter(items)
-                    .map(|(gino, name)| async move {
-                        let n = String::from_utf8_lossy(&name).into_owned();
-                        let g = self.generation(host, &n).await;
-                        (gino, name, g)
-                    })
-                    .buffered(MANIFEST_FETCHES)
-                    .collect()
-                    .await;
-                for (gino, name, g) in loaded {
-                    match g {
-                        Ok(g) => {
-                            out.push((
-                                gino,
-                                name,
-                                Node::Entry {
-                                    gen: g,
-                                    path: Arc::from(&b""[..]),
-                                    at: EntryAt::Root,
-                                },
-                            ));
-                        }
-                        Err(FsError::NotFound) => {} // forgotten meanwhile
-                        Err(e) => return Err(e),
-                    }
-                }
-                out.push((
-                    hash_ino(&[b"latest", host.as_bytes()]),
-                    b"latest".to_vec(),
-                    Node::Latest(host.clone()),
-                ));
-                DirHandle::Virtual(self.virtual_items(out))
-            }
-            Node::Latest(_) => return Err(FsError::NotDir),
-            Node::Entry { gen, path, .. } => DirHandle::Gen {
-                gen: gen.clone(),
-                path: path.clone(),
-                ino,
-                tree: dir_tree(self.entry(&node).await?.as_deref())?,
-            },
-        };
-        let immutable = matches!(handle, DirHandle::Gen { .. });
-        let fh = self.new_fh();
-        lock(&self.dirs).insert(fh, Arc::new(handle));
-        Ok((fh, immutable))
+    pub(super) fn release(&self, fh: u64) {
+        lock(&self.handles).remove(&fh);
     }
 
-    pub(super) fn virtual_items(&self, items: Vec<(u64, Vec<u8>, Node)>) -> Vec<DirItem> {
-        items
-            .into_iter()
-            .enumerate()
-            .map(|(i, (ino, name, node))| {
-                let entry = match &node {
-                    Node::Entry { gen, .. } => Some(&gen.manifest.root),
-                    _ => None,
-                };
-                let (attr, ttl) = self.attr_of(ino, &node, entry);
-                DirItem {
-                    ino,
-                    next: i as u64 + 1,
-                    name,
-                    attr,
-                    ttl,
-                    node,
-                }
-            })
-            .collect()
-    }
-
-    /// Directory items from `offset` on (0 = start), at most `max`. `.` and `..` are left to
-    /// the kernel's path walk and not listed.
-    pub async fn readdir(&self, fh: u64, offset: u64, max: usize) -> Result<Vec<DirItem>> {
-        let h = lock(&self.dirs)
+    /// Items of the directory `fh` from `offset` on (0 = start), at most `max`. `listed` is
+    /// told of each page a listing from the start goes through (for the read-ahead).
+    pub(super) async fn read(
+        &self,
+        fh: u64,
+        offset: u64,
+        max: usize,
+        listed: impl Fn(Id, &Tree),
+    ) -> Result<Vec<DirItem>> {
+        let h = lock(&self.handles)
             .get(&fh)
             .cloned()
             .ok_or(FsError::BadHandle)?;
-        match &*h {
-            DirHandle::Virtual(items) => Ok(items
-                .iter()
-                .skip(offset as usize)
-                .take(max)
-                .cloned()
-                .collect()),
+        let (gen, path, ino, tree) = match &*h {
+            DirHandle::Virtual(items) => {
+                let rest = items.iter().skip(offset as usize).take(max);
+                return Ok(rest.cloned().collect());
+            }
             DirHandle::Gen {
                 gen,
                 path,
                 ino,
                 tree,
-            } => {
-                let t = self.tree(gen, path, tree).await?;
-                // Offsets: page index × PAGE_SPAN + index in page + 1, so a paged directory is
-                // listed one page at a time without holding it all in memory.
-                const PAGE_SPAN: u64 = 1 << 20;
-                let mut out = Vec::new();
-                let (mut page, mut idx) = (offset / PAGE_SPAN, offset % PAGE_SPAN);
-                loop {
-                    let (page_id, entries) = if t.is_paged() {
-                        match t.pages.get(page as usize) {
-                            Some(p) => (p.id, self.tree(gen, path, &p.id).await?),
-                            None => break,
-                        }
-                    } else if page == 0 {
-                        (*tree, t.clone())
-                    } else {
-                        break;
-                    };
-                    if offset == 0 {
-                        self.note_listed(page_id, &entries);
-                    }
-                    for (i, e) in entries.entries.iter().enumerate().skip(idx as usize) {
-                        if out.len() >= max {
-                            return Ok(out);
-                        }
-                        let (cino, node, attr) = Self::child(*ino, gen, path, page_id, &entries, i);
-                        out.push(DirItem {
-                            ino: cino,
-                            next: page * PAGE_SPAN + i as u64 + 1,
-                            name: e.name.clone(),
-                            attr,
-                            ttl: LONG_TTL,
-                            node,
-                        });
-                    }
-                    page += 1;
-                    idx = 0;
-                    if !t.is_paged() {
-                        break;
-                    }
+            } => (gen, path, *ino, tree),
+        };
+        let t = self.page(gen, path, tree).await?;
+        let mut out = Vec::new();
+        let (mut page, mut idx) = (offset / PAGE_SPAN, offset % PAGE_SPAN);
+        loop {
+            let (page_id, entries) = if t.is_paged() {
+                match t.pages.get(page as usize) {
+                    Some(p) => (p.id, self.page(gen, path, &p.id).await?),
+                    None => break,
                 }
-                Ok(out)
+            } else if page == 0 {
+                (*tree, t.clone())
+            } else {
+                break;
+            };
+            if offset == 0 {
+                listed(page_id, &entries);
+            }
+            for (i, e) in entries.entries.iter().enumerate().skip(idx as usize) {
+                if out.len() >= max {
+                    return Ok(out);
+                }
+                let (cino, node, attr) = child(ino, gen, path, page_id, &entries, i);
+                out.push(DirItem {
+                    ino: cino,
+                    next: page * PAGE_SPAN + i as u64 + 1,
+                    name: e.name.clone(),
+                    attr,
+                    ttl: LONG_TTL,
+                    node,
+                });
+            }
+            page += 1;
+            idx = 0;
+            if !t.is_paged() {
+                break;
             }
         }
+        Ok(out)
     }
 
-    pub fn releasedir(&self, fh: u64) {
-        lock(&self.dirs).remove(&fh);
-    }
-
-    /// Forgets every parsed directory page, as the LRU does on a large walk (tests). Returns
-    /// them: a test that keeps them alive makes pages parsed again land at other addresses, as
-    /// they do after a walk has parsed many others in between.
+    /// Forgets every parsed page, as the LRU does on a large walk (tests). Returns them: a test
+    /// that keeps them alive makes pages parsed again land at other addresses, as they do after
+    /// a walk has parsed many others in between.
     #[cfg(test)]
-    pub(super) fn evict_parsed_pages(&self) -> Vec<Arc<backtree_core::tree::Tree>> {
-        lock(&self.trees).clear()
+    pub(super) fn evict_parsed_pages(&self) -> Vec<Arc<Tree>> {
+        lock(&self.pages).clear()
     }
 }
 
+/// The inode, node and attributes of entry `idx` of directory page `page` (whose id is
+/// `page_id`) in the directory `parent` at `path`.
+fn child(
+    parent: u64,
+    gen: &Arc<GenCtx>,
+    path: &[u8],
+    page_id: Id,
+    page: &Tree,
+    idx: usize,
+) -> (u64, Node, Attr) {
+    let e = &page.entries[idx];
+    let cpath: Arc<[u8]> = if path.is_empty() {
+        Arc::from(&e.name[..])
+    } else {
+        Arc::from([path, b"/", &e.name[..]].concat())
+    };
+    let node = Node::Entry {
+        gen: gen.clone(),
+        path: cpath,
+        at: EntryAt::Page {
+            page: page_id,
+            idx: idx as u32,
+        },
+    };
+    let ino = entry_ino(parent, gen, e);
+    (ino, node, entry_attr(ino, gen, e))
+}
+
+/// The tree of a directory entry; ENOTDIR for anything else (and for virtual nodes).
 pub(super) fn dir_tree(entry: Option<&Entry>) -> Result<Id> {
     match entry {
         Some(Entry {

@@ -4,6 +4,8 @@ use super::*;
 use backtree_core::ingest::{self, IngestOptions, Progress};
 use backtree_core::testing::{build_fixture, random_bytes};
 use backtree_store::{DynStore, Fault, FaultyStore, MemoryStore, ObjectStore};
+use std::sync::Mutex;
+use std::time::UNIX_EPOCH;
 
 struct Setup {
     _dir: tempfile::TempDir,
@@ -90,6 +92,34 @@ async fn roomy_fs(s: &Setup) -> (Arc<BacktreeFs>, String) {
     ));
     let gen = latest_gen(&fs).await;
     (fs, gen)
+}
+
+/// Runs an operation as the FUSE adapter does, polled once on this thread: its result if it
+/// completed without waiting (answered from memory), `None` if it had to wait (the rest then
+/// runs on the runtime, as it would for the kernel).
+fn at_once<T, F>(fs: &Arc<BacktreeFs>, op: impl FnOnce(Arc<BacktreeFs>) -> F) -> Option<T>
+where
+    F: std::future::Future<Output = T> + Send + 'static,
+    T: Send + 'static,
+{
+    let got = Arc::new(Mutex::new(None));
+    let put = got.clone();
+    let here = crate::fuse::dispatch(
+        &tokio::runtime::Handle::current(),
+        op(fs.clone()),
+        move |v| *put.lock().unwrap() = Some(v),
+    );
+    let v = got.lock().unwrap().take();
+    here.then_some(v).flatten()
+}
+
+/// A read answered from memory, as [`at_once`]; `None` if it had to wait or failed.
+fn read_now(fs: &Arc<BacktreeFs>, ino: u64, offset: u64, size: u32) -> Option<Bytes> {
+    at_once(
+        fs,
+        move |fs| async move { fs.read(ino, offset, size).await },
+    )
+    .and_then(|r| r.ok())
 }
 
 async fn read_all(fs: &Arc<BacktreeFs>, ino: u64, size: u64) -> Result<Vec<u8>> {
@@ -222,10 +252,12 @@ async fn tree_attributes_and_contents() {
     // The inline lookup agrees with the async one once the directory is cached.
     let (dir, _) = walk(fs, &format!("h/{gen}/dir")).await.unwrap();
     let (i_async, _, a_async, _) = fs.lookup(dir, b"linked2").await.unwrap();
-    let (i_sync, _, a_sync, _) = fs.lookup_cached(dir, b"linked2").unwrap().unwrap();
+    let (i_sync, _, a_sync, _) = at_once(fs, |fs| async move { fs.lookup(dir, b"linked2").await })
+        .unwrap()
+        .unwrap();
     assert_eq!((i_async, a_async), (i_sync, a_sync));
     assert!(matches!(
-        fs.lookup_cached(dir, b"nope"),
+        at_once(fs, |fs| async move { fs.lookup(dir, b"nope").await }),
         Some(Err(FsError::NotFound))
     ));
 
@@ -278,7 +310,7 @@ async fn corrupt_or_missing_data_is_eio_and_the_rest_reads() {
     }
     let err = read_all(fs, big, ba.size).await.unwrap_err();
     assert!(
-        matches!(err, FsError::Io(ref m) if m.contains("big.bin") && m.contains("pack")),
+        matches!(err, FsError::Io { .. } if err.to_string().contains("big.bin") && err.to_string().contains("pack")),
         "{err:?}"
     );
     // Metadata still works; a store outage is EIO too, and the filesystem recovers after it.
@@ -288,7 +320,7 @@ async fn corrupt_or_missing_data_is_eio_and_the_rest_reads() {
     s.faulty.inject(Fault::FailReadsOf("packs/data".into()));
     assert!(matches!(
         read_all(fs, small, sa.size).await,
-        Err(FsError::Io(_))
+        Err(FsError::Io { .. })
     ));
     s.faulty.heal();
     assert!(walk(fs, &format!("h/{gen}/dir/sub")).await.is_ok());
@@ -372,7 +404,7 @@ async fn disk_cache_serves_repeated_restores_and_is_verified() {
     let (ino, a) = walk(&fs3, &path).await.unwrap();
     assert!(matches!(
         read_all(&fs3, ino, a.size).await,
-        Err(FsError::Io(_))
+        Err(FsError::Io { .. })
     ));
     s.faulty.heal();
     assert_eq!(read_all(&fs3, ino, a.size).await.unwrap(), want);
@@ -400,8 +432,11 @@ async fn small_files_of_a_directory_come_from_one_pack_window() {
     // With the store failing, the others are opened and read without waiting for it.
     s.faulty.inject(Fault::FailReadsOf("packs/data".into()));
     for (i, ino) in files.iter().enumerate().skip(1) {
-        fs.open_cached(*ino).expect("chunk list inline").unwrap();
-        let got = fs.read_cached(*ino, 0, 4096);
+        let ino = *ino;
+        at_once(fs, move |fs| async move { fs.open(ino).await })
+            .expect("chunk list inline")
+            .unwrap();
+        let got = read_now(fs, ino, 0, 4096);
         let want = random_bytes(i as u64, 1000);
         assert!(got.as_deref() == Some(&want[..]), "f{i:03} from the window");
     }
@@ -426,7 +461,7 @@ async fn reading_a_file_reads_ahead_the_next_files_of_its_directory() {
         files.push(walk(&fs, &format!("h/{gen}/f{i:02}")).await.unwrap().0);
     }
     let held = |fs: &Arc<BacktreeFs>, i: usize| {
-        let got = fs.read_cached(files[i], 0, 100_000);
+        let got = read_now(fs, files[i], 0, 100_000);
         got.as_deref() == Some(&random_bytes(1000 + i as u64, 100_000)[..])
     };
     // Reading f00 starts a read-ahead of the next DIR_READ_AHEAD_FILES (32) files by name,
@@ -472,7 +507,7 @@ async fn interleaved_sequential_readers_of_one_file_each_prefetch() {
     s.faulty.inject(Fault::FailReadsOf("packs/data".into()));
     for st in starts {
         let off = st + (3 << 20);
-        let got = fs.read_cached(big, off as u64, 128 << 10);
+        let got = read_now(&fs, big, off as u64, 128 << 10);
         assert!(
             got.as_deref() == Some(&want[off..off + (128 << 10)]),
             "the reader at {st} was prefetched for"
@@ -524,7 +559,7 @@ async fn next_listed_read_ahead(reparse: bool) {
     s.faulty.inject(Fault::FailReadsOf("packs/data".into()));
     for i in 0..8u64 {
         let (ino, _) = walk(&fs, &format!("h/{gen}/d2/f{i:02}")).await.unwrap();
-        let got = fs.read_cached(ino, 0, 200_000);
+        let got = read_now(&fs, ino, 0, 200_000);
         let want = random_bytes(2 * 100 + 8 * 10 + i, 200_000);
         assert!(
             got.as_deref() == Some(&want[..]),
@@ -554,13 +589,17 @@ async fn evicted_directory_pages_are_parsed_again_from_memory() {
         .collect();
     assert!(!names.is_empty());
     for name in &names {
-        let found = fs.lookup_cached(dir, name).expect("answered from memory");
-        assert!(found.is_ok(), "{}", String::from_utf8_lossy(name));
+        let shown = String::from_utf8_lossy(name).into_owned();
+        let name = name.clone();
+        let found = at_once(fs, move |fs| async move { fs.lookup(dir, &name).await })
+            .expect("answered from memory");
+        assert!(found.is_ok(), "{shown}");
     }
     let _ = fs.evict_parsed_pages();
-    assert!(fs.getattr_cached(file).expect("from memory").is_ok());
+    let attr = at_once(fs, move |fs| async move { fs.getattr(file).await });
+    assert!(attr.expect("from memory").is_ok());
     let _ = fs.evict_parsed_pages();
-    let got = fs.read_cached(file, 0, 4096).expect("from memory");
+    let got = read_now(fs, file, 0, 4096).expect("from memory");
     assert!(got[..] == want[..]);
     s.faulty.heal();
 }
@@ -589,11 +628,19 @@ async fn read_ahead_decodes_small_files_and_whole_reads_take_them() {
         ids.push(f.chunks.0[0].id.expect("data"));
     }
     for (i, id) in ids.iter().enumerate() {
-        assert!(fs.cache.peek(id).is_some(), "f{:02} decoded ahead", i + 1);
+        assert!(
+            fs.chunks.cache.peek(id).is_some(),
+            "f{:02} decoded ahead",
+            i + 1
+        );
     }
     for (i, ino) in files[1..].iter().enumerate() {
-        let got = fs.read_cached(*ino, 0, 20_000).expect("in memory");
+        let got = read_now(&fs, *ino, 0, 20_000).expect("in memory");
         assert!(got[..] == random_bytes(501 + i as u64, 20_000)[..]);
-        assert!(fs.cache.peek(&ids[i]).is_none(), "f{:02} taken", i + 1);
+        assert!(
+            fs.chunks.cache.peek(&ids[i]).is_none(),
+            "f{:02} taken",
+            i + 1
+        );
     }
 }
