@@ -12,7 +12,7 @@ use anyhow::{bail, Context, Result};
 use backtree_core::ingest::{self, IngestOptions, Progress};
 use backtree_core::manifest::SkippedPath;
 use backtree_core::Repository;
-use backtree_store::{DynStore, LocalStore, S3Options, S3Store};
+use backtree_store::{open_store, DynStore, Location, OpenOptions, S3Options};
 use clap::{Args, Parser, Subcommand};
 use std::io::IsTerminal;
 use std::os::unix::fs::MetadataExt;
@@ -69,17 +69,23 @@ struct RepoArg {
 }
 
 impl RepoArg {
-    fn is_s3(&self) -> bool {
-        self.repo.starts_with("s3://")
+    /// The repository's location: a local directory or an S3 URL.
+    fn location(&self) -> Result<Location> {
+        Ok(Location::parse(&self.repo)?)
     }
 
-    fn s3_options(&self) -> S3Options {
-        S3Options {
-            endpoint: self.s3_endpoint.clone(),
-            region: self.s3_region.clone(),
-            max_attempts: Some(self.s3_attempts.max(1)),
-            ..Default::default()
-        }
+    /// Opens the repository's store (see [`backtree_store::open_store`]); `create` for `init`.
+    fn open(&self, rt: &tokio::runtime::Runtime, create: bool) -> Result<DynStore> {
+        let opts = OpenOptions {
+            s3: S3Options {
+                endpoint: self.s3_endpoint.clone(),
+                region: self.s3_region.clone(),
+                max_attempts: Some(self.s3_attempts.max(1)),
+                ..Default::default()
+            },
+            create,
+        };
+        Ok(rt.block_on(open_store(&self.repo, &opts))?)
     }
 }
 
@@ -237,40 +243,15 @@ fn runtime() -> Result<tokio::runtime::Runtime> {
         .context("cannot start the async runtime")
 }
 
-/// The store of a repository. A local repository must exist unless `create`.
-fn store_for(rt: &tokio::runtime::Runtime, repo: &RepoArg, create: bool) -> Result<DynStore> {
-    let location = repo.repo.as_str();
-    if repo.is_s3() {
-        let store = rt.block_on(S3Store::from_url(location, repo.s3_options()))?;
-        if create {
-            // Record in the config whether this store refuses to overwrite (If-None-Match).
-            let probe = format!("probe-{:016x}", rand::random::<u64>());
-            // The answer is kept in the store (`honors_create_if_absent`); `init` says what it
-            // means once the repository exists.
-            rt.block_on(store.probe_create_if_absent(&probe))?;
-        }
-        return Ok(Arc::new(store));
-    }
-    let store = if create {
-        LocalStore::create(location)
-    } else {
-        if !std::path::Path::new(location).exists() {
-            bail!("repository {location} does not exist; create it with `backtree init --repo {location}`");
-        }
-        LocalStore::open(location)
-    }?;
-    Ok(Arc::new(store))
-}
-
 fn run(cli: Cli) -> Result<i32> {
     let rt = runtime()?;
     match cli.cmd {
         Cmd::Init { repo } => {
-            let store = store_for(&rt, &repo, true)?;
+            let store = repo.open(&rt, true)?;
             let conditional = store.honors_create_if_absent();
             rt.block_on(Repository::init(store))?;
             out!("created backtree repository at {}", repo.repo);
-            if repo.is_s3() && !conditional {
+            if repo.location()?.is_remote() && !conditional {
                 eprintln!(
                     "backtree: {} ignores conditional writes (If-None-Match); generations are \
                      committed with claims instead (docs/concurrency.md)",
@@ -299,10 +280,13 @@ fn run(cli: Cli) -> Result<i32> {
                         })
                 })
                 .transpose()?;
-            let store = store_for(&rt, &repo, false)?;
+            let store = repo.open(&rt, false)?;
             let r = rt.block_on(Repository::open(store))?;
             // Never back up the repository into itself.
-            let skip_dirs = std::fs::metadata(&repo.repo)
+            let skip_dirs = repo
+                .location()?
+                .local_path()
+                .and_then(|p| std::fs::metadata(p).ok())
                 .map(|m| vec![(m.dev(), m.ino())])
                 .unwrap_or_default();
             let opts = IngestOptions {
@@ -330,9 +314,10 @@ fn run(cli: Cli) -> Result<i32> {
             cache_dir,
             mountpoint,
         } => {
-            let store = store_for(&rt, &repo, false)?;
+            let store = repo.open(&rt, false)?;
             let r = Arc::new(rt.block_on(Repository::open(store))?);
-            let defaults = if repo.is_s3() {
+            let location = repo.location()?;
+            let defaults = if location.is_remote() {
                 backtree_fs::FsOptions::remote()
             } else {
                 backtree_fs::FsOptions::default()
@@ -340,7 +325,7 @@ fn run(cli: Cli) -> Result<i32> {
             mount_cmd(
                 &rt,
                 r,
-                &repo.repo,
+                &location,
                 mountpoint,
                 allow_other,
                 backtree_fs::FsOptions {
@@ -351,7 +336,7 @@ fn run(cli: Cli) -> Result<i32> {
             )
         }
         Cmd::Ls { repo, json, what } => {
-            let store = store_for(&rt, &repo, false)?;
+            let store = repo.open(&rt, false)?;
             let r = rt.block_on(Repository::open(store))?;
             rt.block_on(output::ls(&r, what.as_deref(), json))?;
             Ok(0)
@@ -362,7 +347,7 @@ fn run(cli: Cli) -> Result<i32> {
 fn mount_cmd(
     rt: &tokio::runtime::Runtime,
     repo: Arc<Repository>,
-    location: &str,
+    location: &Location,
     mountpoint: PathBuf,
     allow_other: bool,
     fs_opts: backtree_fs::FsOptions,
@@ -373,7 +358,7 @@ fn mount_cmd(
     let opts = MountOptions {
         allow_other,
         fsname: format!("backtree:{location}"),
-        local_repo: (!location.starts_with("s3://")).then(|| PathBuf::from(location)),
+        local_repo: location.local_path().map(PathBuf::from),
     };
     let session = mount(fs, rt.handle().clone(), &mountpoint, &opts)?;
     eprintln!(
