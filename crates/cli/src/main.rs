@@ -36,6 +36,11 @@ const EXIT_PARTIAL: i32 = 3;
                   3 generation committed but some paths were skipped."
 )]
 struct Cli {
+    /// Show more of what happens on standard error: -v backtree's progress notes (and other
+    /// libraries' warnings), -vv debugging detail. BACKTREE_LOG or RUST_LOG (a `tracing` filter)
+    /// replaces this choice entirely.
+    #[arg(short, long, action = clap::ArgAction::Count, global = true)]
+    verbose: u8,
     #[command(subcommand)]
     cmd: Cmd,
 }
@@ -185,18 +190,8 @@ fn main() {
     // and a store that drops a connection must give an error, not kill an ingest. A reader of
     // our output that goes away (`| head`) ends us quietly through `out!` instead.
     tame_malloc();
-    // fuser warns "Unmount failed" when its session ends after the mount was already unmounted
-    // (by `fusermount3 -u`, ours or the user's): expected, so not shown.
-    let quiet = "fuser::mnt=error".parse().expect("a valid directive");
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("BACKTREE_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"))
-                .add_directive(quiet),
-        )
-        .with_writer(std::io::stderr)
-        .init();
     let cli = Cli::parse();
+    init_logging(cli.verbose);
     let code = match run(cli) {
         Ok(code) => code,
         Err(e) => {
@@ -205,6 +200,60 @@ fn main() {
         }
     };
     std::process::exit(code);
+}
+
+/// The log filter for `-v` given `verbose` times, as `tracing` directives: first the level of
+/// every other crate, then that of backtree's own (the target `backtree` is a prefix, so it
+/// covers the binary and backtree_core, backtree_store and backtree_fs).
+///
+/// By default other crates show only errors. Their warnings are about things backtree handles
+/// and reports itself in one sentence: without credentials, the AWS SDK's probe of the EC2
+/// instance metadata service printed two WARN records of some 800 characters each (the region
+/// and the credentials lookups, with the HTTP response dumped) before backtree's own error;
+/// hyper and fuser warn about dropped connections and unmounts that are expected. Their errors
+/// are rare and mean something is really wrong (fuser: "/dev/fuse not found. Try 'modprobe
+/// fuse'"), so they stay visible. fuser's "Unmount failed" warning is hidden below -vvv (see
+/// [`init_logging`]).
+fn log_directives(verbose: u8) -> &'static str {
+    match verbose {
+        0 => "error,backtree=warn",
+        1 => "warn,fuser::mnt=error,backtree=info",
+        2 => "info,fuser::mnt=error,backtree=debug",
+        _ => "debug,backtree=trace",
+    }
+}
+
+/// Sends `tracing` records to standard error, filtered by BACKTREE_LOG, else RUST_LOG, else
+/// [`log_directives`] for `-v`.
+fn init_logging(verbose: u8) {
+    use tracing_subscriber::EnvFilter;
+    let from_env = ["BACKTREE_LOG", "RUST_LOG"].into_iter().find_map(|var| {
+        let value = std::env::var(var).ok().filter(|v| !v.trim().is_empty())?;
+        match EnvFilter::try_new(&value) {
+            Ok(filter) => Some((filter, value)),
+            Err(e) => {
+                eprintln!("backtree: ignoring {var}={value:?}: {e}");
+                None
+            }
+        }
+    });
+    let filter = match from_env {
+        // A filter from the environment is taken as it is, except that fuser's warning
+        // "Unmount failed" stays hidden unless it names fuser itself: fuser gives it when its
+        // session ends after the mount was already unmounted (by `fusermount3 -u`, ours or the
+        // user's), which is expected.
+        Some((filter, value)) if !value.contains("fuser") => {
+            filter.add_directive("fuser::mnt=error".parse().expect("a valid directive"))
+        }
+        Some((filter, _)) => filter,
+        None => EnvFilter::new(log_directives(verbose)),
+    };
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        // Colour codes only for a terminal, not in a log file or a pipe.
+        .with_ansi(std::io::stderr().is_terminal())
+        .init();
 }
 
 /// Keeps glibc from hoarding memory. Chunks are 0.5–8 MiB buffers allocated and freed on many
@@ -509,4 +558,28 @@ fn ingest_cmd(
     } else {
         EXIT_PARTIAL
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_verbosity_is_a_valid_filter() {
+        for v in 0..=4 {
+            let d = log_directives(v);
+            assert!(
+                tracing_subscriber::EnvFilter::try_new(d).is_ok(),
+                "-v x{v}: {d}"
+            );
+        }
+    }
+
+    #[test]
+    fn verbose_is_global_and_counts() {
+        let cli = Cli::try_parse_from(["backtree", "ls", "-vv", "--repo", "/r"]).expect("parse");
+        assert_eq!(cli.verbose, 2);
+        let cli = Cli::try_parse_from(["backtree", "-v", "ls", "--repo", "/r"]).expect("parse");
+        assert_eq!(cli.verbose, 1);
+    }
 }
