@@ -98,35 +98,23 @@ SESSION_NOISE=0 # the most CPU seconds other processes used during one timed ste
 REPEATS=0       # sessions repeated because they were disturbed
 DISTURBED=0     # sessions still disturbed after the last repeat
 
-say() { printf '\n==> %s\n' "$*" >&2; }
-info() { printf '    %s\n' "$*" >&2; }
-die() { printf 'bench-mount.sh: %s\n' "$*" >&2; exit 1; }
-now() { echo "$EPOCHREALTIME"; }
-elapsed() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.3f", b - a }'; }
+# wait_quiet waits for scripts/bench.sh (the ingest benchmark), so the two do not disturb each
+# other.
+OTHER_BENCH_RE='scripts/bench\.sh'
+OTHER_BENCH=scripts/bench.sh
+
+SCRIPT_NAME=bench-mount.sh
+# shellcheck source-path=SCRIPTDIR source=lib/common.sh
+. "$ROOT/scripts/lib/common.sh"
 
 # ---------------------------------------------------------------------------------------------
 # Prerequisites
 # ---------------------------------------------------------------------------------------------
 
-apt_install() {
-    [ $# -gt 0 ] || return 0
-    command -v apt-get >/dev/null || die "missing $*, and apt-get is not available"
-    say "installing Debian packages: $*"
-    if ! DEBIAN_FRONTEND=noninteractive apt-get install -y "$@"; then
-        info "apt-get install failed; running apt-get update and retrying"
-        apt-get update
-        DEBIAN_FRONTEND=noninteractive apt-get install -y "$@"
-    fi
-}
-
 prerequisites() {
-    [ "$(id -u)" -eq 0 ] || die "run as root (needs drop_caches, loop mounts, /proc/PID/status)"
-    local missing=() pair
-    for pair in restic:restic borg:borgbackup fusermount3:fuse3 rsync:rsync /usr/bin/time:time \
-        mkfs.ext4:e2fsprogs; do
-        command -v "${pair%%:*}" >/dev/null || missing+=("${pair#*:}")
-    done
-    apt_install "${missing[@]+"${missing[@]}"}"
+    need_root "drop_caches, loop mounts, /proc/PID/status"
+    install_missing restic:restic borg:borgbackup fusermount3:fuse3 rsync:rsync /usr/bin/time:time \
+        mkfs.ext4:e2fsprogs
     # borg mount needs one of its FUSE bindings, importable by borg's own interpreter.
     [ -n "$(borg_fuse)" ] || apt_install python3-pyfuse3
     [ -e /dev/fuse ] || die "/dev/fuse is missing"
@@ -145,103 +133,28 @@ elif f.has_llfuse:
     import llfuse; print("llfuse", getattr(llfuse, "__version__", ""))' 2>/dev/null || true
 }
 
-# Wait until no scripts/bench.sh (the ingest benchmark) is running, so the two benchmarks do
-# not disturb each other. Polls every 10 s, up to BENCH_QUIET_WAIT seconds, then goes on with a
-# warning (counted in the report).
-wait_quiet() {
-    local waited=0
-    while pgrep -f 'scripts/bench\.sh' >/dev/null; do
-        if [ "$waited" -eq 0 ]; then info "waiting for scripts/bench.sh to finish (before: $1)"; fi
-        if [ "$waited" -ge "$BENCH_QUIET_WAIT" ]; then
-            info "WARNING: scripts/bench.sh still running after ${waited}s; going on anyway"
-            NOISY=$((NOISY + 1))
-            return 0
-        fi
-        sleep 10
-        waited=$((waited + 10))
-    done
-    if [ "$waited" -gt 0 ]; then info "scripts/bench.sh finished, waited ${waited}s"; fi
-}
-
-# Wait until other processes use less than 15% of one core (measured over 2 s), up to
-# BENCH_IDLE_WAIT seconds; then go on and count the step as busy. Call only while this script's
-# own daemons are idle.
-wait_idle() {
-    local start=$SECONDS b0 b1 first=1
-    while :; do
-        b0=$(busy_ticks)
-        sleep 2
-        b1=$(busy_ticks)
-        if [ $(((b1 - b0) * 100)) -lt $((15 * 2 * CLK_TCK)) ]; then break; fi
-        if [ "$first" = 1 ]; then
-            info "machine busy ($(awk -v t=$((b1 - b0)) -v hz="$CLK_TCK" 'BEGIN { printf "%.0f%%", t / hz / 2 * 100 }') of a core used by others): waiting before $1"
-            first=0
-        fi
-        if [ $((SECONDS - start)) -ge "$BENCH_IDLE_WAIT" ]; then
-            info "WARNING: machine still busy after ${BENCH_IDLE_WAIT}s; going on with $1"
-            BUSY=$((BUSY + 1))
-            break
-        fi
-    done
-    IDLE_WAITED=$((IDLE_WAITED + SECONDS - start))
-}
-
 build_backtree() {
-    if [ -n "$BENCH_BACKTREE" ]; then
-        BT=$BENCH_BACKTREE
-        say "using prebuilt backtree: $BT"
-        return
-    fi
+    use_prebuilt && return
     wait_quiet "build"
-    say "building backtree (release) into $BENCH_TARGET"
-    (cd "$ROOT" && CARGO_TARGET_DIR=$BENCH_TARGET cargo build --release -p backtree)
-    BT=$BENCH_TARGET/release/backtree
-    [ -x "$BT" ] || die "build produced no $BT"
+    build_release
     # What was built: the commit, and whether the sources differed from it at build time.
-    BUILT_REV=$(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo unknown)
-    [ -z "$(git -C "$ROOT" status --porcelain -- crates Cargo.toml Cargo.lock 2>/dev/null)" ] ||
-        BUILT_REV="$BUILT_REV + uncommitted changes"
-    # The target dir may be shared with other builds: run a private copy, stable for this run.
-    cp "$BT" "$BENCH_DIR/backtree"
-    BT=$BENCH_DIR/backtree
+    BUILT_REV=$(source_rev)
+    private_copy
 }
 
 # ---------------------------------------------------------------------------------------------
 # Work directory (idempotent: everything from a previous run is unmounted and removed)
 # ---------------------------------------------------------------------------------------------
 
-unmount_dir() { # DIR: unmount whatever is mounted there (FUSE, loop, or a dead FUSE daemon's)
-    if grep -qF " $1 " /proc/mounts; then
-        info "unmounting $1"
-        fusermount3 -u "$1" 2>/dev/null || umount "$1" 2>/dev/null || fusermount3 -uz "$1" 2>/dev/null ||
-            umount -l "$1" || true
-    fi
-}
-
-stop_daemon() {
-    if [ -n "$DAEMON_PID" ] && kill -0 "$DAEMON_PID" 2>/dev/null; then
-        kill -TERM "$DAEMON_PID" 2>/dev/null || true
-        sleep 1
-        kill -KILL "$DAEMON_PID" 2>/dev/null || true
-    fi
-    DAEMON_PID=
-}
-
 prepare_workdir() {
-    case "$BENCH_DIR" in
-        "" | / | /tmp | /root | /home | /usr | "$ROOT" | "${HOME:-/root}") die "refusing BENCH_DIR=$BENCH_DIR" ;;
-    esac
-    if [ -e "$BENCH_DIR" ] && [ ! -e "$BENCH_DIR/.backtree-bench-mount" ] &&
-        [ -n "$(ls -A "$BENCH_DIR" 2>/dev/null)" ]; then
-        die "$BENCH_DIR exists, is not empty and was not made by bench-mount.sh; choose another BENCH_DIR"
-    fi
+    check_workdir
     say "cleaning work directory $BENCH_DIR"
     unmount_dir "$MNT"
     unmount_dir "$LOOP"
     unmount_dir "$BENCH_DIR/restore"
     rm -rf "$BENCH_DIR"
     mkdir -p "$BENCH_DIR" "$LOGS" "$MNT" "$LOOP" "$BENCH_DIR/image" "$BENCH_DIR/repos"
-    touch "$BENCH_DIR/.backtree-bench-mount"
+    touch "$BENCH_DIR/$WORKDIR_MARK"
     printf 'dataset\ttool\tstep\tvalue\tunit\tload1\tother_cpu\trc\n' >"$RESULTS"
 }
 
@@ -261,13 +174,6 @@ trap 'exit 130' INT TERM
 # Measuring
 # ---------------------------------------------------------------------------------------------
 
-drop_caches() {
-    sync
-    echo 3 >/proc/sys/vm/drop_caches
-}
-
-# Busy CPU ticks of the whole machine (all cores).
-busy_ticks() { awk '/^cpu / { print $2 + $3 + $4 + $7 + $8 + $9; exit }' /proc/stat; }
 # CPU ticks used so far by kernel threads (PF_KTHREAD, 0x200000 in the flags field): work the
 # kernel does for what runs, such as the loop device's and the journal's writes of a restore into
 # the fresh ext4, which is the restore's own work and not noise.
@@ -277,16 +183,6 @@ kthread_ticks() {
         if (int(g[7] / 2097152) % 2 == 1) s += g[12] + g[13]
     } END { printf "%d\n", s }'
 }
-# CPU ticks of one process (user + system).
-proc_ticks() {
-    if [ -n "$1" ] && [ -r "/proc/$1/stat" ]; then
-        # Fields after the parenthesised command name: utime and stime are the 12th and 13th.
-        sed 's/.*) //' "/proc/$1/stat" | awk '{ print $12 + $13 }'
-    else
-        echo 0
-    fi
-}
-
 record() { # DATASET TOOL STEP VALUE UNIT LOAD1 OTHER_CPU RC
     printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$@" >>"$RESULTS"
 }
@@ -363,7 +259,6 @@ export BORG_RELOCATED_REPO_ACCESS_IS_OK=yes
 export BORG_BASE_DIR=$BENCH_DIR/borg-home # borg's cache and security dirs, wiped with the rest
 RESTIC_CACHE=$BENCH_DIR/restic-cache
 
-repo_of() { echo "$BENCH_DIR/repos/$1-$2"; } # DATASET TOOL
 
 # ingest DATASET TOOL PATHS...: fresh repository, one snapshot named after the dataset.
 ingest() {
@@ -482,24 +377,6 @@ unmount_tool() {
 # ---------------------------------------------------------------------------------------------
 # Datasets
 # ---------------------------------------------------------------------------------------------
-
-logical_size() { find "$@" -xdev -type f -printf '%s\n' | awk '{ s += $1 } END { printf "%d", s }'; }
-
-pick_files() { # BUDGET_BYTES > list: files under BENCH_IMAGE_SRC in name order that fit
-    (cd / && find "${BENCH_IMAGE_SRC#/}" -xdev -type f -readable ! -name $'*\n*' -printf '%s %p\n') |
-        LC_ALL=C sort -k2 |
-        awk -v budget="$1" '{
-            s = int(($1 + 4095) / 4096) * 4096
-            if (used + s > budget) next
-            used += s
-            print substr($0, length($1) + 2)
-        }'
-}
-
-copy_files() { # LIST DEST
-    tar -C / --atime-preserve=system --no-recursion --verbatim-files-from -T "$1" -cf - |
-        tar -C "$2" -xpf -
-}
 
 make_image() {
     local size used budget list=$BENCH_DIR/image/files.txt want=$((BENCH_IMAGE_GB * 1073741824))
@@ -959,10 +836,7 @@ ceiling() {
 # ---------------------------------------------------------------------------------------------
 
 machine_info() {
-    echo "- Date: $(date -u '+%Y-%m-%d %H:%M UTC')"
-    echo "- CPU: $(nproc) cores, $(awk -F': ' '/model name/ { print $2; exit }' /proc/cpuinfo);" \
-        "RAM $(awk '/MemTotal/ { printf "%.0f GiB", $2 / 1048576 }' /proc/meminfo)"
-    echo "- Kernel: $(uname -r); work dir on $(df --output=source,fstype "$BENCH_DIR" | tail -n1 | tr -s ' ')"
+    machine_lines
     echo "- Tools: backtree $("$BT" --version | awk '{ print $2 }') (git ${BUILT_REV:-unknown, prebuilt binary}, release build," \
         "mount with ${BENCH_CACHE_SIZE:-the default} --cache-size); $(restic version | awk '{ print $1, $2 }');" \
         "$(borg --version) (FUSE binding: $(borg_fuse | sed 's/ $//'));" \
@@ -1118,36 +992,8 @@ report() {
 
 write_report() {
     local md=$BENCH_DIR/results.md
-    {
-        echo "### Run of $(date -u '+%Y-%m-%d')"
-        echo
-        machine_info
-        echo
-        echo "Datasets:"
-        echo
-        awk -F'\t' '{ printf "- %s: %s\n", $1, $2 }' "$BENCH_DIR/datasets.txt"
-        echo
-        report
-    } >"$md"
-    say "results"
-    cat "$md"
-    if [ -n "$BENCH_DOC" ]; then
-        local begin="<!-- bench-mount:begin -->" end="<!-- bench-mount:end -->"
-        if [ ! -f "$BENCH_DOC" ] || ! grep -qF "$begin" "$BENCH_DOC"; then
-            mkdir -p "$(dirname "$BENCH_DOC")"
-            {
-                if [ -f "$BENCH_DOC" ]; then cat "$BENCH_DOC"; else echo "# Mount benchmarks"; fi
-                printf '\n%s\n%s\n' "$begin" "$end"
-            } >"$BENCH_DOC.tmp"
-            mv "$BENCH_DOC.tmp" "$BENCH_DOC"
-        fi
-        awk -v md="$md" -v begin="$begin" -v end="$end" '
-            $0 == begin { print; while ((getline l < md) > 0) print l; skip = 1; next }
-            $0 == end { skip = 0 }
-            !skip { print }' "$BENCH_DOC" >"$BENCH_DOC.tmp"
-        mv "$BENCH_DOC.tmp" "$BENCH_DOC"
-        say "updated $BENCH_DOC"
-    fi
+    results_md "### Run of $(date -u '+%Y-%m-%d')" >"$md"
+    publish_results "$md" "<!-- bench-mount:begin -->" "<!-- bench-mount:end -->" "Mount benchmarks"
 }
 
 # ---------------------------------------------------------------------------------------------

@@ -114,122 +114,43 @@ IDLE_WAITED=0
 REPEATS=0
 DISTURBED=0
 
-say() { printf '\n==> %s\n' "$*" >&2; }
-info() { printf '    %s\n' "$*" >&2; }
-die() { printf 'bench-s3.sh: %s\n' "$*" >&2; exit 1; }
-now() { echo "$EPOCHREALTIME"; }
-elapsed() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.3f", b - a }'; }
+# wait_quiet waits until neither scripts/bench.sh nor scripts/bench-mount.sh runs.
+OTHER_BENCH_RE='scripts/bench(-mount)?\.sh'
+OTHER_BENCH="scripts/bench.sh / bench-mount.sh"
+
+SCRIPT_NAME=bench-s3.sh
+# shellcheck source-path=SCRIPTDIR source=lib/common.sh
+. "$ROOT/scripts/lib/common.sh"
 
 # ---------------------------------------------------------------------------------------------
-# Prerequisites (apt_install, wait_quiet, wait_idle and build_backtree mirror bench-mount.sh)
+# Prerequisites
 # ---------------------------------------------------------------------------------------------
-
-apt_install() {
-    [ $# -gt 0 ] || return 0
-    command -v apt-get >/dev/null || die "missing $*, and apt-get is not available"
-    say "installing Debian packages: $*"
-    if ! DEBIAN_FRONTEND=noninteractive apt-get install -y "$@"; then
-        info "apt-get install failed; running apt-get update and retrying"
-        apt-get update
-        DEBIAN_FRONTEND=noninteractive apt-get install -y "$@"
-    fi
-}
 
 prerequisites() {
-    [ "$(id -u)" -eq 0 ] || die "run as root (needs drop_caches and network namespaces)"
-    local missing=() pair
-    for pair in restic:restic fusermount3:fuse3 /usr/bin/time:time tc:iproute2 ip:iproute2 \
-        nsenter:util-linux curl:curl; do
-        command -v "${pair%%:*}" >/dev/null || missing+=("${pair#*:}")
-    done
-    # shellcheck disable=SC2046
-    apt_install $(printf '%s\n' "${missing[@]+"${missing[@]}"}" | sort -u)
+    need_root "drop_caches and network namespaces"
+    install_missing restic:restic fusermount3:fuse3 /usr/bin/time:time tc:iproute2 ip:iproute2 \
+        nsenter:util-linux curl:curl
     [ -e /dev/fuse ] || die "/dev/fuse is missing"
     command -v cargo >/dev/null || [ -n "$BENCH_BACKTREE" ] || die "cargo not found"
     GARAGE_BIN=$("$ROOT/scripts/garage.sh" install) || die "scripts/garage.sh install failed"
 }
 
-# Wait until neither scripts/bench.sh nor scripts/bench-mount.sh runs (polls every 10 s, up to
-# BENCH_QUIET_WAIT seconds, then goes on with a warning counted in the report).
-wait_quiet() {
-    local waited=0
-    while pgrep -f 'scripts/bench(-mount)?\.sh' >/dev/null; do
-        if [ "$waited" -eq 0 ]; then info "waiting for scripts/bench.sh / bench-mount.sh to finish (before: $1)"; fi
-        if [ "$waited" -ge "$BENCH_QUIET_WAIT" ]; then
-            info "WARNING: another benchmark still running after ${waited}s; going on anyway"
-            NOISY=$((NOISY + 1))
-            return 0
-        fi
-        sleep 10
-        waited=$((waited + 10))
-    done
-    if [ "$waited" -gt 0 ]; then info "the other benchmark finished, waited ${waited}s"; fi
-}
-
-# Wait until other processes use less than 15% of one core (measured over 2 s), up to
-# BENCH_IDLE_WAIT seconds; then go on and count the step as busy.
-wait_idle() {
-    local start=$SECONDS b0 b1 first=1
-    while :; do
-        b0=$(busy_ticks)
-        sleep 2
-        b1=$(busy_ticks)
-        if [ $(((b1 - b0) * 100)) -lt $((15 * 2 * CLK_TCK)) ]; then break; fi
-        if [ "$first" = 1 ]; then
-            info "machine busy ($(awk -v t=$((b1 - b0)) -v hz="$CLK_TCK" 'BEGIN { printf "%.0f%%", t / hz / 2 * 100 }') of a core): waiting before $1"
-            first=0
-        fi
-        if [ $((SECONDS - start)) -ge "$BENCH_IDLE_WAIT" ]; then
-            info "WARNING: machine still busy after ${BENCH_IDLE_WAIT}s; going on with $1"
-            BUSY=$((BUSY + 1))
-            break
-        fi
-    done
-    IDLE_WAITED=$((IDLE_WAITED + SECONDS - start))
-}
-
 build_backtree() {
-    if [ -n "$BENCH_BACKTREE" ]; then
-        cp "$BENCH_BACKTREE" "$BENCH_DIR/backtree"
-        BT=$BENCH_DIR/backtree
-        say "using prebuilt backtree: $BENCH_BACKTREE"
+    # The target dir is shared with the other benchmarks: run a private copy, stable for this
+    # run, of a prebuilt binary too.
+    if use_prebuilt; then
+        private_copy
         return
     fi
     wait_quiet "build"
-    say "building backtree (release) into $BENCH_TARGET"
-    (cd "$ROOT" && CARGO_TARGET_DIR=$BENCH_TARGET cargo build --release -p backtree) ||
-        die "cargo build failed"
-    [ -x "$BENCH_TARGET/release/backtree" ] || die "build produced no $BENCH_TARGET/release/backtree"
-    BUILT_REV=$(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo unknown)
-    [ -z "$(git -C "$ROOT" status --porcelain -- crates Cargo.toml Cargo.lock 2>/dev/null)" ] ||
-        BUILT_REV="$BUILT_REV + uncommitted changes"
-    # The target dir is shared with the other benchmarks: run a private copy, stable for this run.
-    cp "$BENCH_TARGET/release/backtree" "$BENCH_DIR/backtree"
-    BT=$BENCH_DIR/backtree
+    build_release
+    BUILT_REV=$(source_rev)
+    private_copy
 }
 
 # ---------------------------------------------------------------------------------------------
 # Work directory, Garage, network namespace, cleanup
 # ---------------------------------------------------------------------------------------------
-
-unmount_dir() { # DIR: unmount whatever is mounted there
-    if grep -qF " $1 " /proc/mounts; then
-        info "unmounting $1"
-        fusermount3 -u "$1" 2>/dev/null || umount "$1" 2>/dev/null || fusermount3 -uz "$1" 2>/dev/null ||
-            umount -l "$1" || true
-    fi
-}
-
-stop_pid() { # PID: TERM, then KILL after 2 s
-    [ -n "$1" ] || return 0
-    if kill -0 "$1" 2>/dev/null; then
-        kill -TERM "$1" 2>/dev/null || true
-        for _ in 1 2 3 4 5 6 7 8 9 10; do kill -0 "$1" 2>/dev/null || return 0; sleep 0.2; done
-        kill -KILL "$1" 2>/dev/null || true
-    fi
-}
-
-stop_daemon() { stop_pid "$DAEMON_PID"; DAEMON_PID=; }
 
 garage_pid() { cat "$1/garage.pid" 2>/dev/null || true; } # DIR
 
@@ -249,13 +170,7 @@ delete_netns() {
 }
 
 prepare_workdir() {
-    case "$BENCH_DIR" in
-        "" | / | /tmp | /root | /home | /usr | "$ROOT" | "${HOME:-/root}") die "refusing BENCH_DIR=$BENCH_DIR" ;;
-    esac
-    if [ -e "$BENCH_DIR" ] && [ ! -e "$BENCH_DIR/.backtree-bench-s3" ] &&
-        [ -n "$(ls -A "$BENCH_DIR" 2>/dev/null)" ]; then
-        die "$BENCH_DIR exists, is not empty and was not made by bench-s3.sh; choose another BENCH_DIR"
-    fi
+    check_workdir
     say "cleaning work directory $BENCH_DIR"
     unmount_dir "$MNT"
     # Garages and a proxy a previous (killed) run may have left behind.
@@ -276,7 +191,7 @@ prepare_workdir() {
     fi
     rm -rf "$BENCH_DIR"
     mkdir -p "$BENCH_DIR" "$LOGS" "$MNT" "$BENCH_DIR/image"
-    touch "$BENCH_DIR/.backtree-bench-s3"
+    touch "$BENCH_DIR/$WORKDIR_MARK"
     printf 'rtt\tdataset\ttool\tstep\tvalue\tunit\tload1\tother_cpu\ttool_cpu\tserver_cpu\twall\trc\treqs\n' >"$RESULTS"
 }
 
@@ -439,24 +354,9 @@ probe_ttfb() { # URL -> ms
 }
 
 # ---------------------------------------------------------------------------------------------
-# Measuring (busy_ticks, proc_ticks, timed mirror bench-mount.sh; the servers are subtracted too)
+# Measuring (timed mirrors bench-mount.sh; the servers are subtracted too)
 # ---------------------------------------------------------------------------------------------
 
-drop_caches() {
-    sync
-    echo 3 >/proc/sys/vm/drop_caches
-}
-
-busy_ticks() { awk '/^cpu / { print $2 + $3 + $4 + $7 + $8 + $9; exit }' /proc/stat; }
-proc_ticks() { # PID...: user + system ticks of these processes (threads included)
-    local pid t=0 x
-    for pid in "$@"; do
-        [ -n "$pid" ] && [ -r "/proc/$pid/stat" ] || continue
-        x=$(sed 's/.*) //' "/proc/$pid/stat" 2>/dev/null | awk '{ print $12 + $13 }') || x=0
-        t=$((t + ${x:-0}))
-    done
-    echo "$t"
-}
 server_pids() { echo "$(garage_pid "$GARAGE_DIR") $PROXY_PID"; }
 
 # S3 requests Garage has served so far, from its admin API's metrics: "GETS PUTS" (GetObject;
@@ -527,8 +427,6 @@ disturbed() { awk -v n="$T_OTHER" -v max="$BENCH_NOISE" 'BEGIN { exit !(n > max)
 # ---------------------------------------------------------------------------------------------
 # Datasets
 # ---------------------------------------------------------------------------------------------
-
-logical_size() { find "$@" -xdev -type f -printf '%s\n' | awk '{ s += $1 } END { printf "%d", s }'; }
 
 make_datasets() {
     read -r -a TREE_PATHS <<<"$BENCH_TREE"
@@ -903,36 +801,8 @@ report() {
 
 write_report() {
     local md=$BENCH_DIR/results.md
-    {
-        echo "### Run of $(date -u '+%Y-%m-%d')"
-        echo
-        machine_info
-        echo
-        echo "Datasets:"
-        echo
-        awk -F'\t' '{ printf "- %s: %s\n", $1, $2 }' "$BENCH_DIR/datasets.txt"
-        echo
-        report
-    } >"$md"
-    say "results"
-    cat "$md"
-    if [ -n "$BENCH_DOC" ]; then
-        local begin="<!-- bench-s3:begin -->" end="<!-- bench-s3:end -->"
-        if [ ! -f "$BENCH_DOC" ] || ! grep -qF "$begin" "$BENCH_DOC"; then
-            mkdir -p "$(dirname "$BENCH_DOC")"
-            {
-                if [ -f "$BENCH_DOC" ]; then cat "$BENCH_DOC"; else echo "# S3 benchmarks"; fi
-                printf '\n%s\n%s\n' "$begin" "$end"
-            } >"$BENCH_DOC.tmp"
-            mv "$BENCH_DOC.tmp" "$BENCH_DOC"
-        fi
-        awk -v md="$md" -v begin="$begin" -v end="$end" '
-            $0 == begin { print; while ((getline l < md) > 0) print l; skip = 1; next }
-            $0 == end { skip = 0 }
-            !skip { print }' "$BENCH_DOC" >"$BENCH_DOC.tmp"
-        mv "$BENCH_DOC.tmp" "$BENCH_DOC"
-        say "updated $BENCH_DOC"
-    fi
+    results_md "### Run of $(date -u '+%Y-%m-%d')" >"$md"
+    publish_results "$md" "<!-- bench-s3:begin -->" "<!-- bench-s3:end -->" "S3 benchmarks"
 }
 
 # ---------------------------------------------------------------------------------------------

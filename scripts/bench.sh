@@ -61,46 +61,23 @@ RESULTS=$BENCH_DIR/results.tsv
 LOGS=$BENCH_DIR/logs
 CLK_TCK=$(getconf CLK_TCK)
 
-say() { printf '\n==> %s\n' "$*" >&2; }
-info() { printf '    %s\n' "$*" >&2; }
-die() { printf 'bench.sh: %s\n' "$*" >&2; exit 1; }
+SCRIPT_NAME=bench.sh
+# shellcheck source-path=SCRIPTDIR source=lib/common.sh
+. "$ROOT/scripts/lib/common.sh"
 
 # ---------------------------------------------------------------------------------------------
 # Prerequisites
 # ---------------------------------------------------------------------------------------------
 
-apt_install() {
-    [ $# -gt 0 ] || return 0
-    command -v apt-get >/dev/null || die "missing $*, and apt-get is not available"
-    say "installing Debian packages: $*"
-    if ! DEBIAN_FRONTEND=noninteractive apt-get install -y "$@"; then
-        info "apt-get install failed; running apt-get update and retrying"
-        apt-get update
-        DEBIAN_FRONTEND=noninteractive apt-get install -y "$@"
-    fi
-}
-
 prerequisites() {
-    [ "$(id -u)" -eq 0 ] || die "run as root (needs drop_caches and loop mounts)"
-    local missing=() pair
-    for pair in restic:restic borg:borgbackup jq:jq /usr/bin/time:time mkfs.ext4:e2fsprogs \
-        truncate:coreutils du:coreutils; do
-        command -v "${pair%%:*}" >/dev/null || missing+=("${pair#*:}")
-    done
-    apt_install "${missing[@]+"${missing[@]}"}"
+    need_root "drop_caches and loop mounts"
+    install_missing restic:restic borg:borgbackup jq:jq /usr/bin/time:time mkfs.ext4:e2fsprogs \
+        truncate:coreutils du:coreutils
     command -v cargo >/dev/null || [ -n "$BENCH_BACKTREE" ] || die "cargo not found"
 }
 
 build_backtree() {
-    if [ -n "$BENCH_BACKTREE" ]; then
-        BT=$BENCH_BACKTREE
-        say "using prebuilt backtree: $BT"
-        return
-    fi
-    say "building backtree (release) into $BENCH_TARGET"
-    (cd "$ROOT" && CARGO_TARGET_DIR=$BENCH_TARGET cargo build --release -p backtree)
-    BT=$BENCH_TARGET/release/backtree
-    [ -x "$BT" ] || die "build produced no $BT"
+    use_prebuilt || build_release
 }
 
 # ---------------------------------------------------------------------------------------------
@@ -115,18 +92,12 @@ unmount_leftovers() {
 }
 
 prepare_workdir() {
-    case "$BENCH_DIR" in
-        "" | / | /tmp | /root | /home | /usr | "$ROOT" | "${HOME:-/root}") die "refusing BENCH_DIR=$BENCH_DIR" ;;
-    esac
-    if [ -e "$BENCH_DIR" ] && [ ! -e "$BENCH_DIR/.backtree-bench" ] &&
-        [ -n "$(ls -A "$BENCH_DIR" 2>/dev/null)" ]; then
-        die "$BENCH_DIR exists, is not empty and was not made by bench.sh; choose another BENCH_DIR"
-    fi
+    check_workdir
     say "cleaning work directory $BENCH_DIR"
     unmount_leftovers
     rm -rf "$BENCH_DIR"
     mkdir -p "$BENCH_DIR" "$LOGS" "$MNT"
-    touch "$BENCH_DIR/.backtree-bench"
+    touch "$BENCH_DIR/$WORKDIR_MARK"
     printf 'dataset\trun\ttool\tlogical\twall\tcpu\trss_kib\trepo_bytes\tadded_bytes\tother_cpu\trc\n' >"$RESULTS"
 }
 
@@ -158,13 +129,6 @@ set_cache() {
 read_all() {
     tar -C / --atime-preserve=system -cf - "$@" 2>/dev/null | cat >/dev/null
 }
-
-# Busy CPU ticks of the whole machine (all cores).
-busy_ticks() {
-    awk '/^cpu / { print $2 + $3 + $4 + $7 + $8 + $9; exit }' /proc/stat
-}
-
-now() { date +%s.%N; }
 
 # measure DATASET RUN TOOL LOGICAL_BYTES REPO_DIR -- COMMAND...
 # Runs COMMAND cold, then `sync`; appends one row to $RESULTS. The command's stdout goes to
@@ -214,8 +178,6 @@ export BORG_UNKNOWN_UNENCRYPTED_REPO_ACCESS_IS_OK=yes
 export BORG_RELOCATED_REPO_ACCESS_IS_OK=yes
 export BORG_BASE_DIR=$BENCH_DIR/borg-home # borg's cache and security dirs, wiped with the rest
 
-repo_of() { echo "$BENCH_DIR/repos/$1-$2"; } # DATASET TOOL
-
 init_repo() { # DATASET TOOL
     local repo
     repo=$(repo_of "$1" "$2")
@@ -253,11 +215,6 @@ ingest() {
     esac
 }
 
-# Sum of the sizes of regular files (what every tool calls the logical size).
-logical_size() {
-    find "$@" -xdev -type f -printf '%s\n' | awk '{ s += $1 } END { printf "%d", s }'
-}
-
 # ---------------------------------------------------------------------------------------------
 # Dataset: usr
 # ---------------------------------------------------------------------------------------------
@@ -288,24 +245,6 @@ run_usr() {
 
 IMG=$BENCH_DIR/image/disk.img
 IMAGE_MODE=
-
-# pick_files BUDGET_BYTES > list: regular files under BENCH_IMAGE_SRC (paths relative to /),
-# in name order, as long as their 4 KiB-rounded sizes fit in the budget.
-pick_files() {
-    (cd / && find "${BENCH_IMAGE_SRC#/}" -xdev -type f -readable ! -name $'*\n*' -printf '%s %p\n') |
-        LC_ALL=C sort -k2 |
-        awk -v budget="$1" '{
-            s = int(($1 + 4095) / 4096) * 4096
-            if (used + s > budget) next  # skip what does not fit, keep filling with smaller files
-            used += s
-            print substr($0, length($1) + 2)
-        }'
-}
-
-copy_files() { # LIST DEST
-    tar -C / --atime-preserve=system --no-recursion --verbatim-files-from -T "$1" -cf - |
-        tar -C "$2" -xpf -
-}
 
 make_image() {
     local size used budget list=$BENCH_DIR/image/files.txt
@@ -422,15 +361,8 @@ run_image() {
 # ---------------------------------------------------------------------------------------------
 
 machine_info() {
-    local rev dirty=""
-    rev=$(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo unknown)
-    [ -z "$(git -C "$ROOT" status --porcelain -- crates Cargo.toml Cargo.lock 2>/dev/null)" ] ||
-        dirty=" + uncommitted changes"
-    echo "- Date: $(date -u '+%Y-%m-%d %H:%M UTC')"
-    echo "- CPU: $(nproc) cores, $(awk -F': ' '/model name/ { print $2; exit }' /proc/cpuinfo);" \
-        "RAM $(awk '/MemTotal/ { printf "%.0f GiB", $2 / 1048576 }' /proc/meminfo)"
-    echo "- Kernel: $(uname -r); work dir on $(df --output=source,fstype "$BENCH_DIR" | tail -n1 | tr -s ' ')"
-    echo "- backtree: $("$BT" --version | awk '{ print $2 }') (git $rev$dirty, release build);" \
+    machine_lines
+    echo "- backtree: $("$BT" --version | awk '{ print $2 }') (git $(source_rev), release build);" \
         "$(restic version | awk '{ print $1, $2 }'); $(borg --version)"
     case $BENCH_CACHE in
         cold) echo "- Page cache: cold, dropped before every ingest (and every read row)" ;;
@@ -530,45 +462,20 @@ report() {
     }' "$RESULTS"
 }
 
+# What the numbers in the tables mean.
+report_notes() {
+    [ "$BENCH_REPEAT" -eq 1 ] || echo "Every number is the median of $BENCH_REPEAT repetitions."
+    echo "Wall time includes a final \`sync\`; MB/s is logical (apparent) bytes / wall time, 10^6 bytes;" \
+        "CPU s is user + system time of the tool; \"wall / read\" compares with the read (tar) row," \
+        "a single-threaded \`tar -cf - PATHS | cat >/dev/null\` of the same data; \"other CPU s\" is CPU" \
+        "time used by other processes during the ingest, marked (noisy) above 10% of the machine" \
+        "($(nproc) cores give $(nproc) CPU s per second)."
+}
+
 write_report() {
     local md=$BENCH_DIR/results.md
-    {
-        echo "### Page cache $BENCH_CACHE: run of $(date -u '+%Y-%m-%d')"
-        echo
-        machine_info
-        echo
-        echo "Datasets:"
-        echo
-        awk -F'\t' '{ printf "- %s: %s\n", $1, $2 }' "$BENCH_DIR/datasets.txt"
-        echo
-        [ "$BENCH_REPEAT" -eq 1 ] || echo "Every number is the median of $BENCH_REPEAT repetitions."
-        echo "Wall time includes a final \`sync\`; MB/s is logical (apparent) bytes / wall time, 10^6 bytes;" \
-            "CPU s is user + system time of the tool; \"wall / read\" compares with the read (tar) row," \
-            "a single-threaded \`tar -cf - PATHS | cat >/dev/null\` of the same data; \"other CPU s\" is CPU" \
-            "time used by other processes during the ingest, marked (noisy) above 10% of the machine" \
-            "($(nproc) cores give $(nproc) CPU s per second)."
-        echo
-        report
-    } >"$md"
-    say "results"
-    cat "$md"
-    if [ -n "$BENCH_DOC" ]; then
-        local begin="<!-- bench:$BENCH_CACHE:begin -->" end="<!-- bench:$BENCH_CACHE:end -->"
-        if [ ! -f "$BENCH_DOC" ] || ! grep -qF "$begin" "$BENCH_DOC"; then
-            mkdir -p "$(dirname "$BENCH_DOC")"
-            {
-                [ -f "$BENCH_DOC" ] && cat "$BENCH_DOC" || echo "# Benchmarks"
-                printf '\n%s\n%s\n' "$begin" "$end"
-            } >"$BENCH_DOC.tmp"
-            mv "$BENCH_DOC.tmp" "$BENCH_DOC"
-        fi
-        awk -v md="$md" -v begin="$begin" -v end="$end" '
-            $0 == begin { print; while ((getline l < md) > 0) print l; skip = 1; next }
-            $0 == end { skip = 0 }
-            !skip { print }' "$BENCH_DOC" >"$BENCH_DOC.tmp"
-        mv "$BENCH_DOC.tmp" "$BENCH_DOC"
-        say "updated $BENCH_DOC"
-    fi
+    results_md "### Page cache $BENCH_CACHE: run of $(date -u '+%Y-%m-%d')" report_notes >"$md"
+    publish_results "$md" "<!-- bench:$BENCH_CACHE:begin -->" "<!-- bench:$BENCH_CACHE:end -->" Benchmarks
 }
 
 # ---------------------------------------------------------------------------------------------

@@ -4,7 +4,8 @@
 # tree through the mount, then unmount.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-scripts/setup.sh
+# Only what the demo needs (fuse3, for the mount); Garage is for the S3 tests alone.
+scripts/setup.sh --demo
 cargo build --release -p backtree
 bt=target/release/backtree
 work=${DEMO_DIR:-/tmp/backtree-demo}

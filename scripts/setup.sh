@@ -1,16 +1,29 @@
 #!/usr/bin/env bash
-# Installs what backtree's build and tests need on a fresh Debian machine. Idempotent: packages
-# already present are not fetched again. Run as root (or with sudo available).
+# Installs what backtree needs on a fresh Debian machine. Idempotent: packages already present
+# are not fetched again. Run as root (or with sudo available).
+#
+#   scripts/setup.sh          what the build and the tests need (scripts/test.sh, .ci/run); the
+#                             S3 tests' Garage is built by scripts/test.sh itself, when it needs it
+#   scripts/setup.sh --demo   only what scripts/demo.sh needs to build and mount: fuse3
 set -euo pipefail
+
+demo=0
+case "${1:-}" in
+  "") ;;
+  --demo) demo=1 ;;
+  *) echo "usage: scripts/setup.sh [--demo]" >&2; exit 2 ;;
+esac
 
 need=()
 command -v fusermount3 >/dev/null 2>&1 || need+=(fuse3)
-command -v rsync >/dev/null 2>&1 || need+=(rsync)
-command -v mkfs.ext4 >/dev/null 2>&1 || need+=(e2fsprogs)
-command -v setfacl >/dev/null 2>&1 || need+=(acl)
-command -v getfattr >/dev/null 2>&1 || need+=(attr)
-[ -e /usr/include/fuse3/fuse.h ] || need+=(libfuse3-dev)
-command -v pkg-config >/dev/null 2>&1 || need+=(pkg-config)
+if [ "$demo" = 0 ]; then
+  command -v rsync >/dev/null 2>&1 || need+=(rsync)
+  command -v mkfs.ext4 >/dev/null 2>&1 || need+=(e2fsprogs)
+  command -v setfacl >/dev/null 2>&1 || need+=(acl)
+  command -v getfattr >/dev/null 2>&1 || need+=(attr)
+  [ -e /usr/include/fuse3/fuse.h ] || need+=(libfuse3-dev)
+  command -v pkg-config >/dev/null 2>&1 || need+=(pkg-config)
+fi
 
 if [ ${#need[@]} -gt 0 ]; then
   SUDO=""
@@ -20,6 +33,4 @@ if [ ${#need[@]} -gt 0 ]; then
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${need[@]}" >/dev/null
 fi
 command -v cargo >/dev/null 2>&1 || { echo "setup: cargo (Rust toolchain) is required" >&2; exit 1; }
-# Garage, the S3 server the S3 tests run against: built once into a cache (slow the first time).
-"$(dirname "$0")/garage.sh" install >/dev/null
 echo "setup: ok"

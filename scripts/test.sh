@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Runs every test of the workspace, after installing what the tests need (scripts/setup.sh).
-# The S3 tests run against a local Garage started here (scripts/garage.sh) in target/garage and
-# stopped on exit; a BACKTREE_TEST_S3 already set (with its AWS_* variables) is used instead.
+# The S3 tests run against a local Garage, built here on first use (scripts/garage.sh install,
+# kept in a cache), started in target/garage and stopped on exit; a BACKTREE_TEST_S3 already set
+# (with its AWS_* variables) is used instead, and then Garage is not built.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh

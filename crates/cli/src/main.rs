@@ -12,7 +12,7 @@ use anyhow::{bail, Context, Result};
 use backtree_core::ingest::{self, IngestOptions, Progress};
 use backtree_core::manifest::SkippedPath;
 use backtree_core::Repository;
-use backtree_store::{DynStore, LocalStore, S3Options, S3Store};
+use backtree_store::{open_store, DynStore, Location, OpenOptions, S3Options};
 use clap::{Args, Parser, Subcommand};
 use std::io::IsTerminal;
 use std::os::unix::fs::MetadataExt;
@@ -36,6 +36,11 @@ const EXIT_PARTIAL: i32 = 3;
                   3 generation committed but some paths were skipped."
 )]
 struct Cli {
+    /// Show more of what happens on standard error: -v backtree's progress notes (and other
+    /// libraries' warnings), -vv debugging detail. BACKTREE_LOG or RUST_LOG (a `tracing` filter)
+    /// replaces this choice entirely.
+    #[arg(short, long, action = clap::ArgAction::Count, global = true)]
+    verbose: u8,
     #[command(subcommand)]
     cmd: Cmd,
 }
@@ -69,17 +74,23 @@ struct RepoArg {
 }
 
 impl RepoArg {
-    fn is_s3(&self) -> bool {
-        self.repo.starts_with("s3://")
+    /// The repository's location: a local directory or an S3 URL.
+    fn location(&self) -> Result<Location> {
+        Ok(Location::parse(&self.repo)?)
     }
 
-    fn s3_options(&self) -> S3Options {
-        S3Options {
-            endpoint: self.s3_endpoint.clone(),
-            region: self.s3_region.clone(),
-            max_attempts: Some(self.s3_attempts.max(1)),
-            ..Default::default()
-        }
+    /// Opens the repository's store (see [`backtree_store::open_store`]); `create` for `init`.
+    fn open(&self, rt: &tokio::runtime::Runtime, create: bool) -> Result<DynStore> {
+        let opts = OpenOptions {
+            s3: S3Options {
+                endpoint: self.s3_endpoint.clone(),
+                region: self.s3_region.clone(),
+                max_attempts: Some(self.s3_attempts.max(1)),
+                ..Default::default()
+            },
+            create,
+        };
+        Ok(rt.block_on(open_store(&self.repo, &opts))?)
     }
 }
 
@@ -179,18 +190,8 @@ fn main() {
     // and a store that drops a connection must give an error, not kill an ingest. A reader of
     // our output that goes away (`| head`) ends us quietly through `out!` instead.
     tame_malloc();
-    // fuser warns "Unmount failed" when its session ends after the mount was already unmounted
-    // (by `fusermount3 -u`, ours or the user's): expected, so not shown.
-    let quiet = "fuser::mnt=error".parse().expect("a valid directive");
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("BACKTREE_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"))
-                .add_directive(quiet),
-        )
-        .with_writer(std::io::stderr)
-        .init();
     let cli = Cli::parse();
+    init_logging(cli.verbose);
     let code = match run(cli) {
         Ok(code) => code,
         Err(e) => {
@@ -199,6 +200,60 @@ fn main() {
         }
     };
     std::process::exit(code);
+}
+
+/// The log filter for `-v` given `verbose` times, as `tracing` directives: first the level of
+/// every other crate, then that of backtree's own (the target `backtree` is a prefix, so it
+/// covers the binary and backtree_core, backtree_store and backtree_fs).
+///
+/// By default other crates show only errors. Their warnings are about things backtree handles
+/// and reports itself in one sentence: without credentials, the AWS SDK's probe of the EC2
+/// instance metadata service printed two WARN records of some 800 characters each (the region
+/// and the credentials lookups, with the HTTP response dumped) before backtree's own error;
+/// hyper and fuser warn about dropped connections and unmounts that are expected. Their errors
+/// are rare and mean something is really wrong (fuser: "/dev/fuse not found. Try 'modprobe
+/// fuse'"), so they stay visible. fuser's "Unmount failed" warning is hidden below -vvv (see
+/// [`init_logging`]).
+fn log_directives(verbose: u8) -> &'static str {
+    match verbose {
+        0 => "error,backtree=warn",
+        1 => "warn,fuser::mnt=error,backtree=info",
+        2 => "info,fuser::mnt=error,backtree=debug",
+        _ => "debug,backtree=trace",
+    }
+}
+
+/// Sends `tracing` records to standard error, filtered by BACKTREE_LOG, else RUST_LOG, else
+/// [`log_directives`] for `-v`.
+fn init_logging(verbose: u8) {
+    use tracing_subscriber::EnvFilter;
+    let from_env = ["BACKTREE_LOG", "RUST_LOG"].into_iter().find_map(|var| {
+        let value = std::env::var(var).ok().filter(|v| !v.trim().is_empty())?;
+        match EnvFilter::try_new(&value) {
+            Ok(filter) => Some((filter, value)),
+            Err(e) => {
+                eprintln!("backtree: ignoring {var}={value:?}: {e}");
+                None
+            }
+        }
+    });
+    let filter = match from_env {
+        // A filter from the environment is taken as it is, except that fuser's warning
+        // "Unmount failed" stays hidden unless it names fuser itself: fuser gives it when its
+        // session ends after the mount was already unmounted (by `fusermount3 -u`, ours or the
+        // user's), which is expected.
+        Some((filter, value)) if !value.contains("fuser") => {
+            filter.add_directive("fuser::mnt=error".parse().expect("a valid directive"))
+        }
+        Some((filter, _)) => filter,
+        None => EnvFilter::new(log_directives(verbose)),
+    };
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        // Colour codes only for a terminal, not in a log file or a pipe.
+        .with_ansi(std::io::stderr().is_terminal())
+        .init();
 }
 
 /// Keeps glibc from hoarding memory. Chunks are 0.5–8 MiB buffers allocated and freed on many
@@ -237,40 +292,15 @@ fn runtime() -> Result<tokio::runtime::Runtime> {
         .context("cannot start the async runtime")
 }
 
-/// The store of a repository. A local repository must exist unless `create`.
-fn store_for(rt: &tokio::runtime::Runtime, repo: &RepoArg, create: bool) -> Result<DynStore> {
-    let location = repo.repo.as_str();
-    if repo.is_s3() {
-        let store = rt.block_on(S3Store::from_url(location, repo.s3_options()))?;
-        if create {
-            // Record in the config whether this store refuses to overwrite (If-None-Match).
-            let probe = format!("probe-{:016x}", rand::random::<u64>());
-            // The answer is kept in the store (`honors_create_if_absent`); `init` says what it
-            // means once the repository exists.
-            rt.block_on(store.probe_create_if_absent(&probe))?;
-        }
-        return Ok(Arc::new(store));
-    }
-    let store = if create {
-        LocalStore::create(location)
-    } else {
-        if !std::path::Path::new(location).exists() {
-            bail!("repository {location} does not exist; create it with `backtree init --repo {location}`");
-        }
-        LocalStore::open(location)
-    }?;
-    Ok(Arc::new(store))
-}
-
 fn run(cli: Cli) -> Result<i32> {
     let rt = runtime()?;
     match cli.cmd {
         Cmd::Init { repo } => {
-            let store = store_for(&rt, &repo, true)?;
+            let store = repo.open(&rt, true)?;
             let conditional = store.honors_create_if_absent();
             rt.block_on(Repository::init(store))?;
             out!("created backtree repository at {}", repo.repo);
-            if repo.is_s3() && !conditional {
+            if repo.location()?.is_remote() && !conditional {
                 eprintln!(
                     "backtree: {} ignores conditional writes (If-None-Match); generations are \
                      committed with claims instead (docs/concurrency.md)",
@@ -299,10 +329,13 @@ fn run(cli: Cli) -> Result<i32> {
                         })
                 })
                 .transpose()?;
-            let store = store_for(&rt, &repo, false)?;
+            let store = repo.open(&rt, false)?;
             let r = rt.block_on(Repository::open(store))?;
             // Never back up the repository into itself.
-            let skip_dirs = std::fs::metadata(&repo.repo)
+            let skip_dirs = repo
+                .location()?
+                .local_path()
+                .and_then(|p| std::fs::metadata(p).ok())
                 .map(|m| vec![(m.dev(), m.ino())])
                 .unwrap_or_default();
             let opts = IngestOptions {
@@ -330,9 +363,10 @@ fn run(cli: Cli) -> Result<i32> {
             cache_dir,
             mountpoint,
         } => {
-            let store = store_for(&rt, &repo, false)?;
+            let store = repo.open(&rt, false)?;
             let r = Arc::new(rt.block_on(Repository::open(store))?);
-            let defaults = if repo.is_s3() {
+            let location = repo.location()?;
+            let defaults = if location.is_remote() {
                 backtree_fs::FsOptions::remote()
             } else {
                 backtree_fs::FsOptions::default()
@@ -340,7 +374,7 @@ fn run(cli: Cli) -> Result<i32> {
             mount_cmd(
                 &rt,
                 r,
-                &repo.repo,
+                &location,
                 mountpoint,
                 allow_other,
                 backtree_fs::FsOptions {
@@ -351,7 +385,7 @@ fn run(cli: Cli) -> Result<i32> {
             )
         }
         Cmd::Ls { repo, json, what } => {
-            let store = store_for(&rt, &repo, false)?;
+            let store = repo.open(&rt, false)?;
             let r = rt.block_on(Repository::open(store))?;
             rt.block_on(output::ls(&r, what.as_deref(), json))?;
             Ok(0)
@@ -362,7 +396,7 @@ fn run(cli: Cli) -> Result<i32> {
 fn mount_cmd(
     rt: &tokio::runtime::Runtime,
     repo: Arc<Repository>,
-    location: &str,
+    location: &Location,
     mountpoint: PathBuf,
     allow_other: bool,
     fs_opts: backtree_fs::FsOptions,
@@ -373,7 +407,7 @@ fn mount_cmd(
     let opts = MountOptions {
         allow_other,
         fsname: format!("backtree:{location}"),
-        local_repo: (!location.starts_with("s3://")).then(|| PathBuf::from(location)),
+        local_repo: location.local_path().map(PathBuf::from),
     };
     let session = mount(fs, rt.handle().clone(), &mountpoint, &opts)?;
     eprintln!(
@@ -524,4 +558,28 @@ fn ingest_cmd(
     } else {
         EXIT_PARTIAL
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_verbosity_is_a_valid_filter() {
+        for v in 0..=4 {
+            let d = log_directives(v);
+            assert!(
+                tracing_subscriber::EnvFilter::try_new(d).is_ok(),
+                "-v x{v}: {d}"
+            );
+        }
+    }
+
+    #[test]
+    fn verbose_is_global_and_counts() {
+        let cli = Cli::try_parse_from(["backtree", "ls", "-vv", "--repo", "/r"]).expect("parse");
+        assert_eq!(cli.verbose, 2);
+        let cli = Cli::try_parse_from(["backtree", "-v", "ls", "--repo", "/r"]).expect("parse");
+        assert_eq!(cli.verbose, 1);
+    }
 }

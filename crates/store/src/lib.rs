@@ -10,6 +10,9 @@
 //! - [`FaultyStore`]: a wrapper that injects failures (and can "crash" after N writes), so the
 //!   writer's crash safety and the reader's error paths can be tested without a real outage.
 //!
+//! [`open_store`] opens the store of a repository location as a user writes it (a local path or
+//! `s3://BUCKET[/PREFIX]`, see [`Location`]).
+//!
 //! The trait is shaped after what S3 offers, so an S3 backend fits without changing callers:
 //! whole-object put and get, ranged get, listing by prefix (flat, or one level with a `/`
 //! delimiter), delete, and create-if-absent. Objects are never modified after they are written:
@@ -24,11 +27,13 @@ pub mod conformance;
 mod faulty;
 mod local;
 mod memory;
+mod open;
 pub mod s3;
 
 pub use faulty::{Fault, FaultyStore};
 pub use local::LocalStore;
 pub use memory::MemoryStore;
+pub use open::{open_store, Location, OpenOptions};
 pub use s3::{S3Credentials, S3Options, S3Store};
 
 use async_trait::async_trait;
@@ -99,6 +104,11 @@ pub enum StoreError {
     /// A store location that cannot be parsed; `key` is the location.
     #[error("{key} is not a valid S3 URL: {reason}")]
     InvalidUrl { key: String, reason: String },
+    /// A local repository location that does not exist (and was not to be created).
+    #[error(
+        "repository {location} does not exist; create it with `backtree init --repo {location}`"
+    )]
+    NoRepository { location: String },
 }
 
 impl StoreError {
@@ -116,6 +126,7 @@ impl StoreError {
             | StoreError::Unreachable { key, .. }
             | StoreError::Remote { key, .. }
             | StoreError::InvalidUrl { key, .. } => key,
+            StoreError::NoRepository { location } => location,
         }
     }
 

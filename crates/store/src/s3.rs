@@ -693,7 +693,7 @@ fn mentions_credentials(err: &(dyn std::error::Error + 'static)) -> bool {
 }
 
 /// Splits `s3://BUCKET[/PREFIX]` into the bucket and the prefix (no leading or trailing `/`).
-fn parse_url(url: &str) -> Result<(String, String)> {
+pub(crate) fn parse_url(url: &str) -> Result<(String, String)> {
     let bad = |reason: &str| StoreError::InvalidUrl {
         key: url.to_owned(),
         reason: reason.to_owned(),

@@ -24,6 +24,7 @@ pub mod writer;
 
 pub use meta::{kind_of as meta_kind, xattrs as meta_xattrs};
 
+use crate::claim;
 use crate::error::{Error, Result};
 use crate::id::Id;
 use crate::index::load_all_ids;
@@ -289,14 +290,14 @@ pub fn ingest(
 ///
 /// On a store that refuses to overwrite (create-if-absent honored, recorded in the config at
 /// `init`) the conditional write alone decides who gets a name. Otherwise (Garage ignores
-/// `If-None-Match`) a writer first *claims* the name, see [`claim`]: two writers can then never
-/// write the same manifest key, so neither generation is lost.
+/// `If-None-Match`) a writer first *claims* the name, see [`crate::claim`]: two writers can then
+/// never write the same manifest key, so neither generation is lost.
 async fn commit(repo: &Repository, m: &mut Manifest, time: &DateTime<Utc>) -> Result<()> {
     let base = generation_name(time);
     let existing = repo.generations(&m.host).await?;
     let conditional =
         repo.config().store_create_if_absent && repo.store().honors_create_if_absent();
-    let session = format!("{:016x}", rand::random::<u64>());
+    let session = claim::session_id();
     let mut n = 1;
     loop {
         if n > 10_000 {
@@ -315,13 +316,12 @@ async fn commit(repo: &Repository, m: &mut Manifest, time: &DateTime<Utc>) -> Re
         let claimed = if conditional {
             None
         } else {
-            match claim(repo, &key, &session).await? {
+            match claim::claim(repo.store(), &key, &session).await? {
                 Some(c) => Some(c),
                 None => {
                     // Lost to another writer: back off a little, so that two writers that
                     // saw each other's claims do not collide again on the next name.
-                    let ms = rand::random::<u64>() % 50;
-                    tokio::time::sleep(std::time::Duration::from_millis(ms)).await;
+                    claim::back_off().await;
                     continue;
                 }
             }
@@ -332,36 +332,12 @@ async fn commit(repo: &Repository, m: &mut Manifest, time: &DateTime<Utc>) -> Re
             .await;
         if let Some(c) = claimed {
             // Only tidiness: a claim left behind makes later writers skip its name.
-            let _ = repo.store().delete(&c).await;
+            let _ = c.release().await;
         }
         if stored? {
             return Ok(());
         }
     }
-}
-
-/// Claims the manifest key `key` on a store that may overwrite, without conditional writes.
-/// Returns the claim's key if this session may write the manifest, `None` if the name is
-/// taken or contended.
-///
-/// The writer stores `KEY.claim-SESSION` (a key no one else writes), then lists the claims on
-/// `KEY` and checks that the manifest does not exist. It goes on only if its claim is the only
-/// one. Two writers A and B cannot both go on: if A saw no other claim, B's claim was stored
-/// after A listed, so after A's own claim, and B's listing (later still) shows A's claim. A
-/// writer that finished earlier left its manifest before deleting its claim, so the check of the
-/// manifest sees it. This needs read-after-write consistent listings, which S3 and Garage give.
-/// Both writers may lose (each saw the other): both then try the next name.
-async fn claim(repo: &Repository, key: &str, session: &str) -> Result<Option<String>> {
-    let store = repo.store();
-    let prefix = format!("{key}.claim-");
-    let mine = format!("{prefix}{session}");
-    store.put(&mine, Bytes::new()).await?;
-    let contended = store.list(&prefix).await?.iter().any(|o| o.key != mine);
-    if contended || store.head(key).await?.is_some() {
-        let _ = store.delete(&mine).await;
-        return Ok(None);
-    }
-    Ok(Some(mine))
 }
 
 /// The host's newest generation, if it can be read (otherwise the ingest simply reads all).
