@@ -9,8 +9,9 @@
 //! stored (compressed) form. The next small files of the directory are then decoded from memory,
 //! synchronously, on the FUSE thread.
 //!
-//! Which blobs lie in a window is known from the pack's trailer (docs/format.md), read once per
-//! pack (footer, then trailer) and kept in a small LRU. Tree packs hold only trees and are
+//! Which blobs lie in a window is known from the pack's trailer, read once per pack with
+//! [`pack::read_trailer`] and kept in a small LRU; core owns the pack layout, so windows are
+//! placed within the trailer's [`Trailer::blob_area`] without offsets of their own. Tree packs hold only trees and are
 //! read as a whole (or [`TREE_WINDOW`] around the blob); data packs in aligned windows of
 //! [`DATA_WINDOW`]. Windows are evicted whole, so the bytes counted are the bytes held.
 //!
@@ -23,7 +24,7 @@
 //! its id like any other ([`blob::decode`]).
 
 use backtree_core::index::Location;
-use backtree_core::pack::{self, PackEntry};
+use backtree_core::pack::{self, PackEntry, Trailer};
 use backtree_core::{blob, BlobKind, Error, Id, Repository};
 use bytes::Bytes;
 use futures_util::stream::{self, StreamExt};
@@ -178,7 +179,7 @@ type WindowRead = Arc<tokio::sync::OnceCell<Bytes>>;
 /// Reads blobs through windows of their packs (see the module docs).
 pub struct PackReader {
     repo: Arc<Repository>,
-    trailers: Mutex<LruCache<Id, Arc<Vec<PackEntry>>>>,
+    trailers: Mutex<LruCache<Id, Arc<Trailer>>>,
     /// Window reads in flight, by pack and start.
     inflight: Mutex<HashMap<(Id, u64), WindowRead>>,
     /// Read-ahead reads in flight ([`PackReader::gather`]), by the blobs they will hold.
@@ -344,23 +345,11 @@ impl PackReader {
         Ok(other)
     }
 
-    async fn trailer(&self, loc: &Location) -> backtree_core::Result<Arc<Vec<PackEntry>>> {
+    async fn trailer(&self, loc: &Location) -> backtree_core::Result<Arc<Trailer>> {
         if let Some(t) = lock(&self.trailers).get(&loc.pack).cloned() {
             return Ok(t);
         }
-        let key = loc.pack_key();
-        let store = self.repo.store();
-        let size = store.head(&key).await?.ok_or_else(|| Error::NotFound {
-            what: format!("pack {key}"),
-        })?;
-        let foot_at = size.saturating_sub(pack::FOOTER_LEN as u64);
-        let foot = store.get_range(&key, foot_at..size).await?;
-        let n = pack::parse_footer(&key, &foot)? as u64;
-        let t_at = foot_at
-            .checked_sub(n * pack::RECORD_LEN as u64)
-            .ok_or_else(|| Error::corrupt(&key, "trailer larger than the pack"))?;
-        let t = store.get_range(&key, t_at..foot_at).await?;
-        let t = Arc::new(pack::parse_trailer(&key, &t, size)?);
+        let t = Arc::new(pack::read_trailer(self.repo.store(), &loc.pack_key()).await?);
         lock(&self.trailers).put(loc.pack, t.clone());
         Ok(t)
     }
@@ -368,24 +357,22 @@ impl PackReader {
     async fn read_window(&self, loc: &Location) -> backtree_core::Result<Stored> {
         let trailer = self.trailer(loc).await?;
         let key = loc.pack_key();
-        let data_end = trailer
-            .iter()
-            .map(|e| e.offset as u64 + e.stored_len as u64)
-            .max()
-            .unwrap_or(0);
+        let area = trailer.blob_area();
         let (lo, hi) = (loc.offset as u64, loc.offset as u64 + loc.stored_len as u64);
         let (start, end) = match loc.kind {
             // The whole blob area if it fits, else a window centred on the blob.
-            BlobKind::Tree if data_end.saturating_sub(8) <= TREE_WINDOW => (8, data_end.max(hi)),
+            BlobKind::Tree if area.end - area.start <= TREE_WINDOW => {
+                (area.start, area.end.max(hi))
+            }
             BlobKind::Tree => {
-                let start = lo.saturating_sub(TREE_WINDOW / 2).max(8);
-                (start, (start + TREE_WINDOW).min(data_end).max(hi))
+                let start = lo.saturating_sub(TREE_WINDOW / 2).max(area.start);
+                (start, (start + TREE_WINDOW).min(area.end).max(hi))
             }
             // The writer stores a directory's files close together, though not in name order
             // (it reads them in parallel): an aligned window around the blob.
             BlobKind::Data => {
-                let start = (lo - lo % DATA_WINDOW).max(8);
-                (start, (start + DATA_WINDOW).min(data_end).max(hi))
+                let start = (lo - lo % DATA_WINDOW).max(area.start);
+                (start, (start + DATA_WINDOW).min(area.end).max(hi))
             }
         };
         // Concurrent misses in one window (a read and the directory read-ahead, or parallel
@@ -397,8 +384,11 @@ impl PackReader {
         let res = cell
             .get_or_try_init(|| async {
                 let bytes = self.repo.store().get_range(&key, start..end).await?;
-                let same_kind: Vec<&PackEntry> =
-                    trailer.iter().filter(|e| e.kind == loc.kind).collect();
+                let same_kind: Vec<&PackEntry> = trailer
+                    .entries
+                    .iter()
+                    .filter(|e| e.kind == loc.kind)
+                    .collect();
                 self.windows(loc.kind)
                     .insert(bytes.clone(), start, &same_kind);
                 Ok::<_, Error>(bytes)
