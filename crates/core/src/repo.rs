@@ -38,9 +38,7 @@ impl Repository {
             return Err(Error::AlreadyInitialized { location });
         }
         if !store.list("").await?.is_empty() {
-            return Err(Error::Invalid(format!(
-                "{location} is not empty and not a backtree repository; choose an empty location"
-            )));
+            return Err(Error::NotEmpty { location });
         }
         let created = store
             .put_if_absent(CONFIG_KEY, Bytes::from(config.to_json()))
@@ -149,7 +147,10 @@ impl Repository {
             blob::decode(&id, &stored, loc.flags, loc.raw_len, &what)
         })
         .await
-        .map_err(|e| Error::Invalid(format!("blob decoding task failed: {e}")))?
+        .map_err(|e| Error::TaskFailed {
+            what: "blob decoding",
+            reason: e.to_string(),
+        })?
     }
 
     /// Reads and parses a tree blob.
@@ -245,7 +246,7 @@ impl Repository {
         while pos < end {
             let i = chunks
                 .find(pos)
-                .ok_or_else(|| Error::Invalid("offset past end".into()))?;
+                .ok_or(Error::OffsetPastEnd { offset: pos, size })?;
             let (cs, ce) = (chunks.start(i), chunks.0[i].end);
             let take_end = ce.min(end);
             match &chunks.0[i].id {
