@@ -131,26 +131,12 @@ impl Repository {
         self.read_blob_at(id, &loc).await
     }
 
-    /// Reads a blob whose location is already known.
+    /// Reads a blob whose location is already known ([`blob::fetch`], then
+    /// [`blob::StoredBlob::decode`] on the blocking pool: decompression and hashing of up to
+    /// 8 MiB is CPU work, kept off the async workers).
     pub async fn read_blob_at(&self, id: &Id, loc: &Location) -> Result<Vec<u8>> {
-        let key = loc.pack_key();
-        let start = loc.offset as u64;
-        let stored = self
-            .store
-            .get_range(&key, start..start + loc.stored_len as u64)
-            .await?;
-        let what = format!("blob {id} in pack {key}");
-        // Decompression and hashing of up to 8 MiB is CPU work: keep it off the async workers.
-        let id = *id;
-        let loc = *loc;
-        tokio::task::spawn_blocking(move || {
-            blob::decode(&id, &stored, loc.flags, loc.raw_len, &what)
-        })
-        .await
-        .map_err(|e| Error::TaskFailed {
-            what: "blob decoding",
-            reason: e.to_string(),
-        })?
+        let stored = blob::fetch(&self.store, id, loc).await?;
+        stored.decode_blocking(*id, blob::describe(id, loc)).await
     }
 
     /// Reads and parses a tree blob.

@@ -5,9 +5,9 @@
 //! much work this way). Chunks are kept in an LRU bounded by bytes (`--cache-size`). Concurrent
 //! misses of one chunk are merged: the first caller fetches, the others wait for its result.
 //! An optional on-disk cache (`--cache-dir`) keeps fetched chunks across remounts; chunks read
-//! back from it are verified against their id like any other.
+//! back from it are verified against their id like any other ([`blob::verify`]).
 
-use backtree_core::Id;
+use backtree_core::{blob, Id};
 use bytes::Bytes;
 use lru::LruCache;
 use std::collections::HashMap;
@@ -193,7 +193,8 @@ impl ChunkCache {
         let _slot = self.fetches.acquire().await.map_err(|e| e.to_string())?;
         if let Some(p) = self.disk_path(id) {
             if let Ok(b) = tokio::fs::read(&p).await {
-                if Id::of(&b) == *id {
+                let what = format!("cached chunk {}", p.display());
+                if blob::verify(id, &b, &what).is_ok() {
                     return Ok(Bytes::from(b));
                 }
                 // A damaged cache file is simply fetched again.

@@ -20,12 +20,14 @@
 //! into one read when the gap between them is small. Windows read for a read-ahead carried about
 //! ten times the bytes used, because the parallel writer interleaves several directories' files.
 //!
-//! Stored bytes are not trusted: every blob taken from a window is decoded and verified against
-//! its id like any other ([`blob::decode`]).
+//! Stored bytes are not trusted: every blob taken from a window is a [`StoredBlob`], decoded and
+//! verified against its id like any other ([`StoredBlob::decode`]); a blob read on its own is
+//! read with [`blob::fetch`], as the repository reads it.
 
+use backtree_core::blob::{self, StoredBlob};
 use backtree_core::index::Location;
 use backtree_core::pack::{self, PackEntry, Trailer};
-use backtree_core::{blob, BlobKind, Error, Id, Repository};
+use backtree_core::{BlobKind, Error, Id, Repository};
 use bytes::Bytes;
 use futures_util::stream::{self, StreamExt};
 use lru::LruCache;
@@ -51,20 +53,8 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-/// A blob as stored, with what decoding it needs.
-#[derive(Clone)]
-pub struct Stored {
-    pub bytes: Bytes,
-    pub flags: u8,
-    pub raw_len: u32,
-}
-
-impl Stored {
-    /// Decompresses and verifies the blob.
-    pub fn decode(&self, id: &Id, what: &str) -> backtree_core::Result<Vec<u8>> {
-        blob::decode(id, &self.bytes, self.flags, self.raw_len, what)
-    }
-}
+/// A blob as stored, with what decoding it needs: core's one blob codec.
+pub type Stored = StoredBlob;
 
 struct Window {
     bytes: Bytes,
@@ -106,13 +96,13 @@ impl Windows {
     }
 
     /// A blob held in a window, if any.
-    pub fn get(&self, id: &Id) -> Option<Stored> {
+    pub fn get(&self, id: &Id) -> Option<StoredBlob> {
         let mut g = lock(&self.inner);
         let inner = &mut *g;
         let s = inner.slots.get(id)?;
         let w = inner.windows.get(&s.window)?;
         let (a, b) = (s.start as usize, s.start as usize + s.len as usize);
-        Some(Stored {
+        Some(StoredBlob {
             bytes: w.bytes.slice(a..b),
             flags: s.flags,
             raw_len: s.raw_len,
@@ -215,7 +205,7 @@ impl PackReader {
         &self,
         id: &Id,
         kind: BlobKind,
-    ) -> backtree_core::Result<(Stored, Location)> {
+    ) -> backtree_core::Result<(StoredBlob, Location)> {
         let loc = self.repo.locate(id).await?;
         if loc.kind != kind {
             return Err(Error::corrupt(
@@ -235,26 +225,14 @@ impl PackReader {
             }
         }
         if kind == BlobKind::Tree || loc.stored_len <= SMALL_BLOB {
-            match self.read_window(&loc).await {
+            match self.read_window(id, &loc).await {
                 Ok(s) => return Ok((s, loc)),
                 // A damaged trailer must not make the pack's intact blobs unreadable: read
                 // the blob on its own (which reports the store error again if that was it).
                 Err(e) => tracing::debug!("pack window for blob {id}: {e}"),
             }
         }
-        let key = loc.pack_key();
-        let start = loc.offset as u64;
-        let bytes = self
-            .repo
-            .store()
-            .get_range(&key, start..start + loc.stored_len as u64)
-            .await?;
-        let s = Stored {
-            bytes,
-            flags: loc.flags,
-            raw_len: loc.raw_len,
-        };
-        Ok((s, loc))
+        Ok((blob::fetch(self.repo.store(), id, &loc).await?, loc))
     }
 
     /// Reads ahead the small data blobs among `ids` that are not held yet, with as few ranged
@@ -354,7 +332,7 @@ impl PackReader {
         Ok(t)
     }
 
-    async fn read_window(&self, loc: &Location) -> backtree_core::Result<Stored> {
+    async fn read_window(&self, id: &Id, loc: &Location) -> backtree_core::Result<StoredBlob> {
         let trailer = self.trailer(loc).await?;
         let key = loc.pack_key();
         let area = trailer.blob_area();
@@ -397,17 +375,12 @@ impl PackReader {
             .cloned();
         lock(&self.inflight).remove(&(loc.pack, start));
         let bytes = res?;
-        let own = if hi <= start + bytes.len() as u64 {
-            bytes.slice((lo - start) as usize..(hi - start) as usize)
+        if hi <= start + bytes.len() as u64 {
+            let own = bytes.slice((lo - start) as usize..(hi - start) as usize);
+            Ok(StoredBlob::new(own, loc))
         } else {
             // A window read for another blob that ended before this one does.
-            let range = lo..hi;
-            self.repo.store().get_range(&key, range).await?
-        };
-        Ok(Stored {
-            bytes: own,
-            flags: loc.flags,
-            raw_len: loc.raw_len,
-        })
+            blob::fetch(self.repo.store(), id, loc).await
+        }
     }
 }
