@@ -1591,20 +1591,21 @@ fn decode_ahead(packs: &PackReader, cache: &ChunkCache, ids: &[Id], mut budget: 
 
 /// Fetches, decodes and verifies a data chunk. Decoding up to 8 MiB is CPU work: a large chunk
 /// is decoded on the blocking pool, off the async workers. Errors name the blob and its pack.
-async fn fetch_chunk(packs: &PackReader, id: Id) -> std::result::Result<Bytes, String> {
+async fn fetch_chunk(
+    packs: &PackReader,
+    id: Id,
+) -> std::result::Result<Bytes, Arc<backtree_core::Error>> {
     let (stored, loc) = packs
         .stored(&id, BlobKind::Data)
         .await
-        .map_err(|e| with_blob(&id, e.to_string()))?;
-    let what = format!("blob {id} in pack {}", loc.pack_key());
+        .map_err(|e| Arc::new(e.for_blob(&id)))?;
+    let what = backtree_core::blob::describe(&id, &loc);
     let raw = if stored.raw_len <= INLINE_DECODE {
         stored.decode(&id, &what)
     } else {
-        tokio::task::spawn_blocking(move || stored.decode(&id, &what))
-            .await
-            .map_err(|e| format!("blob {id}: decoding task failed: {e}"))?
+        stored.decode_blocking(id, what).await
     };
-    raw.map(Bytes::from).map_err(|e| e.to_string())
+    raw.map(Bytes::from).map_err(Arc::new)
 }
 
 /// The tree of a directory entry; ENOTDIR for anything else (and for virtual nodes).
@@ -1651,15 +1652,6 @@ fn xattr_names(entry: Option<&Entry>) -> Vec<u8> {
         out.push(0);
     }
     out
-}
-
-/// An error message that names the blob it concerns.
-fn with_blob(id: &Id, msg: String) -> String {
-    if msg.contains(&id.to_hex()) {
-        msg
-    } else {
-        format!("blob {id}: {msg}")
-    }
 }
 
 #[cfg(test)]
