@@ -4,9 +4,26 @@
 //! not save at least 1/32 of the size, e.g. for already-compressed content). Which one is
 //! recorded in the pack trailer and the index (`FLAG_ZSTD`). Every decoded blob is checked
 //! against its id before anyone sees it: wrong bytes are an error, never data.
+//!
+//! # One reading path
+//! Every reader of blobs goes the same way, so that what is checked (and, later, decrypted) is
+//! checked in one place:
+//!
+//! 1. **range**: [`fetch`] reads a blob's stored bytes from its pack, given its index
+//!    [`Location`], into a [`StoredBlob`] (a reader that fetched a larger window of a pack, like
+//!    the mount, builds the [`StoredBlob`] from a slice of the window instead);
+//! 2. **decode**: [`StoredBlob::decode`] decompresses, checks the length, and
+//! 3. **verify**: [`verify`] checks that the bytes hash to the blob's id. Besides the writer's
+//!    hashing this is the only place that computes a blob's id; a cache that keeps decoded
+//!    blobs elsewhere (the mount's disk cache) calls it on what it reads back.
+//!
+//! Errors name the blob and its pack ([`describe`]).
 
 use crate::error::{Error, Result};
 use crate::id::Id;
+use crate::index::Location;
+use backtree_store::DynStore;
+use bytes::Bytes;
 use std::cell::RefCell;
 
 /// Blob flag: the stored bytes are a zstd frame.
@@ -80,10 +97,85 @@ pub fn decode(id: &Id, stored: &[u8], flags: u8, raw_len: u32, what: &str) -> Re
             format!("decoded to {} bytes, index says {raw_len}", raw.len()),
         ));
     }
-    if Id::of(&raw) != *id {
+    verify(id, &raw, what)?;
+    Ok(raw)
+}
+
+/// Checks that decoded bytes are the blob `id`: a corruption error naming `what` otherwise.
+pub fn verify(id: &Id, raw: &[u8], what: &str) -> Result<()> {
+    if Id::of(raw) != *id {
         return Err(Error::corrupt(what, "content does not match its hash"));
     }
-    Ok(raw)
+    Ok(())
+}
+
+/// How errors name a blob: `blob <id> in pack <key>`.
+pub fn describe(id: &Id, loc: &Location) -> String {
+    format!("blob {id} in pack {}", loc.pack_key())
+}
+
+/// A blob as stored in its pack, with what decoding it needs.
+#[derive(Debug, Clone)]
+pub struct StoredBlob {
+    /// The stored (possibly compressed) bytes.
+    pub bytes: Bytes,
+    /// The blob's flags ([`FLAG_ZSTD`]).
+    pub flags: u8,
+    /// The decoded length.
+    pub raw_len: u32,
+}
+
+impl StoredBlob {
+    /// The stored bytes of the blob at `loc` (its bytes taken from a window of its pack, say).
+    pub fn new(bytes: Bytes, loc: &Location) -> StoredBlob {
+        StoredBlob {
+            bytes,
+            flags: loc.flags,
+            raw_len: loc.raw_len,
+        }
+    }
+
+    /// Decompresses and verifies the blob ([`decode`]). `what` names it in errors.
+    pub fn decode(&self, id: &Id, what: &str) -> Result<Vec<u8>> {
+        decode(id, &self.bytes, self.flags, self.raw_len, what)
+    }
+
+    /// [`StoredBlob::decode`] on the blocking pool: decompressing and hashing up to 8 MiB is CPU
+    /// work that must not hold up an async worker. A decoding task that panicked or was
+    /// cancelled is [`Error::TaskFailed`] (wrapped in [`Error::Blob`], which names the blob).
+    pub async fn decode_blocking(self, id: Id, what: String) -> Result<Vec<u8>> {
+        tokio::task::spawn_blocking(move || self.decode(&id, &what))
+            .await
+            .map_err(|e| Error::Blob {
+                id,
+                source: Box::new(Error::TaskFailed {
+                    what: "blob decoding",
+                    reason: e.to_string(),
+                }),
+            })?
+    }
+}
+
+/// Reads the stored bytes of blob `id` from its pack at `loc` with one ranged read. Store
+/// errors name the blob and its pack ([`Error::BlobRead`]); a read that returns other than
+/// `stored_len` bytes is corruption.
+pub async fn fetch(store: &DynStore, id: &Id, loc: &Location) -> Result<StoredBlob> {
+    let key = loc.pack_key();
+    let start = loc.offset as u64;
+    let bytes = store
+        .get_range(&key, start..start + loc.stored_len as u64)
+        .await
+        .map_err(|source| Error::BlobRead {
+            id: *id,
+            source: Box::new(source),
+        })?;
+    if bytes.len() != loc.stored_len as usize {
+        return Err(Error::corrupt(
+            describe(id, loc),
+            format!("read {} bytes, index says {}", bytes.len(), loc.stored_len),
+        ));
+    }
+    Ok(StoredBlob::new(bytes, loc))
 }
 
 #[cfg(test)]
@@ -110,5 +202,61 @@ mod tests {
         let (stored, flags) = encode(&noise, 3);
         assert_eq!(flags, 0);
         assert_eq!(stored, noise);
+    }
+
+    #[test]
+    fn verify_checks_the_hash_and_names_the_blob() {
+        let id = Id::of(b"some bytes");
+        assert!(verify(&id, b"some bytes", "blob x").is_ok());
+        let err = verify(&id, b"some bytez", "blob x in pack p").unwrap_err();
+        assert_eq!(err.kind(), crate::ErrorKind::Corrupt);
+        assert_eq!(
+            err.to_string(),
+            "corrupt object blob x in pack p: content does not match its hash"
+        );
+    }
+
+    #[tokio::test]
+    async fn fetch_reads_one_blob_of_a_pack() {
+        use crate::id::BlobKind;
+        use crate::pack::PackBuilder;
+        let blobs: [&[u8]; 3] = [b"first", &[7u8; 5000], b"third"];
+        let mut b = PackBuilder::new(BlobKind::Data, 0);
+        for raw in blobs {
+            let (stored, flags) = encode(raw, 3);
+            b.add(Id::of(raw), flags, &stored, raw.len() as u32);
+        }
+        let p = b.finish();
+        let store: DynStore = std::sync::Arc::new(backtree_store::MemoryStore::new());
+        let loc = |e: &crate::pack::PackEntry| Location {
+            kind: e.kind,
+            pack: p.id,
+            offset: e.offset,
+            stored_len: e.stored_len,
+            raw_len: e.raw_len,
+            flags: e.flags,
+        };
+        let second = loc(&p.entries[1]);
+        // Before the pack is stored: an error naming the blob and its pack, of kind NotFound.
+        let err = fetch(&store, &p.entries[1].id, &second).await.unwrap_err();
+        assert_eq!(err.kind(), crate::ErrorKind::NotFound);
+        let msg = err.to_string();
+        assert!(msg.contains(&p.entries[1].id.to_hex()) && msg.contains("in pack packs/data/"));
+
+        store
+            .put(&second.pack_key(), p.bytes.clone().into())
+            .await
+            .unwrap();
+        for (e, raw) in p.entries.iter().zip(blobs) {
+            let s = fetch(&store, &e.id, &loc(e)).await.unwrap();
+            assert_eq!(s.flags, e.flags);
+            assert_eq!(s.decode(&e.id, "t").unwrap(), raw);
+            let what = describe(&e.id, &loc(e));
+            assert_eq!(s.decode_blocking(e.id, what).await.unwrap(), raw);
+        }
+        // Stored bytes that decode to the wrong blob are an error, never data.
+        let wrong = fetch(&store, &p.entries[0].id, &second).await.unwrap();
+        let err = wrong.decode(&p.entries[0].id, "w").unwrap_err();
+        assert_eq!(err.kind(), crate::ErrorKind::Corrupt);
     }
 }

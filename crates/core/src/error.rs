@@ -1,13 +1,50 @@
-//! The core crate's error type. Every variant names the object, file or path it concerns.
+//! The core crate's error type. Every variant names the object, file or path it concerns and
+//! says what happened; there is no catch-all variant.
+//!
+//! Callers that must react differently to a missing object, a damaged one and a store they
+//! cannot reach (the mount: ENOENT-like, EIO and "try again", and later verify and repair) ask
+//! [`Error::kind`] instead of matching every variant: the classification lives here, next to
+//! the variants, so a new variant is classified where it is added.
 
 use crate::id::Id;
 use backtree_store::StoreError;
 use std::path::PathBuf;
+use std::sync::Arc;
+
+/// What kind of failure an [`Error`] is, for callers that react by kind.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ErrorKind {
+    /// A repository object or blob does not exist (or is not indexed).
+    NotFound,
+    /// An object or blob exists but is damaged: it fails to parse or to verify.
+    Corrupt,
+    /// The store could not be reached or refused the request (outage, network, I/O error,
+    /// credentials, permissions): the repository itself may be fine, and retrying may help.
+    Unavailable,
+    /// Anything else: bad input, unsupported repository, a failed task.
+    Other,
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     #[error(transparent)]
     Store(#[from] StoreError),
+
+    /// A store error reading a blob's bytes from its pack (the error's key).
+    #[error("blob {id} in pack {}: {source}", source.key())]
+    BlobRead {
+        id: Id,
+        #[source]
+        source: Box<StoreError>,
+    },
+
+    /// An error about one blob from a step that does not name it (an index lookup, say).
+    #[error("blob {id}: {source}")]
+    Blob {
+        id: Id,
+        #[source]
+        source: Box<Error>,
+    },
 
     #[error(
         "{location} is not a backtree repository (no config object); run `backtree init` first"
@@ -16,6 +53,9 @@ pub enum Error {
 
     #[error("{location} is already a backtree repository")]
     AlreadyInitialized { location: String },
+
+    #[error("{location} is not empty and not a backtree repository; choose an empty location")]
+    NotEmpty { location: String },
 
     #[error("repository {location} has format version {found}; this backtree understands version {supported}")]
     UnsupportedVersion {
@@ -59,8 +99,29 @@ pub enum Error {
     #[error("invalid exclude pattern {pattern:?}: {reason}")]
     InvalidExclude { pattern: String, reason: String },
 
-    #[error("{0}")]
-    Invalid(String),
+    #[error("nothing to ingest: no source path given")]
+    NoSources,
+
+    #[error("{} has no name to use at the generation's root", path.display())]
+    SourceUnnamed { path: PathBuf },
+
+    #[error("no free generation name for {base}")]
+    NoFreeName { base: String },
+
+    #[error("offset {offset} past end ({size} bytes)")]
+    OffsetPastEnd { offset: u64, size: u64 },
+
+    #[error("cannot start worker threads: {0}")]
+    ThreadPool(#[from] rayon::ThreadPoolBuildError),
+
+    /// A blocking or async task panicked or was cancelled, or its channel closed.
+    #[error("{what} task failed: {reason}")]
+    TaskFailed { what: &'static str, reason: String },
+
+    /// One error reported to several callers (every waiter of a shared read, every later check
+    /// of a failed upload). Displays, and classifies, as the error itself.
+    #[error(transparent)]
+    Shared(Arc<Error>),
 }
 
 impl Error {
@@ -77,6 +138,168 @@ impl Error {
             source,
         }
     }
+
+    /// What kind of failure this is (see [`ErrorKind`]).
+    pub fn kind(&self) -> ErrorKind {
+        match self {
+            Error::Store(e) => store_kind(e),
+            Error::BlobRead { source, .. } => store_kind(source),
+            Error::Blob { source, .. } => source.kind(),
+            Error::Shared(e) => e.kind(),
+            Error::NotARepository { .. }
+            | Error::BlobNotIndexed { .. }
+            | Error::NotFound { .. } => ErrorKind::NotFound,
+            Error::Corrupt { .. } => ErrorKind::Corrupt,
+            Error::AlreadyInitialized { .. }
+            | Error::NotEmpty { .. }
+            | Error::UnsupportedVersion { .. }
+            | Error::UnsupportedFeature { .. }
+            | Error::Io { .. }
+            | Error::SourceMissing { .. }
+            | Error::NameClash { .. }
+            | Error::InvalidHost { .. }
+            | Error::InvalidExclude { .. }
+            | Error::NoSources
+            | Error::SourceUnnamed { .. }
+            | Error::NoFreeName { .. }
+            | Error::OffsetPastEnd { .. }
+            | Error::ThreadPool(_)
+            | Error::TaskFailed { .. } => ErrorKind::Other,
+        }
+    }
+
+    /// This error, unless it already names blob `id`; else wrapped in [`Error::Blob`].
+    pub fn for_blob(self, id: &Id) -> Error {
+        if self.to_string().contains(&id.to_hex()) {
+            self
+        } else {
+            Error::Blob {
+                id: *id,
+                source: Box::new(self),
+            }
+        }
+    }
+}
+
+/// The kind of a store error. Exhaustive on purpose: a new store error must be classified.
+fn store_kind(e: &StoreError) -> ErrorKind {
+    match e {
+        StoreError::NotFound { .. } | StoreError::NoRepository { .. } => ErrorKind::NotFound,
+        // The index or a trailer points past the end of an object.
+        StoreError::BadRange { .. } => ErrorKind::Corrupt,
+        StoreError::Io { .. }
+        | StoreError::Unavailable { .. }
+        | StoreError::Denied { .. }
+        | StoreError::NoCredentials { .. }
+        | StoreError::NoBucket { .. }
+        | StoreError::Unreachable { .. }
+        | StoreError::Remote { .. } => ErrorKind::Unavailable,
+        StoreError::InvalidKey { .. } | StoreError::InvalidUrl { .. } => ErrorKind::Other,
+    }
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn store(e: StoreError) -> Error {
+        Error::Store(e)
+    }
+
+    #[test]
+    fn kinds_tell_missing_corrupt_and_unavailable_apart() {
+        let key = || "packs/data/aa/bb".to_owned();
+        let id = Id::of(b"x");
+        assert_eq!(
+            store(StoreError::NotFound { key: key() }).kind(),
+            ErrorKind::NotFound
+        );
+        assert_eq!(Error::BlobNotIndexed { id }.kind(), ErrorKind::NotFound);
+        assert_eq!(Error::corrupt("p", "bad").kind(), ErrorKind::Corrupt);
+        for e in [
+            StoreError::Unavailable {
+                key: key(),
+                message: "injected".into(),
+            },
+            StoreError::Unreachable {
+                key: key(),
+                endpoint: "http://s3".into(),
+                reason: "refused".into(),
+            },
+            StoreError::Io {
+                key: key(),
+                source: std::io::Error::other("EIO"),
+            },
+            StoreError::NoCredentials {
+                key: key(),
+                reason: "none".into(),
+            },
+            StoreError::Denied {
+                key: key(),
+                reason: "403".into(),
+            },
+        ] {
+            assert_eq!(store(e).kind(), ErrorKind::Unavailable);
+        }
+        assert_eq!(
+            Error::TaskFailed {
+                what: "upload",
+                reason: "panicked".into()
+            }
+            .kind(),
+            ErrorKind::Other
+        );
+        // Wrappers classify as what they wrap, and display it.
+        let read = Error::BlobRead {
+            id,
+            source: Box::new(StoreError::Unavailable {
+                key: key(),
+                message: "injected".into(),
+            }),
+        };
+        assert_eq!(read.kind(), ErrorKind::Unavailable);
+        assert_eq!(
+            read.to_string(),
+            format!("blob {id} in pack packs/data/aa/bb: object packs/data/aa/bb: injected")
+        );
+        let shared = Error::Shared(Arc::new(Error::corrupt("p", "bad")));
+        assert_eq!(shared.kind(), ErrorKind::Corrupt);
+        assert_eq!(shared.to_string(), "corrupt object p: bad");
+        let wrapped = store(StoreError::NotFound {
+            key: "index/ab".into(),
+        })
+        .for_blob(&id);
+        assert_eq!(wrapped.kind(), ErrorKind::NotFound);
+        assert_eq!(
+            wrapped.to_string(),
+            format!("blob {id}: object index/ab not found")
+        );
+        // An error that already names the blob is left as it is.
+        assert!(matches!(
+            Error::BlobNotIndexed { id }.for_blob(&id),
+            Error::BlobNotIndexed { .. }
+        ));
+    }
+
+    #[test]
+    fn messages_keep_their_wording() {
+        let e = Error::NotEmpty {
+            location: "/srv/x".into(),
+        };
+        assert_eq!(
+            e.to_string(),
+            "/srv/x is not empty and not a backtree repository; choose an empty location"
+        );
+        let e = Error::TaskFailed {
+            what: "blob decoding",
+            reason: "cancelled".into(),
+        };
+        assert_eq!(e.to_string(), "blob decoding task failed: cancelled");
+        assert_eq!(
+            Error::NoSources.to_string(),
+            "nothing to ingest: no source path given"
+        );
+    }
+}

@@ -27,6 +27,6 @@ pub mod repo;
 pub mod testing;
 pub mod tree;
 
-pub use error::{Error, Result};
+pub use error::{Error, ErrorKind, Result};
 pub use id::{BlobKind, Id};
 pub use repo::Repository;

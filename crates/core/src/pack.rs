@@ -12,14 +12,26 @@
 //! `packs/{data|tree}/<first two hex digits>/<hex id>`. The trailer makes every pack
 //! self-describing, so the index can be rebuilt from packs alone. Packs are written whole and
 //! never modified.
+//!
+//! This module is the only place that knows the pack layout. Writers use [`PackBuilder`];
+//! readers use [`parse_pack`] on a whole pack in memory, or [`read_trailer`] to fetch and parse
+//! just the trailer of a pack in a store (footer first, then the records it announces). The
+//! resulting [`Trailer`] tells where the blob area ends, so a reader that fetches windows of a
+//! pack (the mount) or checks every record (verify, index repair, GC) needs no offsets of its
+//! own.
 
 use crate::error::{Error, Result};
 use crate::id::{BlobKind, Id};
+use backtree_store::DynStore;
+use std::ops::Range;
 
 pub const MAGIC: &[u8; 8] = b"BTPACK01";
 pub const END_MAGIC: &[u8; 8] = b"BTPKEND1";
+/// Length of the pack header (the magic): the first blob starts here.
+pub const HEADER_LEN: usize = MAGIC.len();
 pub const RECORD_LEN: usize = 46;
-pub const FOOTER_LEN: usize = 16;
+/// Length of the footer: count u32, reserved u32, [`END_MAGIC`].
+pub const FOOTER_LEN: usize = 8 + END_MAGIC.len();
 
 /// One blob's place in a pack.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -114,7 +126,7 @@ impl PackBuilder {
 
 /// Parses the footer (the last [`FOOTER_LEN`] bytes of a pack): the number of trailer records.
 pub fn parse_footer(what: &str, footer: &[u8]) -> Result<u32> {
-    if footer.len() != FOOTER_LEN || &footer[8..] != END_MAGIC {
+    if footer.len() != FOOTER_LEN || &footer[FOOTER_LEN - END_MAGIC.len()..] != END_MAGIC {
         return Err(Error::corrupt(what, "pack footer missing or damaged"));
     }
     Ok(u32::from_le_bytes([
@@ -142,7 +154,7 @@ pub fn parse_trailer(what: &str, trailer: &[u8], pack_len: u64) -> Result<Vec<Pa
                 stored_len: u(38),
                 raw_len: u(42),
             };
-            if (e.offset as u64) < MAGIC.len() as u64
+            if (e.offset as u64) < HEADER_LEN as u64
                 || e.offset as u64 + e.stored_len as u64 > data_end
             {
                 return Err(Error::corrupt(
@@ -155,22 +167,88 @@ pub fn parse_trailer(what: &str, trailer: &[u8], pack_len: u64) -> Result<Vec<Pa
         .collect()
 }
 
+/// Where the trailer of a pack of `pack_len` bytes lies, given its footer's record count.
+fn trailer_range(what: &str, pack_len: u64, count: u32) -> Result<Range<u64>> {
+    let end = pack_len - FOOTER_LEN as u64;
+    let len = count as u64 * RECORD_LEN as u64;
+    if HEADER_LEN as u64 + len + FOOTER_LEN as u64 > pack_len {
+        return Err(Error::corrupt(what, "trailer larger than the pack"));
+    }
+    Ok(end - len..end)
+}
+
 /// Parses a whole pack's trailer (for tests and index rebuilds).
 pub fn parse_pack(what: &str, pack: &[u8]) -> Result<Vec<PackEntry>> {
-    if pack.len() < MAGIC.len() + FOOTER_LEN || &pack[..8] != MAGIC {
+    if pack.len() < HEADER_LEN + FOOTER_LEN || &pack[..HEADER_LEN] != MAGIC {
         return Err(Error::corrupt(what, "not a pack (bad magic)"));
     }
-    let count = parse_footer(what, &pack[pack.len() - FOOTER_LEN..])? as usize;
-    let tlen = count
-        .checked_mul(RECORD_LEN)
-        .filter(|t| t + FOOTER_LEN + MAGIC.len() <= pack.len())
-        .ok_or_else(|| Error::corrupt(what, "trailer larger than the pack"))?;
-    let start = pack.len() - FOOTER_LEN - tlen;
+    let count = parse_footer(what, &pack[pack.len() - FOOTER_LEN..])?;
+    let t = trailer_range(what, pack.len() as u64, count)?;
     parse_trailer(
         what,
-        &pack[start..pack.len() - FOOTER_LEN],
+        &pack[t.start as usize..t.end as usize],
         pack.len() as u64,
     )
+}
+
+/// A pack's parsed trailer and the pack's length: everything a reader needs to know about
+/// where a pack's blobs lie.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Trailer {
+    /// The blobs, in the order they are stored.
+    pub entries: Vec<PackEntry>,
+    /// Length of the whole pack in bytes.
+    pub pack_len: u64,
+}
+
+impl Trailer {
+    /// End of the blob area: where the trailer records start.
+    pub fn data_end(&self) -> u64 {
+        self.pack_len - FOOTER_LEN as u64 - (self.entries.len() * RECORD_LEN) as u64
+    }
+
+    /// The blob area: from the end of the header to the start of the trailer. Every entry's
+    /// stored bytes lie inside it.
+    pub fn blob_area(&self) -> Range<u64> {
+        HEADER_LEN as u64..self.data_end()
+    }
+}
+
+/// Fetches and parses the trailer of the pack at `key` in `store`: its size, then its footer,
+/// then the records the footer announces (three requests; the pack's first bytes are not read,
+/// so its magic is not checked). A missing pack is [`Error::NotFound`]; a pack too short to
+/// hold a footer, with a damaged footer, or whose records point outside it is
+/// [`Error::Corrupt`].
+pub async fn read_trailer(store: &DynStore, key: &str) -> Result<Trailer> {
+    let pack_len = store.head(key).await?.ok_or_else(|| Error::NotFound {
+        what: format!("pack {key}"),
+    })?;
+    read_trailer_sized(store, key, pack_len).await
+}
+
+/// [`read_trailer`] for a pack whose length is already known (from a listing): one request
+/// fewer.
+pub async fn read_trailer_sized(store: &DynStore, key: &str, pack_len: u64) -> Result<Trailer> {
+    if pack_len < (HEADER_LEN + FOOTER_LEN) as u64 {
+        return Err(Error::corrupt(key, "too short to be a pack"));
+    }
+    let foot_at = pack_len - FOOTER_LEN as u64;
+    let footer = store.get_range(key, foot_at..pack_len).await?;
+    let count = parse_footer(key, &footer)?;
+    let range = trailer_range(key, pack_len, count)?;
+    let want = range.end - range.start;
+    let records = if want == 0 {
+        bytes::Bytes::new()
+    } else {
+        store.get_range(key, range).await?
+    };
+    if records.len() as u64 != want {
+        return Err(Error::corrupt(key, "pack trailer cut short"));
+    }
+    Ok(Trailer {
+        entries: parse_trailer(key, &records, pack_len)?,
+        pack_len,
+    })
 }
 
 #[cfg(test)]
@@ -199,6 +277,95 @@ mod tests {
         fn corrupt_packs_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..400)) {
             let _ = parse_pack("p", &bytes);
         }
+    }
+
+    fn pack_of(blobs: &[&[u8]]) -> FinishedPack {
+        let mut b = PackBuilder::new(BlobKind::Data, 0);
+        for blob in blobs {
+            b.add(Id::of(blob), 0, blob, blob.len() as u32);
+        }
+        b.finish()
+    }
+
+    async fn store_with(key: &str, bytes: Vec<u8>) -> DynStore {
+        let store: DynStore = std::sync::Arc::new(backtree_store::MemoryStore::new());
+        store.put(key, bytes.into()).await.unwrap();
+        store
+    }
+
+    #[tokio::test]
+    async fn read_trailer_of_a_good_pack() {
+        let p = pack_of(&[b"one", b"two blobs", b"three"]);
+        let len = p.bytes.len() as u64;
+        let store = store_with("packs/data/aa/p", p.bytes).await;
+        let t = read_trailer(&store, "packs/data/aa/p").await.unwrap();
+        assert_eq!(t.entries, p.entries);
+        assert_eq!(t.pack_len, len);
+        // The blob area is exactly the blobs, back to back after the header.
+        assert_eq!(
+            t.blob_area(),
+            HEADER_LEN as u64..HEADER_LEN as u64 + 3 + 9 + 5
+        );
+        assert_eq!(
+            t.data_end(),
+            len - FOOTER_LEN as u64 - 3 * RECORD_LEN as u64
+        );
+        let last = t.entries.last().unwrap();
+        assert_eq!(last.offset as u64 + last.stored_len as u64, t.data_end());
+        let sized = read_trailer_sized(&store, "packs/data/aa/p", len).await;
+        assert_eq!(sized.unwrap(), t);
+    }
+
+    #[tokio::test]
+    async fn read_trailer_of_a_missing_pack_is_not_found() {
+        let store = store_with("other", vec![0; 40]).await;
+        let err = read_trailer(&store, "packs/data/aa/p").await.unwrap_err();
+        assert!(matches!(err, Error::NotFound { .. }), "{err}");
+        assert!(err.to_string().contains("packs/data/aa/p"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn read_trailer_of_a_truncated_pack_is_corrupt() {
+        let p = pack_of(&[b"one", b"two blobs", b"three"]);
+        // Cut anywhere: the footer is gone, or (very short) there is no room for one.
+        for cut in [1, FOOTER_LEN, FOOTER_LEN + RECORD_LEN, p.bytes.len() - 3] {
+            let bytes = p.bytes[..p.bytes.len() - cut].to_vec();
+            let store = store_with("packs/data/aa/p", bytes).await;
+            let err = read_trailer(&store, "packs/data/aa/p").await.unwrap_err();
+            assert!(matches!(err, Error::Corrupt { .. }), "cut {cut}: {err}");
+            assert!(err.to_string().contains("packs/data/aa/p"), "{err}");
+        }
+    }
+
+    #[tokio::test]
+    async fn read_trailer_with_a_damaged_footer_is_corrupt() {
+        let p = pack_of(&[b"one", b"two blobs"]);
+        let n = p.bytes.len();
+        // End magic damaged.
+        let mut bad = p.bytes.clone();
+        bad[n - 1] ^= 1;
+        let store = store_with("k", bad).await;
+        let err = read_trailer(&store, "k").await.unwrap_err();
+        assert!(
+            err.to_string().contains("pack footer missing or damaged"),
+            "{err}"
+        );
+        // A count larger than the pack.
+        let mut bad = p.bytes.clone();
+        bad[n - FOOTER_LEN..n - FOOTER_LEN + 4].copy_from_slice(&1000u32.to_le_bytes());
+        let store = store_with("k", bad).await;
+        let err = read_trailer(&store, "k").await.unwrap_err();
+        assert!(
+            err.to_string().contains("trailer larger than the pack"),
+            "{err}"
+        );
+        // A record pointing past the blob area (its offset field damaged).
+        let mut bad = p.bytes.clone();
+        let rec = n - FOOTER_LEN - RECORD_LEN;
+        bad[rec + 34..rec + 38].copy_from_slice(&(n as u32).to_le_bytes());
+        let store = store_with("k", bad).await;
+        let err = read_trailer(&store, "k").await.unwrap_err();
+        assert!(err.to_string().contains("points outside the pack"), "{err}");
     }
 
     #[test]

@@ -38,9 +38,7 @@ impl Repository {
             return Err(Error::AlreadyInitialized { location });
         }
         if !store.list("").await?.is_empty() {
-            return Err(Error::Invalid(format!(
-                "{location} is not empty and not a backtree repository; choose an empty location"
-            )));
+            return Err(Error::NotEmpty { location });
         }
         let created = store
             .put_if_absent(CONFIG_KEY, Bytes::from(config.to_json()))
@@ -133,23 +131,12 @@ impl Repository {
         self.read_blob_at(id, &loc).await
     }
 
-    /// Reads a blob whose location is already known.
+    /// Reads a blob whose location is already known ([`blob::fetch`], then
+    /// [`blob::StoredBlob::decode`] on the blocking pool: decompression and hashing of up to
+    /// 8 MiB is CPU work, kept off the async workers).
     pub async fn read_blob_at(&self, id: &Id, loc: &Location) -> Result<Vec<u8>> {
-        let key = loc.pack_key();
-        let start = loc.offset as u64;
-        let stored = self
-            .store
-            .get_range(&key, start..start + loc.stored_len as u64)
-            .await?;
-        let what = format!("blob {id} in pack {key}");
-        // Decompression and hashing of up to 8 MiB is CPU work: keep it off the async workers.
-        let id = *id;
-        let loc = *loc;
-        tokio::task::spawn_blocking(move || {
-            blob::decode(&id, &stored, loc.flags, loc.raw_len, &what)
-        })
-        .await
-        .map_err(|e| Error::Invalid(format!("blob decoding task failed: {e}")))?
+        let stored = blob::fetch(&self.store, id, loc).await?;
+        stored.decode_blocking(*id, blob::describe(id, loc)).await
     }
 
     /// Reads and parses a tree blob.
@@ -245,7 +232,7 @@ impl Repository {
         while pos < end {
             let i = chunks
                 .find(pos)
-                .ok_or_else(|| Error::Invalid("offset past end".into()))?;
+                .ok_or(Error::OffsetPastEnd { offset: pos, size })?;
             let (cs, ce) = (chunks.start(i), chunks.0[i].end);
             let take_end = ce.min(end);
             match &chunks.0[i].id {

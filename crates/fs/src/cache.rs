@@ -5,9 +5,13 @@
 //! much work this way). Chunks are kept in an LRU bounded by bytes (`--cache-size`). Concurrent
 //! misses of one chunk are merged: the first caller fetches, the others wait for its result.
 //! An optional on-disk cache (`--cache-dir`) keeps fetched chunks across remounts; chunks read
-//! back from it are verified against their id like any other.
+//! back from it are verified against their id like any other ([`blob::verify`]).
+//!
+//! Errors stay typed ([`backtree_core::Error`], so a caller can tell a missing blob, a corrupt
+//! one and an unreachable store apart with [`backtree_core::Error::kind`]); they are shared in
+//! an `Arc` because one fetch's result goes to every caller that waited for it.
 
-use backtree_core::{Error, Id};
+use backtree_core::{blob, Error, Id};
 use bytes::Bytes;
 use lru::LruCache;
 use std::collections::HashMap;
@@ -16,7 +20,10 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use tokio::sync::OnceCell;
 
-type Shared = Arc<OnceCell<Result<Bytes, Arc<Error>>>>;
+/// The result of one chunk fetch, shared by every caller that waited for it.
+pub type ChunkResult = Result<Bytes, Arc<Error>>;
+
+type Shared = Arc<OnceCell<ChunkResult>>;
 
 /// Chunk fetches in flight at once on a local store. Each holds a stored and a decoded chunk
 /// (up to 2 × 8 MiB), so this bounds memory beyond the cache; 8 keeps two cores busy decoding
@@ -150,14 +157,15 @@ impl ChunkCache {
     }
 
     /// Returns the chunk: from memory, from the disk cache (verified), or from `fetch`, which
-    /// must return the verified chunk. Errors are messages that name the blob and its pack.
+    /// must return the verified chunk. Errors are `fetch`'s, which should name the blob and its
+    /// pack.
     /// `keep` false: a chunk that the caller consumes whole is not kept in memory (the kernel's
     /// page cache keeps the file's pages); keeping every small file of a restore would only
     /// churn the cache and fragment the heap.
-    pub async fn get<F, Fut>(&self, id: &Id, keep: bool, fetch: F) -> Result<Bytes, Arc<Error>>
+    pub async fn get<F, Fut>(&self, id: &Id, keep: bool, fetch: F) -> ChunkResult
     where
         F: FnOnce() -> Fut,
-        Fut: Future<Output = Result<Bytes, Arc<Error>>>,
+        Fut: Future<Output = ChunkResult>,
     {
         if let Some(b) = self.peek(id) {
             return Ok(b);
@@ -185,19 +193,21 @@ impl ChunkCache {
         res
     }
 
-    async fn fetch<F, Fut>(&self, id: &Id, fetch: F) -> Result<Bytes, Arc<Error>>
+    async fn fetch<F, Fut>(&self, id: &Id, fetch: F) -> ChunkResult
     where
         F: FnOnce() -> Fut,
-        Fut: Future<Output = Result<Bytes, Arc<Error>>>,
+        Fut: Future<Output = ChunkResult>,
     {
-        let _slot = self
-            .fetches
-            .acquire()
-            .await
-            .map_err(|e| Arc::new(Error::Invalid(format!("chunk cache: {e}"))))?;
+        let _slot = self.fetches.acquire().await.map_err(|e| {
+            Arc::new(Error::TaskFailed {
+                what: "chunk fetch",
+                reason: e.to_string(),
+            })
+        })?;
         if let Some(p) = self.disk_path(id) {
             if let Ok(b) = tokio::fs::read(&p).await {
-                if Id::of(&b) == *id {
+                let what = format!("cached chunk {}", p.display());
+                if blob::verify(id, &b, &what).is_ok() {
                     return Ok(Bytes::from(b));
                 }
                 // A damaged cache file is simply fetched again.
@@ -249,5 +259,43 @@ mod tests {
         assert_eq!(l.bytes(), 10);
         assert_eq!(l.clear(), vec!["c2"]);
         assert_eq!(l.bytes(), 0);
+    }
+
+    #[tokio::test]
+    async fn errors_stay_typed_and_are_not_cached() {
+        let cache = ChunkCache::new(1 << 20, 2, None);
+        let unavailable = || async {
+            Err(Arc::new(Error::Store(
+                backtree_store::StoreError::Unavailable {
+                    key: "packs/data/aa/bb".into(),
+                    message: "injected".into(),
+                },
+            )))
+        };
+        let err = cache.get(&id(1), true, unavailable).await.unwrap_err();
+        assert_eq!(err.kind(), backtree_core::ErrorKind::Unavailable);
+        assert!(!cache.present(&id(1)));
+        let data = Bytes::from_static(b"chunk");
+        let got = cache.get(&id(1), true, || async { Ok(data.clone()) }).await;
+        assert_eq!(got.unwrap(), data);
+        assert_eq!(cache.peek(&id(1)), Some(data));
+    }
+
+    #[tokio::test]
+    async fn disk_cache_files_are_verified() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = ChunkCache::new(0, 2, Some(dir.path().to_owned()));
+        let raw = Bytes::from_static(b"a chunk");
+        let cid = Id::of(&raw);
+        let fetched = cache.get(&cid, false, || async { Ok(raw.clone()) }).await;
+        assert_eq!(fetched.unwrap(), raw);
+        // Read back from disk: no fetch.
+        let never = || async { Err(Arc::new(Error::BlobNotIndexed { id: Id([0; 32]) })) };
+        assert_eq!(cache.get(&cid, false, never).await.unwrap(), raw);
+        // A damaged file is fetched again.
+        let p = cache.disk_path(&cid).unwrap();
+        std::fs::write(&p, b"a chunK").unwrap();
+        let err = cache.get(&cid, false, never).await.unwrap_err();
+        assert_eq!(err.kind(), backtree_core::ErrorKind::NotFound);
     }
 }

@@ -9,8 +9,9 @@
 //! stored (compressed) form. The next small files of the directory are then decoded from memory,
 //! synchronously, on the FUSE thread.
 //!
-//! Which blobs lie in a window is known from the pack's trailer (docs/format.md), read once per
-//! pack (footer, then trailer) and kept in a small LRU. Tree packs hold only trees and are
+//! Which blobs lie in a window is known from the pack's trailer, read once per pack with
+//! [`pack::read_trailer`] and kept in a small LRU; core owns the pack layout, so windows are
+//! placed within the trailer's [`Trailer::blob_area`] without offsets of their own. Tree packs hold only trees and are
 //! read as a whole (or [`TREE_WINDOW`] around the blob); data packs in aligned windows of
 //! [`DATA_WINDOW`]. Windows are evicted whole, so the bytes counted are the bytes held.
 //!
@@ -19,12 +20,14 @@
 //! into one read when the gap between them is small. Windows read for a read-ahead carried about
 //! ten times the bytes used, because the parallel writer interleaves several directories' files.
 //!
-//! Stored bytes are not trusted: every blob taken from a window is decoded and verified against
-//! its id like any other ([`blob::decode`]).
+//! Stored bytes are not trusted: every blob taken from a window is a [`StoredBlob`], decoded and
+//! verified against its id like any other ([`StoredBlob::decode`]); a blob read on its own is
+//! read with [`blob::fetch`], as the repository reads it.
 
+use backtree_core::blob::{self, StoredBlob};
 use backtree_core::index::Location;
-use backtree_core::pack::{self, PackEntry};
-use backtree_core::{blob, BlobKind, Error, Id, Repository};
+use backtree_core::pack::{self, PackEntry, Trailer};
+use backtree_core::{BlobKind, Error, Id, Repository};
 use bytes::Bytes;
 use futures_util::stream::{self, StreamExt};
 use lru::LruCache;
@@ -48,21 +51,6 @@ const TRAILERS: usize = 64;
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
-}
-
-/// A blob as stored, with what decoding it needs.
-#[derive(Clone)]
-pub struct Stored {
-    pub bytes: Bytes,
-    pub flags: u8,
-    pub raw_len: u32,
-}
-
-impl Stored {
-    /// Decompresses and verifies the blob.
-    pub fn decode(&self, id: &Id, what: &str) -> backtree_core::Result<Vec<u8>> {
-        blob::decode(id, &self.bytes, self.flags, self.raw_len, what)
-    }
 }
 
 struct Window {
@@ -105,13 +93,13 @@ impl Windows {
     }
 
     /// A blob held in a window, if any.
-    pub fn get(&self, id: &Id) -> Option<Stored> {
+    pub fn get(&self, id: &Id) -> Option<StoredBlob> {
         let mut g = lock(&self.inner);
         let inner = &mut *g;
         let s = inner.slots.get(id)?;
         let w = inner.windows.get(&s.window)?;
         let (a, b) = (s.start as usize, s.start as usize + s.len as usize);
-        Some(Stored {
+        Some(StoredBlob {
             bytes: w.bytes.slice(a..b),
             flags: s.flags,
             raw_len: s.raw_len,
@@ -178,7 +166,7 @@ type WindowRead = Arc<tokio::sync::OnceCell<Bytes>>;
 /// Reads blobs through windows of their packs (see the module docs).
 pub struct PackReader {
     repo: Arc<Repository>,
-    trailers: Mutex<LruCache<Id, Arc<Vec<PackEntry>>>>,
+    trailers: Mutex<LruCache<Id, Arc<Trailer>>>,
     /// Window reads in flight, by pack and start.
     inflight: Mutex<HashMap<(Id, u64), WindowRead>>,
     /// Read-ahead reads in flight ([`PackReader::gather`]), by the blobs they will hold.
@@ -214,7 +202,7 @@ impl PackReader {
         &self,
         id: &Id,
         kind: BlobKind,
-    ) -> backtree_core::Result<(Stored, Location)> {
+    ) -> backtree_core::Result<(StoredBlob, Location)> {
         let loc = self.repo.locate(id).await?;
         if loc.kind != kind {
             return Err(Error::corrupt(
@@ -234,26 +222,14 @@ impl PackReader {
             }
         }
         if kind == BlobKind::Tree || loc.stored_len <= SMALL_BLOB {
-            match self.read_window(&loc).await {
+            match self.read_window(id, &loc).await {
                 Ok(s) => return Ok((s, loc)),
                 // A damaged trailer must not make the pack's intact blobs unreadable: read
                 // the blob on its own (which reports the store error again if that was it).
                 Err(e) => tracing::debug!("pack window for blob {id}: {e}"),
             }
         }
-        let key = loc.pack_key();
-        let start = loc.offset as u64;
-        let bytes = self
-            .repo
-            .store()
-            .get_range(&key, start..start + loc.stored_len as u64)
-            .await?;
-        let s = Stored {
-            bytes,
-            flags: loc.flags,
-            raw_len: loc.raw_len,
-        };
-        Ok((s, loc))
+        Ok((blob::fetch(self.repo.store(), id, &loc).await?, loc))
     }
 
     /// Reads ahead the small data blobs among `ids` that are not held yet, with as few ranged
@@ -344,48 +320,34 @@ impl PackReader {
         Ok(other)
     }
 
-    async fn trailer(&self, loc: &Location) -> backtree_core::Result<Arc<Vec<PackEntry>>> {
+    async fn trailer(&self, loc: &Location) -> backtree_core::Result<Arc<Trailer>> {
         if let Some(t) = lock(&self.trailers).get(&loc.pack).cloned() {
             return Ok(t);
         }
-        let key = loc.pack_key();
-        let store = self.repo.store();
-        let size = store.head(&key).await?.ok_or_else(|| Error::NotFound {
-            what: format!("pack {key}"),
-        })?;
-        let foot_at = size.saturating_sub(pack::FOOTER_LEN as u64);
-        let foot = store.get_range(&key, foot_at..size).await?;
-        let n = pack::parse_footer(&key, &foot)? as u64;
-        let t_at = foot_at
-            .checked_sub(n * pack::RECORD_LEN as u64)
-            .ok_or_else(|| Error::corrupt(&key, "trailer larger than the pack"))?;
-        let t = store.get_range(&key, t_at..foot_at).await?;
-        let t = Arc::new(pack::parse_trailer(&key, &t, size)?);
+        let t = Arc::new(pack::read_trailer(self.repo.store(), &loc.pack_key()).await?);
         lock(&self.trailers).put(loc.pack, t.clone());
         Ok(t)
     }
 
-    async fn read_window(&self, loc: &Location) -> backtree_core::Result<Stored> {
+    async fn read_window(&self, id: &Id, loc: &Location) -> backtree_core::Result<StoredBlob> {
         let trailer = self.trailer(loc).await?;
         let key = loc.pack_key();
-        let data_end = trailer
-            .iter()
-            .map(|e| e.offset as u64 + e.stored_len as u64)
-            .max()
-            .unwrap_or(0);
+        let area = trailer.blob_area();
         let (lo, hi) = (loc.offset as u64, loc.offset as u64 + loc.stored_len as u64);
         let (start, end) = match loc.kind {
             // The whole blob area if it fits, else a window centred on the blob.
-            BlobKind::Tree if data_end.saturating_sub(8) <= TREE_WINDOW => (8, data_end.max(hi)),
+            BlobKind::Tree if area.end - area.start <= TREE_WINDOW => {
+                (area.start, area.end.max(hi))
+            }
             BlobKind::Tree => {
-                let start = lo.saturating_sub(TREE_WINDOW / 2).max(8);
-                (start, (start + TREE_WINDOW).min(data_end).max(hi))
+                let start = lo.saturating_sub(TREE_WINDOW / 2).max(area.start);
+                (start, (start + TREE_WINDOW).min(area.end).max(hi))
             }
             // The writer stores a directory's files close together, though not in name order
             // (it reads them in parallel): an aligned window around the blob.
             BlobKind::Data => {
-                let start = (lo - lo % DATA_WINDOW).max(8);
-                (start, (start + DATA_WINDOW).min(data_end).max(hi))
+                let start = (lo - lo % DATA_WINDOW).max(area.start);
+                (start, (start + DATA_WINDOW).min(area.end).max(hi))
             }
         };
         // Concurrent misses in one window (a read and the directory read-ahead, or parallel
@@ -397,8 +359,11 @@ impl PackReader {
         let res = cell
             .get_or_try_init(|| async {
                 let bytes = self.repo.store().get_range(&key, start..end).await?;
-                let same_kind: Vec<&PackEntry> =
-                    trailer.iter().filter(|e| e.kind == loc.kind).collect();
+                let same_kind: Vec<&PackEntry> = trailer
+                    .entries
+                    .iter()
+                    .filter(|e| e.kind == loc.kind)
+                    .collect();
                 self.windows(loc.kind)
                     .insert(bytes.clone(), start, &same_kind);
                 Ok::<_, Error>(bytes)
@@ -407,17 +372,12 @@ impl PackReader {
             .cloned();
         lock(&self.inflight).remove(&(loc.pack, start));
         let bytes = res?;
-        let own = if hi <= start + bytes.len() as u64 {
-            bytes.slice((lo - start) as usize..(hi - start) as usize)
+        if hi <= start + bytes.len() as u64 {
+            let own = bytes.slice((lo - start) as usize..(hi - start) as usize);
+            Ok(StoredBlob::new(own, loc))
         } else {
             // A window read for another blob that ended before this one does.
-            let range = lo..hi;
-            self.repo.store().get_range(&key, range).await?
-        };
-        Ok(Stored {
-            bytes: own,
-            flags: loc.flags,
-            raw_len: loc.raw_len,
-        })
+            blob::fetch(self.repo.store(), id, loc).await
+        }
     }
 }

@@ -113,7 +113,10 @@ pub async fn ingest_async(repo: Arc<Repository>, opts: IngestOptions) -> Result<
         ingest(&repo, &handle, &opts, &Progress::default(), &|_| {})
     })
     .await
-    .map_err(|e| Error::Invalid(format!("ingest task failed: {e}")))?
+    .map_err(|e| Error::TaskFailed {
+        what: "ingest",
+        reason: e.to_string(),
+    })?
 }
 
 /// Ingests `opts.sources` as a new generation of `opts.host`. Must run outside the async
@@ -153,7 +156,7 @@ pub fn ingest(
             .num_threads(cores())
             .thread_name(|i| format!("backtree-hash-{i}"))
             .build()
-            .map_err(|e| Error::Invalid(format!("cannot start worker threads: {e}")))?,
+            .map_err(Error::ThreadPool)?,
         excludes,
         skip_dirs: opts.skip_dirs.clone(),
         names: meta::Names::default(),
@@ -171,7 +174,7 @@ pub fn ingest(
         .stack_size(32 << 20)
         .thread_name(|i| format!("backtree-ingest-{i}"))
         .build()
-        .map_err(|e| Error::Invalid(format!("cannot start worker threads: {e}")))?;
+        .map_err(Error::ThreadPool)?;
     let root = pool.install(|| -> Result<Entry> {
         Ok(match &layout {
             Layout::Dir(path) => {
@@ -301,9 +304,7 @@ async fn commit(repo: &Repository, m: &mut Manifest, time: &DateTime<Utc>) -> Re
     let mut n = 1;
     loop {
         if n > 10_000 {
-            return Err(Error::Invalid(format!(
-                "no free generation name for {base}"
-            )));
+            return Err(Error::NoFreeName { base });
         }
         let name = candidate_name(&base, n);
         n += 1;
@@ -367,9 +368,7 @@ enum Layout {
 impl Layout {
     fn of(sources: &[PathBuf]) -> Result<Layout> {
         if sources.is_empty() {
-            return Err(Error::Invalid(
-                "nothing to ingest: no source path given".into(),
-            ));
+            return Err(Error::NoSources);
         }
         let mut metas = Vec::new();
         for s in sources {
@@ -391,12 +390,7 @@ impl Layout {
                 .ok()
                 .and_then(|c| c.file_name().map(|n| n.to_owned()))
                 .or_else(|| s.file_name().map(|n| n.to_owned()))
-                .ok_or_else(|| {
-                    Error::Invalid(format!(
-                        "{} has no name to use at the generation's root",
-                        s.display()
-                    ))
-                })?;
+                .ok_or_else(|| Error::SourceUnnamed { path: s.clone() })?;
             if let Some(first) = seen.get(&name) {
                 return Err(Error::NameClash {
                     name: name.to_string_lossy().into_owned(),

@@ -192,9 +192,13 @@ impl BlobWriter {
         let mut failure = lock(&self.failure);
         match failure.take() {
             Some(e) => {
-                // Keep failing: leave a copy of the message for later checks.
-                *failure = Some(Error::Invalid(e.to_string()));
-                Err(e)
+                // Keep failing: later checks report the same error.
+                let e = match e {
+                    Error::Shared(e) => e,
+                    e => std::sync::Arc::new(e),
+                };
+                *failure = Some(Error::Shared(e.clone()));
+                Err(Error::Shared(e))
             }
             None => Ok(()),
         }
@@ -205,7 +209,10 @@ impl BlobWriter {
         let permit = self
             .handle
             .block_on(self.permits.clone().acquire_owned())
-            .map_err(|_| Error::Invalid("upload slots closed".into()))?;
+            .map_err(|_| Error::TaskFailed {
+                what: "upload",
+                reason: "upload slots closed".into(),
+            })?;
         let store = self.store.clone();
         let uploaded = self.uploaded.clone();
         let failure = self.failure.clone();
@@ -276,9 +283,10 @@ impl BlobWriter {
         }
         let tasks = std::mem::take(&mut *lock(&self.uploads));
         for t in tasks {
-            self.handle
-                .block_on(t)
-                .map_err(|e| Error::Invalid(format!("upload task failed: {e}")))?;
+            self.handle.block_on(t).map_err(|e| Error::TaskFailed {
+                what: "upload",
+                reason: e.to_string(),
+            })?;
         }
         self.check()?;
         let packs = std::mem::take(&mut *lock(&self.uploaded));

@@ -12,9 +12,10 @@
 //! holds its bytes from then on, and keeping every small file of a restore would only churn the
 //! cache.
 
-use crate::cache::ChunkCache;
-use crate::packwin::{PackReader, Stored};
-use backtree_core::{BlobKind, Error, Id};
+use crate::cache::{ChunkCache, ChunkResult};
+use crate::packwin::PackReader;
+use backtree_core::blob::{self, StoredBlob};
+use backtree_core::{BlobKind, Id};
 use bytes::Bytes;
 use std::sync::Arc;
 
@@ -41,7 +42,7 @@ impl Chunks {
     }
 
     /// The verified chunk `id`; `whole`: the caller consumes all of it (so it is not kept).
-    pub(super) async fn get(&self, id: &Id, whole: bool) -> Result<Bytes, Arc<Error>> {
+    pub(super) async fn get(&self, id: &Id, whole: bool) -> ChunkResult {
         let cached = if whole {
             self.cache.take(id)
         } else {
@@ -70,7 +71,7 @@ impl Chunks {
 
     /// A data chunk's stored bytes, if a pack window holds them and the chunk is small enough
     /// (≤ [`INLINE_DECODE`]) to be decoded on the thread at hand.
-    fn small_in_window(&self, id: &Id) -> Option<Stored> {
+    fn small_in_window(&self, id: &Id) -> Option<StoredBlob> {
         self.packs
             .data
             .get(id)
@@ -121,31 +122,16 @@ impl Chunks {
 
 /// Fetches, decodes and verifies a data chunk. Decoding up to 8 MiB is CPU work: a large chunk
 /// is decoded on the blocking pool, off the async workers. Errors name the blob and its pack.
-async fn fetch(packs: &PackReader, id: Id) -> Result<Bytes, Arc<Error>> {
+async fn fetch(packs: &PackReader, id: Id) -> ChunkResult {
     let (stored, loc) = packs
         .stored(&id, BlobKind::Data)
         .await
-        .map_err(|e| typed(with_blob(&id, e.to_string())))?;
-    let what = format!("blob {id} in pack {}", loc.pack_key());
+        .map_err(|e| Arc::new(e.for_blob(&id)))?;
+    let what = blob::describe(&id, &loc);
     let raw = if stored.raw_len <= INLINE_DECODE {
         stored.decode(&id, &what)
     } else {
-        tokio::task::spawn_blocking(move || stored.decode(&id, &what))
-            .await
-            .map_err(|e| typed(format!("blob {id}: decoding task failed: {e}")))?
+        stored.decode_blocking(id, what).await
     };
     raw.map(Bytes::from).map_err(Arc::new)
-}
-
-fn typed(msg: String) -> Arc<Error> {
-    Arc::new(Error::Invalid(msg))
-}
-
-/// An error message that names the blob it concerns.
-fn with_blob(id: &Id, msg: String) -> String {
-    if msg.contains(&id.to_hex()) {
-        msg
-    } else {
-        format!("blob {id}: {msg}")
-    }
 }
