@@ -370,3 +370,166 @@ fn ls_shows_hosts_generations_and_files() {
         text(&missing.stderr)
     );
 }
+
+/// Runs `backtree ingest --repo REPO ARGS…` with `data` written to its standard input through a
+/// pipe (by a thread, as a producer writes), or with standard input from /dev/null.
+fn ingest_piped(repo: &str, args: &[&str], data: Option<Vec<u8>>) -> Output {
+    let mut child = bt()
+        .args(["ingest", "--repo", repo])
+        .args(args)
+        .stdin(if data.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let writer = data.map(|d| {
+        let mut stdin = child.stdin.take().unwrap();
+        // An early exit of backtree closes the pipe: the write then fails, which is fine.
+        std::thread::spawn(move || drop(std::io::Write::write_all(&mut stdin, &d)))
+    });
+    let o = child.wait_with_output().unwrap();
+    if let Some(w) = writer {
+        w.join().unwrap();
+    }
+    o
+}
+
+/// `--stdin NAME` stores a real pipe's bytes as one file, alone or beside a path, with the mode,
+/// owner and mtime given (or the defaults); bad names and options are usage errors (exit 2), an
+/// empty stream or a name clash is an error (exit 1), and neither commits anything.
+#[test]
+fn stdin_becomes_one_file_of_the_generation() {
+    let dir = tempfile::tempdir().unwrap();
+    let repo = dir.path().join("repo");
+    let r = repo.to_str().unwrap();
+    let meta = dir.path().join("meta");
+    std::fs::create_dir(&meta).unwrap();
+    std::fs::write(meta.join("vm.cfg"), b"name = vm42\n").unwrap();
+    assert!(run(&["init", "--repo", r]).status.success());
+    let mut data = backtree_core::testing::texty_bytes(7, 2 << 20);
+    data.extend_from_slice(&random_bytes(8, 1 << 20));
+
+    let o = ingest_piped(
+        r,
+        &[
+            "--host",
+            "vcenter",
+            "--stdin",
+            "postgres.sql",
+            "--stdin-mode",
+            "0640",
+            "--stdin-owner",
+            "26:27",
+            "--stdin-mtime",
+            "2026-11-20T03:25:00Z",
+        ],
+        Some(data.clone()),
+    );
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o.stderr));
+    assert!(text(&o.stdout).contains("1 files"), "{}", text(&o.stdout));
+    let o = run(&["ls", "--repo", r, "--json", "vcenter/latest"]);
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let e = &v.as_array().unwrap()[..];
+    assert_eq!(e.len(), 1, "{v}");
+    assert_eq!(e[0]["name"], "postgres.sql");
+    assert_eq!(e[0]["mode"], "0640");
+    assert_eq!(
+        (e[0]["uid"].as_u64(), e[0]["gid"].as_u64()),
+        (Some(26), Some(27))
+    );
+    assert_eq!(e[0]["size"].as_u64(), Some(data.len() as u64));
+    let mtime = chrono::DateTime::parse_from_rfc3339("2026-11-20T03:25:00Z").unwrap();
+    assert_eq!(e[0]["mtime"].as_i64(), Some(mtime.timestamp()));
+
+    // Beside a directory, with the defaults: mode 0600, the invoking user, the generation's
+    // time.
+    let o = ingest_piped(
+        r,
+        &[
+            "--host",
+            "vm42",
+            "--time",
+            "2026-11-21T01:00:00Z",
+            "--stdin",
+            "vm42.xva",
+            meta.to_str().unwrap(),
+        ],
+        Some(data.clone()),
+    );
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o.stderr));
+    let listing = text(&run(&["ls", "--repo", r, "vm42/latest"]).stdout);
+    let line = listing.lines().find(|l| l.ends_with(" vm42.xva")).unwrap();
+    assert!(
+        line.starts_with("-rw-------") && line.contains("2026-11-21 01:00"),
+        "{listing}"
+    );
+    assert!(listing.lines().any(|l| l.ends_with(" meta")), "{listing}");
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let repo = open(&repo).await;
+        let g = repo.latest("vm42").await.unwrap().unwrap();
+        let root = repo.manifest("vm42", &g).await.unwrap().root.tree.unwrap();
+        let e = repo.resolve(&root, b"vm42.xva").await.unwrap().unwrap();
+        assert_eq!(
+            (e.uid, e.gid),
+            (unsafe { libc::geteuid() }, unsafe { libc::getegid() })
+        );
+        let list = repo.chunk_list(&e).await.unwrap();
+        assert!(repo.read_range(&list, 0, e.size).await.unwrap() == data);
+    });
+
+    // Usage errors, before anything is read: exit 2.
+    for args in [
+        &["--stdin", "a/b"][..],
+        &["--stdin", ".."],
+        &["--stdin", ""],
+        &["--stdin", "x", "--stdin-mode", "999"],
+        &["--stdin", "x", "--stdin-owner", "postgres"],
+        &["--stdin", "x", "--stdin-mtime", "yesterday"],
+        &["--stdin-mode", "0600"],
+    ] {
+        let mut all = vec!["--host", "bad"];
+        all.extend_from_slice(args);
+        let o = ingest_piped(r, &all, Some(b"data".to_vec()));
+        assert_eq!(o.status.code(), Some(2), "{args:?}: {}", text(&o.stderr));
+    }
+    let o = ingest_piped(r, &["--host", "bad", "--stdin", "a/b"], None);
+    assert!(
+        text(&o.stderr).contains("without '/'"),
+        "{}",
+        text(&o.stderr)
+    );
+
+    // Errors: an empty stream, a clash with a path's name. Exit 1, nothing committed.
+    let o = ingest_piped(r, &["--host", "bad", "--stdin", "dump.sql"], None);
+    assert_eq!(o.status.code(), Some(1));
+    assert_eq!(
+        text(&o.stderr).trim(),
+        "backtree: stdin gave no data for dump.sql; pass --allow-empty to store an empty file"
+    );
+    let o = ingest_piped(
+        r,
+        &["--host", "bad", "--stdin", "meta", meta.to_str().unwrap()],
+        Some(data.clone()),
+    );
+    assert_eq!(o.status.code(), Some(1));
+    assert!(text(&o.stderr).contains("\"meta\""), "{}", text(&o.stderr));
+    rt.block_on(async {
+        assert!(open(&repo)
+            .await
+            .generations("bad")
+            .await
+            .unwrap()
+            .is_empty());
+    });
+    let o = ingest_piped(
+        r,
+        &["--host", "bad", "--stdin", "dump.sql", "--allow-empty"],
+        None,
+    );
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o.stderr));
+}

@@ -102,6 +102,23 @@ pub enum Error {
     #[error("nothing to ingest: no source path given")]
     NoSources,
 
+    /// A stream's name that cannot be one file's name at the generation's root.
+    #[error("invalid name {name:?} for the stream: {reason}")]
+    InvalidStreamName { name: String, reason: &'static str },
+
+    /// A stream ended before its first byte, and an empty file was not asked for.
+    #[error("{origin} gave no data for {name}; pass --allow-empty to store an empty file")]
+    EmptyStream { origin: String, name: String },
+
+    /// Reading a stream failed: the ingest fails (a stream cannot be skipped like a file).
+    #[error("reading {origin} for {name}: {source}")]
+    StreamRead {
+        origin: String,
+        name: String,
+        #[source]
+        source: std::io::Error,
+    },
+
     #[error("{} has no name to use at the generation's root", path.display())]
     SourceUnnamed { path: PathBuf },
 
@@ -160,6 +177,9 @@ impl Error {
             | Error::InvalidHost { .. }
             | Error::InvalidExclude { .. }
             | Error::NoSources
+            | Error::InvalidStreamName { .. }
+            | Error::EmptyStream { .. }
+            | Error::StreamRead { .. }
             | Error::SourceUnnamed { .. }
             | Error::NoFreeName { .. }
             | Error::OffsetPastEnd { .. }

@@ -3,7 +3,7 @@
 
 use backtree_core::config::{ChunkerParams, Config};
 use backtree_core::ingest::{self, IngestOptions, Progress};
-use backtree_core::testing::{build_fixture, compare, random_bytes};
+use backtree_core::testing::{build_fixture, compare, random_bytes, texty_bytes};
 use backtree_core::Repository;
 use backtree_store::{DynStore, Fault, FaultyStore, MemoryStore, ObjectStore};
 use std::path::Path;
@@ -451,4 +451,267 @@ async fn many_large_files_in_parallel_do_not_deadlock() {
         let diffs = compare(&repo, "h", &r.manifest.name, &src).await;
         assert!(diffs.is_empty(), "{threads} threads: {diffs:?}");
     }
+}
+
+/// Ingests `o` plus `stream`, as the CLI's `--stdin` does.
+async fn run_stream(
+    repo: &Arc<Repository>,
+    o: IngestOptions,
+    stream: ingest::Stream<'static>,
+) -> backtree_core::Result<ingest::IngestReport> {
+    let repo = repo.clone();
+    let h = Handle::current();
+    tokio::task::spawn_blocking(move || {
+        ingest::ingest_with(&repo, &h, &o, Some(stream), &Progress::default(), &|_| {})
+    })
+    .await
+    .expect("ingest thread")
+}
+
+fn no_sources(host: &str) -> IngestOptions {
+    IngestOptions {
+        host: host.into(),
+        ..Default::default()
+    }
+}
+
+/// A real pipe fed by a thread in pieces of 100 000 bytes, as a producer writes. (An ingest
+/// that fails before reading closes the pipe: the writer then stops.)
+fn piped(data: Vec<u8>) -> Box<dyn std::io::Read + Send> {
+    let (reader, mut writer) = std::io::pipe().unwrap();
+    std::thread::spawn(move || {
+        for piece in data.chunks(100_000) {
+            if std::io::Write::write_all(&mut writer, piece).is_err() {
+                return;
+            }
+        }
+    });
+    Box::new(reader)
+}
+
+/// About 40 MiB of dump-like content: text, a block repeated three times, random data.
+fn dump_bytes() -> Vec<u8> {
+    let block = texty_bytes(11, 6 << 20);
+    let mut data = texty_bytes(10, 10 << 20);
+    for _ in 0..3 {
+        data.extend_from_slice(&block);
+    }
+    data.extend_from_slice(&random_bytes(12, 12 << 20));
+    data
+}
+
+async fn read_whole(repo: &Repository, root: &backtree_core::id::Id, path: &[u8]) -> Vec<u8> {
+    let e = repo.resolve(root, path).await.unwrap().unwrap();
+    let list = repo.chunk_list(&e).await.unwrap();
+    let data = repo.read_range(&list, 0, e.size).await.unwrap();
+    assert_eq!(data.len() as u64, e.size);
+    data
+}
+
+/// A stream is stored as one file, byte-exact, alone or beside a directory; a second night's
+/// stream with 1% changed stores little; its metadata are the given or the defaults.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stream_round_trip_alone_beside_a_directory_and_deduplicated() {
+    let dir = tempfile::tempdir().unwrap();
+    let meta = dir.path().join("meta");
+    std::fs::create_dir_all(meta.join("DISK-xvda")).unwrap();
+    std::fs::write(meta.join("vm.cfg"), b"name = vm42\n").unwrap();
+    std::fs::write(meta.join("DISK-xvda/vbd.cfg"), b"bootable = true\n").unwrap();
+    let store: DynStore = Arc::new(MemoryStore::new());
+    let repo = Arc::new(Repository::init_with(store, small_config()).await.unwrap());
+    let data = dump_bytes();
+
+    // Alone: the root holds just the file, with the default metadata.
+    let time = chrono::DateTime::parse_from_rfc3339("2026-11-20T03:25:00Z")
+        .unwrap()
+        .with_timezone(&chrono::Utc);
+    let mut o = no_sources("vcenter");
+    o.time = Some(time);
+    let r = run_stream(
+        &repo,
+        o,
+        ingest::Stream::new("postgres.sql", "stdin", piped(data.clone())),
+    )
+    .await
+    .unwrap();
+    let root = r.manifest.root.tree.unwrap();
+    let entries = repo.dir_entries(&root).await.unwrap();
+    assert_eq!(entries.len(), 1);
+    let e = &entries[0];
+    assert_eq!(e.name, b"postgres.sql");
+    assert_eq!(e.kind, backtree_core::tree::Kind::File);
+    assert_eq!(e.mode, 0o600);
+    assert_eq!(
+        (e.uid, e.gid),
+        (unsafe { libc::geteuid() }, unsafe { libc::getegid() })
+    );
+    assert_eq!(e.mtime.0, time.timestamp());
+    assert_eq!(e.size, data.len() as u64);
+    assert!(e.chunk_list.is_some(), "a long chunk list is its own blob");
+    assert!(read_whole(&repo, &root, b"postgres.sql").await == data);
+    let s = &r.manifest.stats;
+    assert_eq!((s.files, s.dirs), (1, 0));
+    assert_eq!(s.logical_bytes, data.len() as u64);
+    assert_eq!(s.read_bytes, data.len() as u64);
+    // The repeated block is stored once.
+    assert!(s.new_raw_bytes < data.len() as u64 - (10 << 20), "{s:?}");
+    assert_eq!(r.manifest.sources, ["stdin:postgres.sql"]);
+
+    // The next night: 1% changed in four places. Little is new, and the result is exact.
+    let mut night2 = data.clone();
+    for at in [1 << 20, 9 << 20, 20 << 20, 35 << 20] {
+        night2[at..at + 100_000].copy_from_slice(&random_bytes(at as u64, 100_000));
+    }
+    let r2 = run_stream(
+        &repo,
+        no_sources("vcenter"),
+        ingest::Stream::new(
+            "postgres.sql",
+            "stdin",
+            Box::new(std::io::Cursor::new(night2.clone())),
+        ),
+    )
+    .await
+    .unwrap();
+    let s = &r2.manifest.stats;
+    assert_eq!(s.read_bytes, night2.len() as u64, "a stream is always read");
+    assert!(
+        s.new_raw_bytes < 3 << 20,
+        "1% changed, {} new",
+        s.new_raw_bytes
+    );
+    let root2 = r2.manifest.root.tree.unwrap();
+    assert!(read_whole(&repo, &root2, b"postgres.sql").await == night2);
+
+    // Beside a directory, with given metadata: the directory appears under its own name.
+    let mtime = chrono::DateTime::parse_from_rfc3339("2026-11-19T22:00:00.5Z")
+        .unwrap()
+        .with_timezone(&chrono::Utc);
+    let mut stream = ingest::Stream::new("vm42.xva", "stdin", piped(data.clone()));
+    stream.mode = 0o640;
+    stream.owner = Some((26, 27));
+    stream.mtime = Some(mtime);
+    let r3 = run_stream(&repo, opts("vm42", &meta), stream)
+        .await
+        .unwrap();
+    let root3 = r3.manifest.root.tree.unwrap();
+    let names: Vec<_> = repo
+        .dir_entries(&root3)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|e| e.name)
+        .collect();
+    assert_eq!(names, [b"meta".to_vec(), b"vm42.xva".to_vec()]);
+    let e = repo.resolve(&root3, b"vm42.xva").await.unwrap().unwrap();
+    assert_eq!((e.mode, e.uid, e.gid), (0o640, 26, 27));
+    assert_eq!((e.mtime.0, e.mtime.1), (mtime.timestamp(), 500_000_000));
+    assert!(read_whole(&repo, &root3, b"vm42.xva").await == data);
+    assert_eq!(
+        read_whole(&repo, &root3, b"meta/DISK-xvda/vbd.cfg").await,
+        b"bootable = true\n"
+    );
+    let s = &r3.manifest.stats;
+    assert_eq!(s.files, 3);
+    assert_eq!(s.logical_bytes, data.len() as u64 + 12 + 16);
+    assert!(s.new_raw_bytes < 1 << 20, "the same stream again: {s:?}");
+}
+
+/// An empty stream, a bad name, a clash with a path's name and a read error fail the ingest,
+/// and nothing is committed; `allow_empty` stores an empty file.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stream_errors_commit_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir(dir.path().join("meta")).unwrap();
+    std::fs::write(dir.path().join("meta/vm42.xva"), b"x").unwrap();
+    let mem = Arc::new(MemoryStore::new());
+    let repo = Arc::new(Repository::init(mem.clone()).await.unwrap());
+    let objects = mem.len();
+    let empty = || Box::new(std::io::empty()) as Box<dyn std::io::Read + Send>;
+
+    let err = run_stream(
+        &repo,
+        no_sources("h"),
+        ingest::Stream::new("db.sql", "stdin", empty()),
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        "stdin gave no data for db.sql; pass --allow-empty to store an empty file"
+    );
+    for bad in ["", ".", "..", "a/b", "/etc", "a\0b"] {
+        let err = run_stream(
+            &repo,
+            no_sources("h"),
+            ingest::Stream::new(bad, "stdin", piped(b"data".to_vec())),
+        )
+        .await
+        .unwrap_err();
+        assert!(
+            matches!(err, backtree_core::Error::InvalidStreamName { .. }),
+            "{bad:?}: {err}"
+        );
+    }
+    // The stream's name against a path's name (the directory's files are not at the root).
+    let clash = |name: &str| ingest::Stream::new(name, "stdin", piped(b"data".to_vec()));
+    let mut o = opts("h", &dir.path().join("meta/vm42.xva"));
+    o.sources.push(dir.path().join("meta"));
+    let err = run_stream(&repo, o, clash("meta"))
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("\"meta\"") && err.contains("stdin"), "{err}");
+    let err = run_stream(
+        &repo,
+        opts("h", &dir.path().join("meta/vm42.xva")),
+        clash("vm42.xva"),
+    )
+    .await
+    .unwrap_err()
+    .to_string();
+    assert!(err.contains("\"vm42.xva\""), "{err}");
+
+    assert_eq!(mem.len(), objects, "nothing written");
+
+    // A read error after some data (EIO on stdin).
+    struct Failing(u64);
+    impl std::io::Read for Failing {
+        fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+            if self.0 >= 20 << 20 {
+                return Err(std::io::Error::from_raw_os_error(libc::EIO));
+            }
+            let n = buf.len().min(1 << 16);
+            buf[..n].fill(self.0 as u8);
+            self.0 += n as u64;
+            Ok(n)
+        }
+    }
+    let err = run_stream(
+        &repo,
+        no_sources("h"),
+        ingest::Stream::new("vm.xva", "stdin", Box::new(Failing(0))),
+    )
+    .await
+    .unwrap_err()
+    .to_string();
+    assert!(
+        err.starts_with("reading stdin for vm.xva: ") && err.contains("Input/output error"),
+        "{err}"
+    );
+    assert!(
+        repo.generations("h").await.unwrap().is_empty(),
+        "nothing committed"
+    );
+
+    let mut s = ingest::Stream::new("db.sql", "stdin", empty());
+    s.allow_empty = true;
+    let r = run_stream(&repo, no_sources("h"), s).await.unwrap();
+    let e = repo
+        .resolve(&r.manifest.root.tree.unwrap(), b"db.sql")
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(e.size, 0);
+    assert_eq!(r.manifest.stats.files, 1);
 }

@@ -17,6 +17,11 @@
 //!   error before anything is written.
 //! - **Commit**: packs, then the index file, then the manifest with create-if-absent (see
 //!   `writer` and `manifest`).
+//! - **A stream** ([`Stream`], `backtree ingest --stdin NAME`) becomes one regular file at the
+//!   generation's root, beside the sources' own names; it is read while the sources are walked,
+//!   through the same pipeline as a large file ([`read::read_stream`]), and always read whole
+//!   (there is nothing to compare with the previous generation). A stream that cannot be read
+//!   fails the ingest: unlike a file, it cannot be left out.
 
 mod meta;
 pub mod read;
@@ -41,6 +46,7 @@ use globset::{GlobBuilder, GlobSet, GlobSetBuilder};
 use rayon::prelude::*;
 use std::collections::HashMap;
 use std::ffi::OsStr;
+use std::io::Read;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
@@ -70,6 +76,81 @@ pub struct IngestOptions {
     pub checkpoint_bytes: Option<u64>,
     /// Worker threads reading and compressing (default [`default_threads`]).
     pub threads: Option<usize>,
+}
+
+/// The default mode of a stream's file: readable by its owner only. A stream is typically a
+/// database dump or a VM image (password hashes, personal data, keys), and nothing says who else
+/// may read it; widen it with [`Stream::mode`] when others must.
+pub const STREAM_MODE: u32 = 0o600;
+
+/// One stream stored as one regular file at the generation's root (`--stdin NAME`).
+pub struct Stream<'a> {
+    /// The file's name at the root (see [`check_stream_name`]).
+    pub name: String,
+    /// Where the bytes come from, for messages and the manifest's sources: `stdin`.
+    pub origin: String,
+    /// The bytes; read once, to the end.
+    pub reader: Box<dyn Read + Send + 'a>,
+    /// Permission bits, setuid/setgid/sticky included (default [`STREAM_MODE`]).
+    pub mode: u32,
+    /// Owner and group ids; `None`: this process's effective ids.
+    pub owner: Option<(u32, u32)>,
+    /// The file's mtime (and atime); `None`: the generation's time.
+    pub mtime: Option<DateTime<Utc>>,
+    /// Store an empty file when the stream gives no data, instead of failing.
+    pub allow_empty: bool,
+}
+
+impl<'a> Stream<'a> {
+    /// A stream named `name` with the defaults: mode [`STREAM_MODE`], owned by this process,
+    /// dated at the generation's time, refused when empty.
+    pub fn new(
+        name: impl Into<String>,
+        origin: impl Into<String>,
+        reader: Box<dyn Read + Send + 'a>,
+    ) -> Stream<'a> {
+        Stream {
+            name: name.into(),
+            origin: origin.into(),
+            reader,
+            mode: STREAM_MODE,
+            owner: None,
+            mtime: None,
+            allow_empty: false,
+        }
+    }
+}
+
+impl std::fmt::Debug for Stream<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Stream")
+            .field("name", &self.name)
+            .field("origin", &self.origin)
+            .field("mode", &format_args!("{:o}", self.mode))
+            .field("owner", &self.owner)
+            .field("mtime", &self.mtime)
+            .field("allow_empty", &self.allow_empty)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Whether `name` can name a stream's file at the generation's root: one path component, not
+/// `.` or `..`, no NUL, at most 255 bytes (the longest name Linux shows in a directory).
+/// Returns why not.
+pub fn check_stream_name(name: &str) -> std::result::Result<(), &'static str> {
+    if name.is_empty() {
+        Err("a file name cannot be empty")
+    } else if name == "." || name == ".." {
+        Err("`.` and `..` are not file names")
+    } else if name.contains('/') {
+        Err("it must be one file name at the generation's root, without '/'")
+    } else if name.contains('\0') {
+        Err("a file name cannot contain a NUL byte")
+    } else if name.len() > 255 {
+        Err("a file name is at most 255 bytes")
+    } else {
+        Ok(())
+    }
 }
 
 /// Four times the cores: most of a walk is waiting, for `lstat`, `listxattr` and the cold read
@@ -128,12 +209,40 @@ pub fn ingest(
     progress: &Progress,
     on_skip: OnSkip<'_>,
 ) -> Result<IngestReport> {
+    ingest_with(repo, handle, opts, None, progress, on_skip)
+}
+
+/// [`ingest`], plus `stream` (if any) stored as one regular file at the generation's root. With
+/// a stream, every source appears at the root under its own name, even a single directory; with
+/// a stream alone, `opts.sources` may be empty and the root holds just the stream's file.
+pub fn ingest_with(
+    repo: &Repository,
+    handle: &Handle,
+    opts: &IngestOptions,
+    stream: Option<Stream<'_>>,
+    progress: &Progress,
+    on_skip: OnSkip<'_>,
+) -> Result<IngestReport> {
     let started = Instant::now();
     let started_at = Utc::now();
     check_host(&opts.host)?;
+    if let Some(s) = &stream {
+        check_stream_name(&s.name).map_err(|reason| Error::InvalidStreamName {
+            name: s.name.clone(),
+            reason,
+        })?;
+    }
     let excludes = Excludes::new(&opts.excludes)?;
-    let layout = Layout::of(&opts.sources)?;
+    let layout = Layout::of(&opts.sources, stream.as_ref())?;
     let time = opts.time.unwrap_or(started_at);
+    let mut sources: Vec<String> = opts
+        .sources
+        .iter()
+        .map(|p| p.display().to_string())
+        .collect();
+    if let Some(s) = &stream {
+        sources.push(format!("{}:{}", s.origin, s.name));
+    }
 
     let store = repo.store().clone();
     let known = handle.block_on(load_all_ids(&store))?;
@@ -185,24 +294,39 @@ pub fn ingest(
                 root
             }
             Layout::Many(items) => {
-                let mut prev = match parent_root {
-                    Some(t) => walker.prev_entries(Some(t)),
-                    None => HashMap::new(),
-                };
-                let mut entries = Vec::new();
-                for (name, path) in items {
-                    let m = match std::fs::symlink_metadata(path) {
-                        Ok(m) => m,
-                        Err(e) => return Err(Error::io(path, e)),
-                    };
-                    let p = prev.remove(name.as_bytes());
-                    if let Some(e) =
-                        walker.entry(path, name.as_bytes(), name.as_bytes(), m, p.as_ref())?
-                    {
-                        entries.push(e);
-                    }
-                }
+                // The stream is read while the sources are walked: its producer (a dump, an
+                // export) need not wait for the walk, nor the walk for the producer.
+                let (from_stream, from_paths) = rayon::join(
+                    || stream.map(|s| walker.stream_entry(s, &time)).transpose(),
+                    || -> Result<Vec<Entry>> {
+                        let mut prev = match parent_root {
+                            Some(t) => walker.prev_entries(Some(t)),
+                            None => HashMap::new(),
+                        };
+                        let mut entries = Vec::new();
+                        for (name, path) in items {
+                            let m = match std::fs::symlink_metadata(path) {
+                                Ok(m) => m,
+                                Err(e) => return Err(Error::io(path, e)),
+                            };
+                            let p = prev.remove(name.as_bytes());
+                            if let Some(e) = walker.entry(
+                                path,
+                                name.as_bytes(),
+                                name.as_bytes(),
+                                m,
+                                p.as_ref(),
+                            )? {
+                                entries.push(e);
+                            }
+                        }
+                        Ok(entries)
+                    },
+                );
+                let stream_entry = from_stream?;
+                let mut entries = from_paths?;
                 walker.resolve_hardlinks(&mut entries);
+                entries.extend(stream_entry);
                 entries.sort_by(|a, b| a.name.cmp(&b.name));
                 let t = Time(time.timestamp(), time.timestamp_subsec_nanos());
                 Entry {
@@ -270,11 +394,7 @@ pub fn ingest(
         label: opts.label.clone(),
         root,
         links: links_id,
-        sources: opts
-            .sources
-            .iter()
-            .map(|p| p.display().to_string())
-            .collect(),
+        sources,
         parent: parent.map(|m| m.name),
         stats,
         errors: skipped.iter().take(100).cloned().collect(),
@@ -366,8 +486,9 @@ enum Layout {
 }
 
 impl Layout {
-    fn of(sources: &[PathBuf]) -> Result<Layout> {
-        if sources.is_empty() {
+    /// The layout of `sources` and, beside them, `stream`; checked before anything is read.
+    fn of(sources: &[PathBuf], stream: Option<&Stream<'_>>) -> Result<Layout> {
+        if sources.is_empty() && stream.is_none() {
             return Err(Error::NoSources);
         }
         let mut metas = Vec::new();
@@ -380,7 +501,7 @@ impl Layout {
                 Err(e) => return Err(Error::io(s, e)),
             }
         }
-        if sources.len() == 1 && metas[0].is_dir() {
+        if sources.len() == 1 && metas[0].is_dir() && stream.is_none() {
             return Ok(Layout::Dir(sources[0].clone()));
         }
         let mut seen: HashMap<std::ffi::OsString, PathBuf> = HashMap::new();
@@ -400,6 +521,15 @@ impl Layout {
             }
             seen.insert(name.clone(), s.clone());
             items.push((name, s.clone()));
+        }
+        if let Some(s) = stream {
+            if let Some(first) = seen.get(OsStr::new(&s.name)) {
+                return Err(Error::NameClash {
+                    name: s.name.clone(),
+                    first: first.clone(),
+                    second: PathBuf::from(&s.origin),
+                });
+            }
         }
         Ok(Layout::Many(items))
     }
@@ -728,11 +858,7 @@ impl Walker<'_> {
                 e.size = list.size();
                 e.holes = Some(list.hole_bytes()).filter(|&h| h > 0);
                 self.count_file(e, read, false);
-                if list.0.len() > INLINE_CHUNKS {
-                    e.chunk_list = Some(self.w.store_tree(&list.encode())?);
-                } else if !list.0.is_empty() {
-                    e.chunks = Some(list);
-                }
+                self.set_chunks(e, list)?;
                 Ok(true)
             }
             Err(err) => {
@@ -742,6 +868,83 @@ impl Walker<'_> {
                 Ok(false)
             }
         }
+    }
+
+    /// Records a file's chunk list in its entry: inline if short, else as a blob of its own.
+    fn set_chunks(&self, e: &mut Entry, list: ChunkList) -> Result<()> {
+        if list.0.len() > INLINE_CHUNKS {
+            e.chunk_list = Some(self.w.store_tree(&list.encode())?);
+        } else if !list.0.is_empty() {
+            e.chunks = Some(list);
+        }
+        Ok(())
+    }
+
+    /// Reads a stream to its end and builds its file's entry. `time`: the generation's.
+    fn stream_entry(&self, s: Stream<'_>, time: &DateTime<Utc>) -> Result<Entry> {
+        let chunker = self.repo.config().chunker;
+        // A stream's length is unknown: it counts as a large file (see `read_content`).
+        let _large = self.handle.block_on(self.large.acquire()).ok();
+        let reader = Box::new(Counted {
+            inner: s.reader,
+            bytes: &self.progress.bytes,
+        });
+        let (list, read) = match read::read_stream(reader, &chunker, self.w, &self.hashers) {
+            Ok(r) => r,
+            Err(source) => {
+                // A failure of the repository side is reported as itself.
+                self.w.check()?;
+                return Err(Error::StreamRead {
+                    origin: s.origin,
+                    name: s.name,
+                    source,
+                });
+            }
+        };
+        if list.size() == 0 && !s.allow_empty {
+            return Err(Error::EmptyStream {
+                origin: s.origin,
+                name: s.name,
+            });
+        }
+        let (uid, gid) = s.owner.unwrap_or_else(|| {
+            (
+                nix::unistd::geteuid().as_raw(),
+                nix::unistd::getegid().as_raw(),
+            )
+        });
+        let at = |t: &DateTime<Utc>| Time(t.timestamp(), t.timestamp_subsec_nanos());
+        let mtime = at(s.mtime.as_ref().unwrap_or(time));
+        let mut e = Entry {
+            name: s.name.into_bytes(),
+            kind: Kind::File,
+            mode: s.mode & 0o7777,
+            uid,
+            gid,
+            user: self.names.user(uid),
+            group: self.names.group(gid),
+            mtime,
+            atime: mtime,
+            // When backtree made the file: the generation's time.
+            ctime: at(time),
+            size: list.size(),
+            ino: 0,
+            link: None,
+            rdev: None,
+            xattrs: Vec::new(),
+            tree: None,
+            target: None,
+            chunks: None,
+            chunk_list: None,
+            holes: None,
+        };
+        self.stats.files.fetch_add(1, Ordering::Relaxed);
+        self.stats.logical.fetch_add(e.size, Ordering::Relaxed);
+        self.stats.read.fetch_add(read, Ordering::Relaxed);
+        // Its bytes were counted in `progress` as they were read.
+        self.progress.files.fetch_add(1, Ordering::Relaxed);
+        self.set_chunks(&mut e, list)?;
+        Ok(e)
     }
 
     /// Counts hardlink members and fills the content of members processed (in parallel) before
@@ -778,6 +981,21 @@ impl Walker<'_> {
             refs.push(PageRef { first, id, count });
         }
         self.w.store_tree(&Tree::paged(refs).encode())
+    }
+}
+
+/// A reader that adds what it reads to a progress counter as it goes, so a long stream shows
+/// progress before it ends.
+struct Counted<'a, R> {
+    inner: R,
+    bytes: &'a AtomicU64,
+}
+
+impl<R: Read> Read for Counted<'_, R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.bytes.fetch_add(n as u64, Ordering::Relaxed);
+        Ok(n)
     }
 }
 

@@ -1,10 +1,14 @@
-//! Reading one regular file into chunks.
+//! Reading one regular file, or one stream, into chunks.
 //!
 //! Data regions are found with `lseek(SEEK_DATA/SEEK_HOLE)`, so holes of sparse files are
 //! recorded as holes and never read. Each data region is cut with FastCDC; chunks are gathered
 //! into batches of about [`BATCH_BYTES`], hashed and compressed in parallel (rayon), then
 //! appended to packs in file order (see [`read_file`] for the pipeline). Files are opened with
 //! `O_NOATIME` where permitted, so a backup does not change the source's access times.
+//!
+//! A stream that cannot seek (stdin, a pipe: [`read_stream`]) goes through the same pipeline as
+//! one data region of unknown length, read until its end: it is cut as it arrives and never held
+//! whole in memory.
 
 use super::writer::{BlobWriter, Prepared};
 use crate::config::ChunkerParams;
@@ -83,8 +87,9 @@ struct Batch {
     pieces: Vec<Piece>,
 }
 
-/// Produces a file's pieces in order, batch by batch: data regions cut by FastCDC, holes between
-/// them. Owns its file descriptors, so it can run on another thread than the compressor.
+/// Produces a file's (or a stream's) pieces in order, batch by batch: data regions cut by
+/// FastCDC, holes between them. Owns its file descriptors, so it can run on another thread than
+/// the compressor.
 ///
 /// The data of a batch is read into one buffer and cut there, so a chunk is never copied on its
 /// way to the hasher and compressor. (The `fastcdc` crate's `StreamCDC` copies every chunk out
@@ -93,34 +98,58 @@ struct Batch {
 /// buffer, or the region ends: then the cutter sees exactly what `StreamCDC` would, and the cut
 /// points are the same (tested below). The bytes after the last such chunk are carried into the
 /// next batch's buffer.
-struct Pieces {
-    file: File,
+struct Pieces<'a> {
+    /// The file whose regions are read; `None` for a stream (its only region is `current`).
+    file: Option<File>,
     regions: std::vec::IntoIter<(u64, u64)>,
-    /// The data region being read: its reader (positioned) and the bytes it has left.
-    current: Option<(File, u64)>,
+    /// The data region being read: its reader (positioned) and the bytes it has left
+    /// (`u64::MAX` for a stream: until its end).
+    current: Option<(Box<dyn Read + Send + 'a>, u64)>,
     /// Region bytes read but not yet cut.
     carry: Vec<u8>,
     chunker: ChunkerParams,
     batch_bytes: usize,
-    size: u64,
+    /// The file's size; `None` for a stream, whose length is known only at its end.
+    size: Option<u64>,
     pos: u64,
     read: u64,
     shrank: bool,
     done: bool,
 }
 
-impl Pieces {
-    fn new(file: File, size: u64, chunker: ChunkerParams, batch_bytes: usize) -> Pieces {
+impl<'a> Pieces<'a> {
+    fn new(file: File, size: u64, chunker: ChunkerParams, batch_bytes: usize) -> Pieces<'a> {
         let regions = data_regions(&file, size).into_iter();
         Pieces {
-            file,
+            file: Some(file),
             regions,
             current: None,
             carry: Vec::new(),
             chunker,
             // Room for at least one cut beyond the carried bytes.
             batch_bytes: batch_bytes.max(2 * chunker.max as usize),
-            size,
+            size: Some(size),
+            pos: 0,
+            read: 0,
+            shrank: false,
+            done: false,
+        }
+    }
+
+    /// Pieces of a stream: one data region from its first byte to its end, no holes.
+    fn stream(
+        reader: Box<dyn Read + Send + 'a>,
+        chunker: ChunkerParams,
+        batch_bytes: usize,
+    ) -> Pieces<'a> {
+        Pieces {
+            file: None,
+            regions: Vec::new().into_iter(),
+            current: Some((reader, u64::MAX)),
+            carry: Vec::new(),
+            chunker,
+            batch_bytes: batch_bytes.max(2 * chunker.max as usize),
+            size: None,
             pos: 0,
             read: 0,
             shrank: false,
@@ -131,7 +160,10 @@ impl Pieces {
     /// The next pieces, about `batch_bytes` of data; empty at the end.
     fn next_batch(&mut self) -> io::Result<Batch> {
         // A small file gets a small buffer: its data is at most what lies past `pos`.
-        let cap = (self.batch_bytes as u64).min(self.size.saturating_sub(self.pos));
+        let cap = match self.size {
+            Some(size) => (self.batch_bytes as u64).min(size.saturating_sub(self.pos)),
+            None => self.batch_bytes as u64,
+        };
         let mut out = Batch {
             buf: Vec::with_capacity(cap as usize),
             pieces: Vec::new(),
@@ -146,7 +178,7 @@ impl Pieces {
                 self.read += n;
                 *left -= n;
                 let ended = *left == 0 || n < want.min(*left + n);
-                if ended && *left > 0 {
+                if ended && *left > 0 && self.size.is_some() {
                     self.shrank = true; // the file shrank while we read it
                     self.done = true;
                 }
@@ -173,9 +205,9 @@ impl Pieces {
             }
             let Some((start, end)) = self.regions.next() else {
                 // Everything after the last data region up to the size is a hole.
-                if !self.shrank && self.pos < self.size {
-                    out.pieces.push(Piece::Hole(self.size));
-                    self.pos = self.size;
+                if let Some(size) = self.size.filter(|&s| !self.shrank && self.pos < s) {
+                    out.pieces.push(Piece::Hole(size));
+                    self.pos = size;
                 }
                 self.done = true;
                 break;
@@ -184,9 +216,14 @@ impl Pieces {
                 out.pieces.push(Piece::Hole(start));
             }
             self.pos = start;
-            let mut f = self.file.try_clone()?;
+            let Some(file) = &self.file else {
+                // A stream has no regions: it ended above.
+                self.done = true;
+                break;
+            };
+            let mut f = file.try_clone()?;
             f.seek(SeekFrom::Start(start))?;
-            self.current = Some((f, end - start));
+            self.current = Some((Box::new(f), end - start));
         }
         Ok(out)
     }
@@ -211,21 +248,39 @@ pub fn read_file(
     hashers: &rayon::ThreadPool,
 ) -> io::Result<(ChunkList, u64)> {
     let f = open_noatime(path)?;
-    let mut src = Pieces::new(f, size, *chunker, BATCH_BYTES);
+    read_pieces(Pieces::new(f, size, *chunker, BATCH_BYTES), w, hashers)
+}
+
+/// Reads, chunks and stores a stream that cannot seek (stdin, a pipe) to its end, in bounded
+/// memory, through the pipeline of [`read_file`]. Returns its chunk list (no holes) and the
+/// bytes read. The caller must treat it as a file larger than a batch (hold the walker's
+/// large-file permit): its length is not known in advance.
+pub fn read_stream(
+    reader: Box<dyn Read + Send + '_>,
+    chunker: &ChunkerParams,
+    w: &Arc<BlobWriter>,
+    hashers: &rayon::ThreadPool,
+) -> io::Result<(ChunkList, u64)> {
+    read_pieces(Pieces::stream(reader, *chunker, BATCH_BYTES), w, hashers)
+}
+
+/// The pipeline of [`read_file`] over any pieces.
+fn read_pieces(
+    mut src: Pieces<'_>,
+    w: &Arc<BlobWriter>,
+    hashers: &rayon::ThreadPool,
+) -> io::Result<(ChunkList, u64)> {
     let mut chunks: Vec<ChunkRef> = Vec::new();
     let first = src.next_batch()?;
-    if src.done {
+    // Only a file known to fit one batch is hashed with a rayon wait: a larger one (it shrank
+    // while read) or a stream holds the walker's large-file permit, and must not wait inside
+    // rayon; it goes through the pipeline below, which waits on channels only.
+    if src.done && src.size.is_some_and(|s| s <= BATCH_BYTES as u64) {
         let prep = |p: &Piece| match p {
             Piece::Data(_, r) => Some(w.prepare(&first.buf[r.clone()])),
             Piece::Hole(_) => None,
         };
-        // A file larger than a batch (it shrank while read) holds the walker's large-file
-        // permit, and must not wait inside rayon.
-        let prepared: Vec<_> = if size > BATCH_BYTES as u64 {
-            first.pieces.iter().map(prep).collect()
-        } else {
-            first.pieces.par_iter().map(prep).collect()
-        };
+        let prepared: Vec<_> = first.pieces.par_iter().map(prep).collect();
         store_batch(w, &first, prepared, &mut chunks)?;
         return Ok((ChunkList(chunks), src.read));
     }
@@ -389,6 +444,44 @@ mod tests {
             }
             assert_eq!(ends, stream, "batch size {batch}");
             assert_eq!(p.read, data.len() as u64);
+        }
+        // A stream (here one that gives at most 1000 bytes a read, as a pipe gives a few KiB)
+        // is cut at the same points, without holes, and its length is found at its end.
+        for batch in [1, 200_000, 1 << 20] {
+            let trickle = Trickle(std::io::Cursor::new(data.clone()));
+            let mut p = Pieces::stream(Box::new(trickle), chunker, batch);
+            let mut ends = Vec::new();
+            loop {
+                let b = p.next_batch().unwrap();
+                if b.pieces.is_empty() {
+                    break;
+                }
+                for piece in &b.pieces {
+                    let Piece::Data(end, r) = piece else {
+                        panic!("a hole in a stream");
+                    };
+                    assert_eq!(
+                        b.buf[r.clone()],
+                        data[(*end as usize - r.len())..*end as usize]
+                    );
+                    ends.push(*end);
+                }
+            }
+            assert_eq!(ends, stream, "stream, batch size {batch}");
+            assert_eq!(p.read, data.len() as u64);
+        }
+        let mut empty = Pieces::stream(Box::new(std::io::empty()), chunker, 1 << 20);
+        assert!(empty.next_batch().unwrap().pieces.is_empty());
+        assert!(empty.done);
+    }
+
+    /// A reader that returns at most 1000 bytes a call.
+    struct Trickle(std::io::Cursor<Vec<u8>>);
+
+    impl Read for Trickle {
+        fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+            let n = buf.len().min(1000);
+            self.0.read(&mut buf[..n])
         }
     }
 }
