@@ -220,3 +220,32 @@ impl Config {
         v
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn new_repositories_page_and_unknown_features_are_refused() {
+        let c = Config::new(true);
+        assert_eq!(c.mandatory_features, vec![crate::chunklist::FEATURE]);
+        assert_eq!(c.list_page(), Some(crate::chunklist::PAGE_CHUNKS));
+        let back = Config::parse("here", &c.to_json()).unwrap();
+        assert_eq!(back, c);
+        // A repository made before the feature: lists are written whole.
+        let mut old = c.clone();
+        old.mandatory_features.clear();
+        assert_eq!(
+            Config::parse("here", &old.to_json()).unwrap().list_page(),
+            None
+        );
+        // A feature this version does not know.
+        let mut newer = c;
+        newer.mandatory_features.push("frobnicated-v9".into());
+        let err = Config::parse("here", &newer.to_json()).unwrap_err();
+        assert!(
+            matches!(&err, Error::UnsupportedFeature { feature, .. } if feature == "frobnicated-v9"),
+            "{err:?}"
+        );
+    }
+}
