@@ -625,7 +625,11 @@ async fn read_ahead_decodes_small_files_and_whole_reads_take_them() {
     let mut ids = Vec::new();
     for ino in &files[1..] {
         let f = fs.file(*ino).await.unwrap();
-        ids.push(f.chunks.0[0].id.expect("data"));
+        ids.push(
+            f.chunks.whole().expect("inline list").0[0]
+                .id
+                .expect("data"),
+        );
     }
     for (i, id) in ids.iter().enumerate() {
         assert!(
