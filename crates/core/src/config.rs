@@ -13,8 +13,9 @@ pub const FORMAT_VERSION: u32 = 1;
 /// The store key of the config object.
 pub const CONFIG_KEY: &str = "config";
 
-/// Mandatory features this version understands (none yet; `encryption-v1` will be one).
-pub const KNOWN_FEATURES: &[&str] = &[];
+/// Mandatory features this version understands (`encryption-v1` will be one):
+/// [`crate::chunklist::FEATURE`], files whose chunk lists may be paged.
+pub const KNOWN_FEATURES: &[&str] = &[crate::chunklist::FEATURE];
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct Config {
@@ -43,6 +44,10 @@ pub struct Config {
     pub store_create_if_absent: bool,
     /// RFC 3339 creation time.
     pub created: String,
+    /// Pieces per page of a paged chunk list that writers cut (absent:
+    /// [`crate::chunklist::PAGE_CHUNKS`]). Readers do not need it; tests set it small.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub chunk_list_page: Option<u32>,
 }
 
 /// FastCDC parameters. Fixed for the life of a repository so identical content chunks the same
@@ -121,7 +126,7 @@ impl Config {
             format: "backtree".into(),
             version: FORMAT_VERSION,
             id: hex::encode(rand::random::<[u8; 32]>()),
-            mandatory_features: Vec::new(),
+            mandatory_features: vec![crate::chunklist::FEATURE.into()],
             optional_features: Vec::new(),
             chunker: ChunkerParams::default(),
             compression: Compression::default(),
@@ -130,7 +135,22 @@ impl Config {
             encryption: None,
             store_create_if_absent,
             created: chrono::Utc::now().to_rfc3339(),
+            chunk_list_page: None,
         }
+    }
+
+    /// Pieces per page of the chunk lists a writer may page; `None` (write every list whole,
+    /// as before) unless the repository lists [`crate::chunklist::FEATURE`].
+    pub fn list_page(&self) -> Option<usize> {
+        let paged = self
+            .mandatory_features
+            .iter()
+            .any(|f| f == crate::chunklist::FEATURE);
+        paged.then(|| {
+            self.chunk_list_page
+                .map_or(crate::chunklist::PAGE_CHUNKS, |p| p as usize)
+                .max(2)
+        })
     }
 
     /// Parses and checks a config object read from `location`.
@@ -198,5 +218,34 @@ impl Config {
         let mut v = serde_json::to_vec_pretty(self).unwrap_or_default();
         v.push(b'\n');
         v
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn new_repositories_page_and_unknown_features_are_refused() {
+        let c = Config::new(true);
+        assert_eq!(c.mandatory_features, vec![crate::chunklist::FEATURE]);
+        assert_eq!(c.list_page(), Some(crate::chunklist::PAGE_CHUNKS));
+        let back = Config::parse("here", &c.to_json()).unwrap();
+        assert_eq!(back, c);
+        // A repository made before the feature: lists are written whole.
+        let mut old = c.clone();
+        old.mandatory_features.clear();
+        assert_eq!(
+            Config::parse("here", &old.to_json()).unwrap().list_page(),
+            None
+        );
+        // A feature this version does not know.
+        let mut newer = c;
+        newer.mandatory_features.push("frobnicated-v9".into());
+        let err = Config::parse("here", &newer.to_json()).unwrap_err();
+        assert!(
+            matches!(&err, Error::UnsupportedFeature { feature, .. } if feature == "frobnicated-v9"),
+            "{err:?}"
+        );
     }
 }

@@ -6,6 +6,7 @@
 //! Nothing is read before it is needed, so opening a repository costs one small GET.
 
 use crate::blob;
+use crate::chunklist::FileChunks;
 use crate::config::{Config, CONFIG_KEY};
 use crate::error::{Error, Result};
 use crate::id::{BlobKind, Id};
@@ -15,6 +16,7 @@ use crate::tree::{decode_links, ChunkList, Entry, Kind, Tree};
 use backtree_store::DynStore;
 use bytes::Bytes;
 use std::collections::HashMap;
+use std::sync::Arc;
 
 /// An open repository. Share it behind an `Arc`; every method takes `&self`.
 #[derive(Debug)]
@@ -209,33 +211,82 @@ impl Repository {
         Ok(cur)
     }
 
-    /// A file entry's chunk list, loading it if it is stored separately.
+    /// A file entry's whole chunk list, loading it if it is stored separately, every page of
+    /// it if it is paged. Readers of one range use [`Repository::file_chunks`] instead.
     pub async fn chunk_list(&self, e: &Entry) -> Result<ChunkList> {
         if let Some(c) = &e.chunks {
             return Ok(c.clone());
         }
+        self.file_chunks(e).await?.collect(self).await
+    }
+
+    /// A file entry's chunk list for reading ranges: an inline list without a fetch, a
+    /// chunk-list blob with one, and of a paged list only its root (pages are fetched as
+    /// [`FileChunks::page_at`] needs them).
+    pub async fn file_chunks(&self, e: &Entry) -> Result<FileChunks> {
+        if let Some(c) = &e.chunks {
+            return Ok(FileChunks::Whole(Arc::new(c.clone())));
+        }
         match &e.chunk_list {
             Some(id) => {
                 let raw = self.read_blob(id).await?;
-                ChunkList::decode(&format!("chunk list {id}"), &raw)
+                FileChunks::from_blob(id, &raw, e.holes)
             }
-            None => Ok(ChunkList::default()),
+            None => Ok(FileChunks::Whole(Arc::new(ChunkList::default()))),
         }
     }
 
-    /// Reads `len` bytes at `offset` of a file, holes as zeros. Short at end of file.
-    pub async fn read_range(&self, chunks: &ChunkList, offset: u64, len: u64) -> Result<Vec<u8>> {
+    /// Reads `len` bytes at `offset` of a file, holes as zeros, short at end of file, fetching
+    /// only the pages of a paged list that cover the range.
+    pub async fn read_file_range(
+        &self,
+        chunks: &FileChunks,
+        offset: u64,
+        len: u64,
+    ) -> Result<Vec<u8>> {
         let size = chunks.size();
         let end = offset.saturating_add(len).min(size);
         let mut out = Vec::with_capacity(end.saturating_sub(offset) as usize);
         let mut pos = offset;
         while pos < end {
-            let i = chunks
-                .find(pos)
+            let page = chunks
+                .page_at(self, pos)
+                .await?
                 .ok_or(Error::OffsetPastEnd { offset: pos, size })?;
-            let (cs, ce) = (chunks.start(i), chunks.0[i].end);
+            pos = self
+                .read_page(page.first_start, &page.list, pos, end, &mut out)
+                .await?;
+        }
+        Ok(out)
+    }
+
+    /// Appends `pos..` up to `end` or the page's end to `out`; returns where it stopped.
+    /// (`list`: the page's pieces, the first starting at `first_start`).
+    async fn read_page(
+        &self,
+        first_start: u64,
+        list: &ChunkList,
+        mut pos: u64,
+        end: u64,
+        out: &mut Vec<u8>,
+    ) -> Result<u64> {
+        let end = end.min(list.size());
+        while pos < end {
+            let i = list
+                .find(pos)
+                .filter(|_| pos >= first_start)
+                .ok_or(Error::OffsetPastEnd {
+                    offset: pos,
+                    size: list.size(),
+                })?;
+            let cs = if i == 0 {
+                first_start
+            } else {
+                list.0[i - 1].end
+            };
+            let ce = list.0[i].end;
             let take_end = ce.min(end);
-            match &chunks.0[i].id {
+            match &list.0[i].id {
                 None => out.resize(out.len() + (take_end - pos) as usize, 0),
                 Some(id) => {
                     let data = self.read_blob(id).await?;
@@ -249,6 +300,18 @@ impl Repository {
                 }
             }
             pos = take_end;
+        }
+        Ok(pos)
+    }
+
+    /// Reads `len` bytes at `offset` of a file whose whole chunk list is at hand, holes as
+    /// zeros. Short at end of file.
+    pub async fn read_range(&self, chunks: &ChunkList, offset: u64, len: u64) -> Result<Vec<u8>> {
+        let size = chunks.size();
+        let end = offset.saturating_add(len).min(size);
+        let mut out = Vec::with_capacity(end.saturating_sub(offset) as usize);
+        if offset < end {
+            self.read_page(0, chunks, offset, end, &mut out).await?;
         }
         Ok(out)
     }

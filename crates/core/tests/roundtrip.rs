@@ -715,3 +715,145 @@ async fn stream_errors_commit_nothing() {
     assert_eq!(e.size, 0);
     assert_eq!(r.manifest.stats.files, 1);
 }
+
+/// Tiny chunks and pages of 4 pieces, so a few hundred KB make hundreds of pages under several
+/// index levels; `paged`: whether the repository has the `paged-chunk-lists` feature.
+fn tiny_config(paged: bool) -> Config {
+    let mut c = Config::new(true);
+    c.chunker = ChunkerParams {
+        min: 64,
+        avg: 256,
+        max: 1024,
+        ..ChunkerParams::default()
+    };
+    c.chunk_list_page = Some(4);
+    if !paged {
+        c.mandatory_features.clear();
+    }
+    c
+}
+
+/// A sparse file: data, a hole, data, a hole, data (holes only where the filesystem keeps them).
+fn write_sparse(path: &Path) -> Vec<u8> {
+    use std::io::{Seek, SeekFrom, Write};
+    let mut data = vec![0u8; 1 << 20];
+    for (i, at) in [0usize, 400 << 10, 900 << 10].into_iter().enumerate() {
+        let part = backtree_core::testing::random_bytes(40 + i as u64, 100 << 10);
+        data[at..at + part.len()].copy_from_slice(&part);
+    }
+    let mut f = std::fs::File::create(path).unwrap();
+    f.set_len(data.len() as u64).unwrap();
+    for at in [0usize, 400 << 10, 900 << 10] {
+        f.seek(SeekFrom::Start(at as u64)).unwrap();
+        f.write_all(&data[at..at + (100 << 10)]).unwrap();
+    }
+    data
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn paged_chunk_lists_read_every_range_and_old_repositories_stay_whole() {
+    use backtree_core::chunklist::{decode_index, is_index, FileChunks};
+    let dir = tempfile::tempdir().unwrap();
+    let src = dir.path().join("src");
+    std::fs::create_dir_all(&src).unwrap();
+    let dense = backtree_core::testing::random_bytes(7, 300 << 10);
+    std::fs::write(src.join("dense.bin"), &dense).unwrap();
+    let sparse = write_sparse(&src.join("sparse.img"));
+    for paged in [true, false] {
+        let store: DynStore = Arc::new(MemoryStore::new());
+        let repo = Arc::new(
+            Repository::init_with(store, tiny_config(paged))
+                .await
+                .unwrap(),
+        );
+        let r = run(&repo, opts("h", &src)).await.unwrap();
+        assert!(r.skipped.is_empty(), "skipped: {:?}", r.skipped);
+        let diffs = compare(&repo, "h", &r.manifest.name, &src).await;
+        assert!(diffs.is_empty(), "differences: {diffs:#?}");
+        let root = r.manifest.root.tree.unwrap();
+        for (name, data) in [(&b"dense.bin"[..], &dense), (b"sparse.img", &sparse)] {
+            let e = repo.resolve(&root, name).await.unwrap().unwrap();
+            let list_id = e.chunk_list.expect("a long list is not inline");
+            let raw = repo.read_blob(&list_id).await.unwrap();
+            assert_eq!(is_index(&raw), paged, "paged only with the feature");
+            if paged {
+                let (level, records) = decode_index("root", &raw).unwrap();
+                assert!(level >= 3, "several index levels: {level}");
+                assert!(records.len() <= 4);
+            }
+            let whole = repo.chunk_list(&e).await.unwrap();
+            assert!(whole.0.len() > 300, "{} pieces", whole.0.len());
+            let file = repo.file_chunks(&e).await.unwrap();
+            assert_eq!(matches!(file, FileChunks::Paged(_)), paged);
+            assert_eq!(file.size(), data.len() as u64);
+            // Every byte through ranges of several lengths, and each piece's edges.
+            for len in [1u64, 777, 4096, 65_536] {
+                let mut off = 0;
+                while off < data.len() as u64 {
+                    let got = repo.read_file_range(&file, off, len).await.unwrap();
+                    let end = ((off + len) as usize).min(data.len());
+                    assert_eq!(got, &data[off as usize..end], "{paged} range {off}+{len}");
+                    off += if len == 1 { 1009 } else { len };
+                }
+            }
+            for i in (0..whole.0.len()).step_by(7) {
+                let (s, e) = (whole.start(i), whole.0[i].end);
+                let from = s.saturating_sub(3);
+                let got = repo.read_file_range(&file, from, e + 3 - from).await;
+                let end = (e as usize + 3).min(data.len());
+                assert_eq!(got.unwrap(), &data[from as usize..end]);
+                let (c, start) = file.locate(&repo, s).await.unwrap().unwrap();
+                assert_eq!((c, start), (whole.0[i], s));
+            }
+            assert!(file
+                .locate(&repo, data.len() as u64)
+                .await
+                .unwrap()
+                .is_none());
+            // lseek agrees with the whole list's, from every piece's start and middle.
+            for i in 0..whole.0.len() {
+                for o in [whole.start(i), (whole.start(i) + whole.0[i].end) / 2] {
+                    for want in [true, false] {
+                        let got = file.seek(&repo, o, want).await.unwrap();
+                        assert_eq!(got, whole.seek(o, want), "seek {o} data={want}");
+                    }
+                }
+            }
+            let size = data.len() as u64;
+            assert_eq!(file.seek(&repo, size, false).await.unwrap(), Some(size));
+            assert_eq!(file.seek(&repo, size, true).await.unwrap(), None);
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_paged_stream_keeps_bounded_pages() {
+    use backtree_core::chunklist::{decode_index, is_index};
+    let store: DynStore = Arc::new(MemoryStore::new());
+    let repo = Arc::new(
+        Repository::init_with(store, tiny_config(true))
+            .await
+            .unwrap(),
+    );
+    let data = backtree_core::testing::random_bytes(11, 200 << 10);
+    let stream = ingest::Stream::new("s.bin", "stdin", piped(data.clone()));
+    let r = run_stream(&repo, no_sources("h"), stream).await.unwrap();
+    let root = r.manifest.root.tree.unwrap();
+    let e = repo.resolve(&root, b"s.bin").await.unwrap().unwrap();
+    // Every node of the tree holds at most a page of records.
+    let mut todo = vec![e.chunk_list.unwrap()];
+    let mut nodes = 0;
+    while let Some(id) = todo.pop() {
+        nodes += 1;
+        let raw = repo.read_blob(&id).await.unwrap();
+        if is_index(&raw) {
+            let (_, records) = decode_index("t", &raw).unwrap();
+            assert!(records.len() <= 4);
+            todo.extend(records.iter().map(|r| r.1));
+        } else {
+            assert!(raw.len() <= 4 * 41);
+        }
+    }
+    assert!(nodes > 100, "{nodes} nodes");
+    assert_eq!(read_whole(&repo, &root, b"s.bin").await, data);
+}

@@ -29,6 +29,7 @@ pub mod writer;
 
 pub use meta::{kind_of as meta_kind, xattrs as meta_xattrs};
 
+use crate::chunklist::WrittenList;
 use crate::claim;
 use crate::error::{Error, Result};
 use crate::id::Id;
@@ -248,14 +249,17 @@ pub fn ingest_with(
     let known = handle.block_on(load_all_ids(&store))?;
     let parent = handle.block_on(previous(repo, &opts.host));
     let cfg = repo.config();
-    let w = Arc::new(BlobWriter::new(
-        store.clone(),
-        handle.clone(),
-        cfg.compression.level,
-        cfg.pack_size as usize,
-        known,
-        opts.checkpoint_bytes.unwrap_or(writer::CHECKPOINT_BYTES),
-    ));
+    let w = Arc::new(
+        BlobWriter::new(
+            store.clone(),
+            handle.clone(),
+            cfg.compression.level,
+            cfg.pack_size as usize,
+            known,
+            opts.checkpoint_bytes.unwrap_or(writer::CHECKPOINT_BYTES),
+        )
+        .with_list_page(cfg.list_page()),
+    );
     let walker = Walker {
         repo,
         handle,
@@ -870,8 +874,16 @@ impl Walker<'_> {
         }
     }
 
-    /// Records a file's chunk list in its entry: inline if short, else as a blob of its own.
-    fn set_chunks(&self, e: &mut Entry, list: ChunkList) -> Result<()> {
+    /// Records a file's chunk list in its entry: inline if short, else as a blob of its own
+    /// (a paged list's pages are stored already: the entry names its root).
+    fn set_chunks(&self, e: &mut Entry, list: WrittenList) -> Result<()> {
+        let list = match list {
+            WrittenList::Paged { root, .. } => {
+                e.chunk_list = Some(root);
+                return Ok(());
+            }
+            WrittenList::Whole(list) => list,
+        };
         if list.0.len() > INLINE_CHUNKS {
             e.chunk_list = Some(self.w.store_tree(&list.encode())?);
         } else if !list.0.is_empty() {

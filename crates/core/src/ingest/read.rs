@@ -11,9 +11,10 @@
 //! whole in memory.
 
 use super::writer::{BlobWriter, Prepared};
+use crate::chunklist::{ListBuilder, WrittenList};
 use crate::config::ChunkerParams;
 use crate::id::BlobKind;
-use crate::tree::{ChunkList, ChunkRef};
+use crate::tree::ChunkRef;
 use rayon::prelude::*;
 use std::fs::File;
 use std::io::{self, Read, Seek, SeekFrom};
@@ -229,7 +230,8 @@ impl<'a> Pieces<'a> {
     }
 }
 
-/// Reads, chunks and stores a file. Returns its chunk list and the bytes read.
+/// Reads, chunks and stores a file. Returns its chunk list and the bytes read. A long list is
+/// paged as it is built (see [`crate::chunklist`]): full pages are stored as they fill.
 ///
 /// A file of one batch (almost every file) is hashed and compressed in parallel on the calling
 /// thread's pool and appended. A larger file is pipelined: each batch's chunks are handed to
@@ -246,7 +248,7 @@ pub fn read_file(
     chunker: &ChunkerParams,
     w: &Arc<BlobWriter>,
     hashers: &rayon::ThreadPool,
-) -> io::Result<(ChunkList, u64)> {
+) -> io::Result<(WrittenList, u64)> {
     let f = open_noatime(path)?;
     read_pieces(Pieces::new(f, size, *chunker, BATCH_BYTES), w, hashers)
 }
@@ -260,7 +262,7 @@ pub fn read_stream(
     chunker: &ChunkerParams,
     w: &Arc<BlobWriter>,
     hashers: &rayon::ThreadPool,
-) -> io::Result<(ChunkList, u64)> {
+) -> io::Result<(WrittenList, u64)> {
     read_pieces(Pieces::stream(reader, *chunker, BATCH_BYTES), w, hashers)
 }
 
@@ -269,8 +271,8 @@ fn read_pieces(
     mut src: Pieces<'_>,
     w: &Arc<BlobWriter>,
     hashers: &rayon::ThreadPool,
-) -> io::Result<(ChunkList, u64)> {
-    let mut chunks: Vec<ChunkRef> = Vec::new();
+) -> io::Result<(WrittenList, u64)> {
+    let mut chunks = w.list_builder();
     let first = src.next_batch()?;
     // Only a file known to fit one batch is hashed with a rayon wait: a larger one (it shrank
     // while read) or a stream holds the walker's large-file permit, and must not wait inside
@@ -282,7 +284,7 @@ fn read_pieces(
         };
         let prepared: Vec<_> = first.pieces.par_iter().map(prep).collect();
         store_batch(w, &first, prepared, &mut chunks)?;
-        return Ok((ChunkList(chunks), src.read));
+        return Ok((finish(w, chunks)?, src.read));
     }
     // The hashing jobs own what they use (`spawn`, not a scope), so this thread waits on its
     // channels only: a rayon wait here could run other walk work and deadlock (see the walker).
@@ -324,7 +326,14 @@ fn read_pieces(
         }
         batch = src.next_batch()?;
     }
-    Ok((ChunkList(chunks), src.read))
+    Ok((finish(w, chunks)?, src.read))
+}
+
+/// The finished list of a file, its last page and index blobs stored.
+fn finish(w: &BlobWriter, chunks: ListBuilder) -> io::Result<WrittenList> {
+    chunks
+        .finish(&mut |b: &[u8]| w.store_tree(b))
+        .map_err(io::Error::other)
 }
 
 /// A chunk prepared by the pool: its index in the batch and the result.
@@ -335,7 +344,7 @@ fn store_batch(
     w: &BlobWriter,
     batch: &Batch,
     prepared: Vec<Option<Prepared>>,
-    chunks: &mut Vec<ChunkRef>,
+    chunks: &mut ListBuilder,
 ) -> io::Result<()> {
     let new: Vec<_> = prepared.iter().flatten().collect();
     w.append_refs(BlobKind::Data, &new)
@@ -343,8 +352,9 @@ fn store_batch(
     // Within large files and big directories too: after a crash or a store outage, at most
     // a checkpoint's worth of uploads is redone.
     w.maybe_checkpoint().map_err(io::Error::other)?;
+    let mut store = |b: &[u8]| w.store_tree(b);
     for (piece, p) in batch.pieces.iter().zip(&prepared) {
-        chunks.push(match (piece, p) {
+        let c = match (piece, p) {
             (Piece::Data(end, _), Some(p)) => ChunkRef {
                 end: *end,
                 id: Some(p.id),
@@ -353,7 +363,8 @@ fn store_batch(
                 end: *end,
                 id: None,
             },
-        });
+        };
+        chunks.push(c, &mut store).map_err(io::Error::other)?;
     }
     Ok(())
 }

@@ -78,6 +78,8 @@ pub struct BlobWriter {
     failure: Arc<Mutex<Option<Error>>>,
     checkpoint_bytes: u64,
     checkpointing: Mutex<()>,
+    /// Pieces per chunk-list page (`Config::list_page`); `None`: lists are written whole.
+    list_page: Option<usize>,
     pub stats: Arc<WriterStats>,
 }
 
@@ -106,8 +108,20 @@ impl BlobWriter {
             failure: Arc::new(Mutex::new(None)),
             checkpoint_bytes,
             checkpointing: Mutex::new(()),
+            list_page: None,
             stats: Arc::new(WriterStats::default()),
         }
+    }
+
+    /// Sets the pieces per page of the chunk lists written (`None`: whole lists).
+    pub fn with_list_page(mut self, page: Option<usize>) -> Self {
+        self.list_page = page;
+        self
+    }
+
+    /// A builder for one file's chunk list, paging as this writer's repository allows.
+    pub fn list_builder(&self) -> crate::chunklist::ListBuilder {
+        crate::chunklist::ListBuilder::new(self.list_page)
     }
 
     /// Whether the repository (before this session, or through this session) has the blob.

@@ -39,6 +39,7 @@ pub use readahead::{FIRST_WINDOW, MAX_WINDOW};
 
 use crate::cache::ChunkCache;
 use crate::packwin::PackReader;
+use backtree_core::chunklist::FileChunks;
 use backtree_core::Repository;
 use bytes::Bytes;
 use chunks::Chunks;
@@ -308,9 +309,10 @@ impl BacktreeFs {
             return Ok(f);
         }
         let (gen, path, entry) = file_node(self.resolve(ino).await?)?;
+        // Inline lists without a fetch; of a paged list only the root is read here.
         let chunks = match &entry.chunks {
-            Some(c) => c.clone(),
-            None => self.repo.chunk_list(&entry).await.map_err(|e| {
+            Some(c) => FileChunks::Whole(Arc::new(c.clone())),
+            None => self.repo.file_chunks(&entry).await.map_err(|e| {
                 self.failures
                     .fail(format!("{}: chunk list", gen.describe(&path)), e)
             })?,
@@ -329,13 +331,15 @@ impl BacktreeFs {
     pub async fn read(&self, ino: u64, offset: u64, size: u32) -> Result<Bytes> {
         let h = self.file(ino).await?;
         let end = offset.saturating_add(size as u64).min(h.chunks.size());
-        self.read_ahead.read(&h.streams, &h.chunks, offset, end);
-        read::read(&h, &self.chunks, &self.failures, offset, end).await
+        self.read_ahead
+            .read(&h.streams, &h.chunks, &self.repo, offset, end);
+        read::read(&h, &self.repo, &self.chunks, &self.failures, offset, end).await
     }
 
     /// `lseek` with SEEK_DATA (3) or SEEK_HOLE (4).
     pub async fn lseek(&self, ino: u64, offset: i64, whence: i32) -> Result<i64> {
-        read::seek(&*self.file(ino).await?, offset, whence)
+        let h = self.file(ino).await?;
+        read::seek(&h, &self.repo, &self.failures, offset, whence).await
     }
 
     pub fn statfs(&self) -> (u64, u64, u32) {

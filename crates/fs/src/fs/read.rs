@@ -6,14 +6,20 @@
 //! after its state was dropped gets it again from its entry or from the store. A read finds
 //! its first chunk by binary search over the chunk list's end offsets, takes each chunk from
 //! [`Chunks`] and copies the requested bytes; holes read as zeros.
+//!
+//! A paged chunk list ([`backtree_core::chunklist`]) is never loaded whole: the read state holds
+//! its root, the list keeps the few pages and index nodes last used, and a read asks it for the
+//! page covering each offset (a binary search per level, fetching only nodes not at hand). An
+//! inline list or a single chunk-list blob is one page that is always at hand.
 
 use super::chunks::Chunks;
 use super::error::{lock, Failures, FsError, Result};
 use super::inodes::{EntryRef, Node};
 use super::namespace::GenCtx;
 use super::readahead::Streams;
-use backtree_core::tree::{ChunkList, Kind};
-use backtree_core::Error;
+use backtree_core::chunklist::{FileChunks, Page};
+use backtree_core::tree::Kind;
+use backtree_core::{Error, Repository};
 use bytes::Bytes;
 use lru::LruCache;
 use std::num::NonZeroUsize;
@@ -26,7 +32,7 @@ const OPEN_FILES: usize = 256;
 pub(super) struct OpenFile {
     pub(super) gen: Arc<GenCtx>,
     pub(super) path: Arc<[u8]>,
-    pub(super) chunks: Arc<ChunkList>,
+    pub(super) chunks: FileChunks,
     pub(super) streams: Streams,
 }
 
@@ -52,12 +58,12 @@ impl Files {
         ino: u64,
         gen: Arc<GenCtx>,
         path: Arc<[u8]>,
-        chunks: ChunkList,
+        chunks: FileChunks,
     ) -> Arc<OpenFile> {
         let f = Arc::new(OpenFile {
             gen,
             path,
-            chunks: Arc::new(chunks),
+            chunks,
             streams: Streams::default(),
         });
         lock(&self.open).put(ino, f.clone());
@@ -84,23 +90,35 @@ pub(super) fn file_node(
 /// Reads `offset..end` of the file `h` (`end` within the file).
 pub(super) async fn read(
     h: &OpenFile,
+    repo: &Repository,
     chunks: &Chunks,
     failures: &Failures,
     offset: u64,
     end: u64,
 ) -> Result<Bytes> {
-    let list = &h.chunks;
+    let what = || h.gen.describe(&h.path);
     let mut parts: Vec<Bytes> = Vec::new();
     let mut pos = offset;
+    let mut page: Option<Page> = None;
     while pos < end {
+        let list = match page.take().filter(|p| p.covers(pos)) {
+            Some(p) => p,
+            None => h
+                .chunks
+                .page_at(repo, pos)
+                .await
+                .map_err(|e| failures.fail(format!("{}: chunk list", what()), e))?
+                .ok_or(FsError::Invalid)?,
+        };
         let i = list.find(pos).ok_or(FsError::Invalid)?;
-        let (cs, ce) = (list.start(i), list.0[i].end);
+        let (cs, ce) = (list.start(i), list.list.0[i].end);
         let take = ce.min(end);
-        parts.push(match &list.0[i].id {
+        let id = list.list.0[i].id;
+        page = Some(list);
+        parts.push(match &id {
             None => zeros((take - pos) as usize),
             Some(id) => {
                 let whole = pos == cs && take == ce;
-                let what = || h.gen.describe(&h.path);
                 let data = chunks
                     .get(id, whole)
                     .await
@@ -120,8 +138,14 @@ pub(super) async fn read(
     Ok(concat(parts))
 }
 
-/// `lseek` with SEEK_DATA or SEEK_HOLE.
-pub(super) fn seek(h: &OpenFile, offset: i64, whence: i32) -> Result<i64> {
+/// `lseek` with SEEK_DATA or SEEK_HOLE (over a paged list, page by page).
+pub(super) async fn seek(
+    h: &OpenFile,
+    repo: &Repository,
+    failures: &Failures,
+    offset: i64,
+    whence: i32,
+) -> Result<i64> {
     if offset < 0 {
         return Err(FsError::Invalid);
     }
@@ -131,7 +155,9 @@ pub(super) fn seek(h: &OpenFile, offset: i64, whence: i32) -> Result<i64> {
         _ => return Err(FsError::Invalid),
     };
     h.chunks
-        .seek(offset as u64, data)
+        .seek(repo, offset as u64, data)
+        .await
+        .map_err(|e| failures.fail(format!("{}: chunk list", h.gen.describe(&h.path)), e))?
         .map(|o| o as i64)
         .ok_or(FsError::NoXio)
 }

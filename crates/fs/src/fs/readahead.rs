@@ -34,8 +34,10 @@
 use super::chunks::Chunks;
 use super::error::lock;
 use super::inodes::EntryRef;
-use backtree_core::tree::{ChunkList, Entry, Kind, Tree};
+use backtree_core::chunklist::FileChunks;
+use backtree_core::tree::{Entry, Kind, Tree};
 use backtree_core::Id;
+use backtree_core::Repository;
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -127,7 +129,16 @@ impl ReadAhead {
     /// Policy 1: a read of `offset..end` of a file with chunk list `list` and streams
     /// `streams`. A read that continues a stream grows its window and prefetches it; any other
     /// read starts a new stream (replacing the least recently used) and prefetches nothing.
-    pub(super) fn read(&self, streams: &Streams, list: &ChunkList, offset: u64, end: u64) {
+    /// A paged list's pieces in the window are found by a background task that fetches the
+    /// pages it needs (the next page ahead of the reader, usually) through the list's own cache.
+    pub(super) fn read(
+        &self,
+        streams: &Streams,
+        file: &FileChunks,
+        repo: &Arc<Repository>,
+        offset: u64,
+        end: u64,
+    ) {
         let now = self.reads.fetch_add(1, Ordering::Relaxed);
         let (from, to) = {
             let mut streams = lock(&streams.0);
@@ -166,7 +177,7 @@ impl ReadAhead {
             .min(MAX_WINDOW)
             .min(self.budget.window);
             s.next = s.next.max(end);
-            let target = end.saturating_add(s.window).min(list.size());
+            let target = end.saturating_add(s.window).min(file.size());
             let from = s.prefetched_to.max(end);
             if target <= from {
                 return;
@@ -175,6 +186,31 @@ impl ReadAhead {
             (from, target)
         };
         let Some(rt) = &self.rt else { return };
+        let list = match file {
+            FileChunks::Whole(list) => list,
+            FileChunks::Paged(_) => {
+                let (file, repo, chunks, rt2) =
+                    (file.clone(), repo.clone(), self.chunks.clone(), rt.clone());
+                rt.spawn(async move {
+                    let mut pos = from;
+                    while pos < to {
+                        // A page that fails is reported by the read that needs it.
+                        let Ok(Some(page)) = file.page_at(&repo, pos).await else {
+                            return;
+                        };
+                        let Some(mut i) = page.find(pos) else { return };
+                        while i < page.list.0.len() && page.start(i) < to {
+                            if let Some(id) = page.list.0[i].id {
+                                chunks.fetch_in_background(&rt2, id);
+                            }
+                            i += 1;
+                        }
+                        pos = page.end();
+                    }
+                });
+                return;
+            }
+        };
         let Some(mut i) = list.find(from) else { return };
         while i < list.0.len() && list.start(i) < to {
             if let Some(id) = list.0[i].id {

@@ -625,7 +625,11 @@ async fn read_ahead_decodes_small_files_and_whole_reads_take_them() {
     let mut ids = Vec::new();
     for ino in &files[1..] {
         let f = fs.file(*ino).await.unwrap();
-        ids.push(f.chunks.0[0].id.expect("data"));
+        ids.push(
+            f.chunks.whole().expect("inline list").0[0]
+                .id
+                .expect("data"),
+        );
     }
     for (i, id) in ids.iter().enumerate() {
         assert!(
@@ -643,4 +647,109 @@ async fn read_ahead_decodes_small_files_and_whole_reads_take_them() {
             i + 1
         );
     }
+}
+
+/// A file whose chunk list is paged (tiny chunks, pages of 4 pieces: several index levels) reads
+/// byte-exact at every offset, holes included; lseek works; a corrupt page is EIO naming it,
+/// only for the offsets it covers, and other files still read.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn paged_chunk_lists_read_seek_and_fail_alone() {
+    use backtree_core::chunklist::{decode_index, is_index};
+    use backtree_core::config::{ChunkerParams, Config};
+    use std::io::{Seek, SeekFrom, Write};
+    let dir = tempfile::tempdir().unwrap();
+    let src = dir.path().join("src");
+    std::fs::create_dir_all(&src).unwrap();
+    let mut data = vec![0u8; 1 << 20];
+    let mut f = std::fs::File::create(src.join("sparse.img")).unwrap();
+    f.set_len(data.len() as u64).unwrap();
+    for (i, at) in [0usize, 400 << 10, 900 << 10].into_iter().enumerate() {
+        let part = random_bytes(60 + i as u64, 100 << 10);
+        data[at..at + part.len()].copy_from_slice(&part);
+        f.seek(SeekFrom::Start(at as u64)).unwrap();
+        f.write_all(&part).unwrap();
+    }
+    drop(f);
+    std::fs::write(src.join("small.txt"), b"hello\n").unwrap();
+    let mut c = Config::new(true);
+    c.chunker = ChunkerParams {
+        min: 64,
+        avg: 256,
+        max: 1024,
+        ..ChunkerParams::default()
+    };
+    c.chunk_list_page = Some(4);
+    let mem = Arc::new(MemoryStore::new());
+    let store: DynStore = mem.clone();
+    let repo = Arc::new(Repository::init_with(store, c).await.unwrap());
+    let (r, s) = (repo.clone(), src.clone());
+    let h = tokio::runtime::Handle::current();
+    let report = tokio::task::spawn_blocking(move || {
+        let o = IngestOptions {
+            host: "h".into(),
+            sources: vec![s],
+            ..Default::default()
+        };
+        ingest::ingest(&r, &h, &o, &Progress::default(), &|_| {}).unwrap()
+    })
+    .await
+    .unwrap();
+    let new_fs = || Arc::new(BacktreeFs::new(repo.clone(), FsOptions::default()));
+    let fs = &new_fs();
+    let gen = latest_gen(fs).await;
+    let (ino, attr) = walk(fs, &format!("h/{gen}/sparse.img")).await.unwrap();
+    assert_eq!(attr.size, data.len() as u64);
+    assert_eq!(read_all(fs, ino, attr.size).await.unwrap(), data);
+    for (off, len) in [
+        (0u64, 1u32),
+        (409_500, 9_000),
+        (1_048_000, 4096),
+        (300_000, 200_000),
+    ] {
+        let got = fs.read(ino, off, len).await.unwrap();
+        let end = ((off + len as u64) as usize).min(data.len());
+        assert_eq!(&got[..], &data[off as usize..end], "{off}+{len}");
+    }
+    let whole = {
+        let root = report.manifest.root.tree.unwrap();
+        let e = repo.resolve(&root, b"sparse.img").await.unwrap().unwrap();
+        repo.chunk_list(&e).await.unwrap()
+    };
+    for o in [0i64, 50_000, 102_400, 200_000, 409_600, 600_000, 1 << 20] {
+        for (w, data) in [(libc::SEEK_DATA, true), (libc::SEEK_HOLE, false)] {
+            let want = whole.seek(o as u64, data).map(|v| v as i64);
+            match fs.lseek(ino, o, w).await {
+                Ok(v) => assert_eq!(Some(v), want, "lseek {o} {w}"),
+                Err(FsError::NoXio) => assert_eq!(want, None, "lseek {o} {w}"),
+                Err(e) => panic!("lseek {o}: {e:?}"),
+            }
+        }
+    }
+
+    // Corrupt the page holding offset 950 000: reads there fail naming the page, others work.
+    let root = report.manifest.root.tree.unwrap();
+    let e = repo.resolve(&root, b"sparse.img").await.unwrap().unwrap();
+    let mut id = e.chunk_list.unwrap();
+    loop {
+        let raw = repo.read_blob(&id).await.unwrap();
+        if !is_index(&raw) {
+            break;
+        }
+        let (_, records) = decode_index("t", &raw).unwrap();
+        id = records[records.partition_point(|r| r.0 <= 950_000)].1;
+    }
+    let loc = repo.locate(&id).await.unwrap();
+    let mut b = mem.get(&loc.pack_key()).await.unwrap().to_vec();
+    b[(loc.offset + loc.stored_len / 2) as usize] ^= 0xff;
+    mem.tamper(&loc.pack_key(), b.into());
+    let fs = &new_fs();
+    let (ino, _) = walk(fs, &format!("h/{gen}/sparse.img")).await.unwrap();
+    let err = fs.read(ino, 950_000, 100).await.unwrap_err();
+    assert!(
+        matches!(err, FsError::Io { .. } if err.to_string().contains(&id.to_string())),
+        "{err:?}"
+    );
+    assert_eq!(&fs.read(ino, 10, 100).await.unwrap()[..], &data[10..110]);
+    let (small, sa) = walk(fs, &format!("h/{gen}/small.txt")).await.unwrap();
+    assert_eq!(read_all(fs, small, sa.size).await.unwrap(), b"hello\n");
 }
