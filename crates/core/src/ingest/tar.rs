@@ -70,6 +70,71 @@ impl std::fmt::Debug for TarSource<'_> {
 /// Members deeper than this are left out: the tree is written recursively.
 const MAX_DEPTH: usize = 4096;
 
+/// What extension headers said about the next member.
+#[derive(Default)]
+struct Extensions {
+    /// PAX records, in order.
+    pax: Vec<(String, Vec<u8>)>,
+    long_name: Option<Vec<u8>>,
+    long_link: Option<Vec<u8>>,
+}
+
+/// The data of an extension header (at most 1 MiB).
+fn read_small<R: Read>(
+    m: &mut ::tar::Entry<'_, R>,
+    fail: &dyn Fn(String) -> Error,
+) -> Result<Vec<u8>> {
+    let size = m.size();
+    if size > 1 << 20 {
+        return Err(fail(format!("an extension header of {size} bytes")));
+    }
+    let mut data = Vec::with_capacity(size as usize);
+    m.read_to_end(&mut data)
+        .map_err(|e| fail(format!("extension header: {e}")))?;
+    if (data.len() as u64) < size {
+        return Err(fail("an extension header is cut short: truncated".into()));
+    }
+    Ok(data)
+}
+
+fn trim_nul(mut v: Vec<u8>) -> Vec<u8> {
+    while v.last() == Some(&0) {
+        v.pop();
+    }
+    v
+}
+
+/// Parses PAX extended header records (`LEN KEY=VALUE\n`, LEN counting the whole record), so
+/// values may hold newlines.
+pub fn parse_pax(mut data: &[u8]) -> std::result::Result<Vec<(String, Vec<u8>)>, String> {
+    let mut out = Vec::new();
+    while !data.is_empty() {
+        if data.iter().all(|&b| b == 0) {
+            break;
+        }
+        let sp = data
+            .iter()
+            .position(|&b| b == b' ')
+            .ok_or("a record without a length")?;
+        let len: usize = std::str::from_utf8(&data[..sp])
+            .ok()
+            .and_then(|l| l.parse().ok())
+            .ok_or("a record with a bad length")?;
+        if len <= sp + 1 || len > data.len() || data[len - 1] != b'\n' {
+            return Err("a record whose length does not match".into());
+        }
+        let kv = &data[sp + 1..len - 1];
+        let eq = kv
+            .iter()
+            .position(|&b| b == b'=')
+            .ok_or("a record without '='")?;
+        let key = String::from_utf8_lossy(&kv[..eq]).into_owned();
+        out.push((key, kv[eq + 1..].to_vec()));
+        data = &data[len..];
+    }
+    Ok(out)
+}
+
 /// Counts the bytes taken from the input, for error messages.
 struct Offset<R> {
     inner: R,
@@ -384,10 +449,27 @@ pub(super) fn root(w: &Walker<'_>, src: TarSource<'_>, time: &DateTime<Utc>) -> 
     };
     let mut ended_by_marker = false;
     {
-        let entries = archive.entries().map_err(|e| fail(e.to_string()))?;
+        // Raw: extension headers come to us as members and are parsed here, because the
+        // crate's PAX parser splits records at newlines, and a PAX value may hold newlines
+        // (GNU tar's ACL text does).
+        let entries = archive
+            .entries()
+            .map_err(|e| fail(e.to_string()))?
+            .raw(true);
+        let mut ext = Extensions::default();
         for item in entries {
             let mut m = item.map_err(|e| fail(e.to_string()))?;
-            b.member(w, &mut m, &fail)?;
+            use ::tar::EntryType as T;
+            match m.header().entry_type() {
+                T::XHeader => {
+                    let data = read_small(&mut m, &fail)?;
+                    ext.pax = parse_pax(&data).map_err(|e| fail(format!("PAX header: {e}")))?;
+                }
+                T::GNULongName => ext.long_name = Some(trim_nul(read_small(&mut m, &fail)?)),
+                T::GNULongLink => ext.long_link = Some(trim_nul(read_small(&mut m, &fail)?)),
+                T::XGlobalHeader => {}
+                _ => b.member(w, &mut m, std::mem::take(&mut ext), &fail)?,
+            }
         }
     }
     // The crate stops at the first zero block, or at the end of the input: what follows the
@@ -422,29 +504,39 @@ impl Builder {
         &mut self,
         w: &Walker<'_>,
         m: &mut ::tar::Entry<'_, R>,
+        ext: Extensions,
         fail: &dyn Fn(String) -> Error,
     ) -> Result<()> {
         use ::tar::EntryType as T;
         let et = m.header().entry_type();
-        if matches!(et, T::XGlobalHeader) {
-            return Ok(());
-        }
-        let raw = m.path_bytes().into_owned();
         let mut pax: HashMap<String, Vec<u8>> = HashMap::new();
         let mut xattrs: Vec<Xattr> = Vec::new();
-        if let Some(exts) = m.pax_extensions().map_err(|e| fail(e.to_string()))? {
-            for ext in exts {
-                let ext = ext.map_err(|e| fail(e.to_string()))?;
-                let Ok(key) = ext.key() else { continue };
-                if let Some(name) = key.strip_prefix("SCHILY.xattr.") {
-                    xattrs.retain(|x| x.name != name.as_bytes());
-                    xattrs.push(Xattr {
-                        name: name.as_bytes().to_vec(),
-                        value: ext.value_bytes().to_vec(),
-                    });
-                } else {
-                    pax.insert(key.to_string(), ext.value_bytes().to_vec());
-                }
+        for (key, value) in ext.pax {
+            if let Some(name) = key.strip_prefix("SCHILY.xattr.") {
+                xattrs.retain(|x| x.name != name.as_bytes());
+                xattrs.push(Xattr {
+                    name: name.as_bytes().to_vec(),
+                    value,
+                });
+            } else {
+                pax.insert(key, value);
+            }
+        }
+        let raw = match pax.get("path").cloned().or(ext.long_name) {
+            Some(p) => p,
+            None => m.path_bytes().into_owned(),
+        };
+        let link_name = match pax.get("linkpath").cloned().or(ext.long_link) {
+            Some(l) => Some(l),
+            None => m.link_name_bytes().map(|l| l.into_owned()),
+        };
+        if let Some(size) = pax.get("size") {
+            let size = String::from_utf8_lossy(size);
+            if size.trim().parse::<u64>().ok() != Some(m.size()) {
+                return Err(fail(format!(
+                    "member {}: a PAX size ({size}) other than the header's is not supported yet",
+                    show(&raw)
+                )));
             }
         }
         for (key, xname) in [
@@ -484,24 +576,20 @@ impl Builder {
         if excluded(w, &comps) {
             return Ok(());
         }
-        if pax.keys().any(|k| k.starts_with("GNU.sparse.")) {
-            self.warn(
-                w,
-                &raw,
-                "left out: PAX sparse members are not supported yet",
-            );
+        if et == T::GNUSparse || pax.keys().any(|k| k.starts_with("GNU.sparse.")) {
+            self.warn(w, &raw, "left out: sparse members are not supported yet");
             return Ok(());
         }
 
         let h = m.header();
         let kind = match et {
-            T::Regular | T::Continuous | T::GNUSparse => Kind::File,
+            T::Regular | T::Continuous => Kind::File,
             T::Directory => Kind::Dir,
             T::Symlink => Kind::Symlink,
             T::Char => Kind::Chardev,
             T::Block => Kind::Blockdev,
             T::Fifo => Kind::Fifo,
-            T::Link => return self.hardlink(w, m, &raw, comps),
+            T::Link => return self.hardlink(w, link_name, &raw, comps),
             other => {
                 self.warn(
                     w,
@@ -519,8 +607,12 @@ impl Builder {
                 })
         };
         let mode = num(h.mode().map(u64::from), "mode")? & 0o7777;
-        let uid = num(h.uid(), "uid")?;
-        let gid = num(h.gid(), "gid")?;
+        let pax_id = |key: &str| {
+            pax.get(key)
+                .and_then(|v| String::from_utf8_lossy(v).trim().parse::<u64>().ok())
+        };
+        let uid = num(pax_id("uid").map_or_else(|| h.uid(), Ok), "uid")?;
+        let gid = num(pax_id("gid").map_or_else(|| h.gid(), Ok), "gid")?;
         let name_of = |key: &str, header: Option<&[u8]>| -> Option<String> {
             let v = pax.get(key).map(|v| v.as_slice()).or(header)?;
             (!v.is_empty()).then(|| String::from_utf8_lossy(v).into_owned())
@@ -546,8 +638,8 @@ impl Builder {
             None
         };
         let target = if kind == Kind::Symlink {
-            match m.link_name_bytes() {
-                Some(t) if !t.is_empty() => Some(t.into_owned()),
+            match link_name {
+                Some(t) if !t.is_empty() => Some(t),
                 _ => {
                     self.warn(w, &raw, "left out: symlink without a target");
                     return Ok(());
@@ -586,9 +678,8 @@ impl Builder {
                 e.size = e.target.as_ref().map_or(0, |t| t.len() as u64);
             }
             Kind::File => {
-                let sparse = et == T::GNUSparse;
                 let size = m.size();
-                let (list, read) = read_member(w, m, size, sparse, &raw, fail)?;
+                let (list, read) = read_member(w, m, size, &raw, fail)?;
                 e.size = list.size();
                 e.holes = Some(list.hole_bytes()).filter(|&h| h > 0);
                 w.stats.read.fetch_add(read, Ordering::Relaxed);
@@ -653,14 +744,14 @@ impl Builder {
     }
 
     /// A hardlink member: a second name for an earlier member.
-    fn hardlink<R: Read>(
+    fn hardlink(
         &mut self,
         w: &Walker<'_>,
-        m: &::tar::Entry<'_, R>,
+        target: Option<Vec<u8>>,
         raw: &[u8],
         comps: Vec<Vec<u8>>,
     ) -> Result<()> {
-        let Some(target) = m.link_name_bytes().map(|t| t.into_owned()) else {
+        let Some(target) = target else {
             self.warn(w, raw, "left out: hardlink without a target");
             return Ok(());
         };
@@ -781,7 +872,6 @@ fn read_member<R: Read>(
     w: &Walker<'_>,
     m: &mut ::tar::Entry<'_, R>,
     size: u64,
-    sparse: bool,
     raw: &[u8],
     fail: &dyn Fn(String) -> Error,
 ) -> Result<(ChunkList, u64)> {
@@ -792,7 +882,7 @@ fn read_member<R: Read>(
             show(raw)
         ))
     };
-    let result = if !sparse && size <= BATCH_BYTES as u64 {
+    let result = if size <= BATCH_BYTES as u64 {
         let mut data = Vec::with_capacity(size as usize);
         m.read_to_end(&mut data)
             .map_err(|e| fail(format!("member {}: {e}", show(raw))))?;
@@ -837,7 +927,7 @@ fn read_member<R: Read>(
                 reason: "the chunking thread panicked".into(),
             })?;
             copied?;
-            if !sparse && got < size {
+            if got < size {
                 return Err(short(got));
             }
             Ok(r)
@@ -877,6 +967,25 @@ mod tests {
         assert_eq!(c("../x"), Err(Unsafe::Escapes));
         assert_eq!(c("a/../../x"), Err(Unsafe::Escapes));
         assert_eq!(c(&"a/".repeat(MAX_DEPTH + 1)), Err(Unsafe::TooDeep));
+    }
+
+    #[test]
+    fn parses_pax_records_with_newlines() {
+        let rec = |k: &str, v: &str| {
+            let body = format!(" {k}={v}\n");
+            let mut n = body.len() + 1;
+            if (n.to_string().len() + body.len()) != n {
+                n += 1;
+            }
+            format!("{n}{body}")
+        };
+        let acl = "user::rw-\nuser:12345:r--\nother::---\n";
+        let data = format!("{}{}", rec("SCHILY.acl.access", acl), rec("path", "etc/x"));
+        let p = parse_pax(data.as_bytes()).unwrap();
+        assert_eq!(p[0], ("SCHILY.acl.access".into(), acl.as_bytes().to_vec()));
+        assert_eq!(p[1], ("path".into(), b"etc/x".to_vec()));
+        assert!(parse_pax(b"99 path=x\n").is_err());
+        assert!(parse_pax(b"x path=x\n").is_err());
     }
 
     #[test]
