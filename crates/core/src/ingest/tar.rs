@@ -32,10 +32,13 @@
 //!   target is data and is kept as it is: nothing ever follows it while the tree is built.
 //! - **Errors**: a truncated or corrupt archive (or compression) fails the ingest with the byte
 //!   offset reached in the input, before any manifest is written: nothing is published.
-//! - **Not supported yet**: GNU sparse members are stored with their holes as zero data (the
-//!   content is right; the holes are not kept as holes); PAX sparse members (`GNU.sparse.*`) are
-//!   left out with a warning; `LIBARCHIVE.xattr.*` records (bsdtar also writes the
-//!   `SCHILY.xattr.*` form, which is used) and NFSv4 ACLs are ignored.
+//! - **Extension headers** (PAX `x`, GNU `L`/`K`) are read here, with the crate in raw mode:
+//!   its own PAX parser splits records at newlines, and GNU tar's ACL text holds newlines.
+//! - **Not supported yet**: sparse members (GNU `S`, PAX `GNU.sparse.*`) are left out with a
+//!   warning (an old-GNU sparse member with more than four holes has extension blocks that make
+//!   the archive fail as corrupt); a PAX `size` that differs from the header's (members of
+//!   8 GiB and more in PAX archives) fails the ingest; `LIBARCHIVE.xattr.*` records (bsdtar
+//!   also writes the `SCHILY.xattr.*` form, which is used) and NFSv4 ACLs are ignored.
 
 use super::read::{read_stream, BATCH_BYTES};
 use super::{lock, Walker};
