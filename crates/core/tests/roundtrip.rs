@@ -904,7 +904,10 @@ async fn tar_round_trip_matches_directory_ingest() {
 }
 
 /// Builds a tar with raw member names (the `tar` crate refuses `..` and absolute names).
-fn raw_tar(members: &[(&[u8], tar::EntryType, &[u8], &[u8])]) -> Vec<u8> {
+/// A member for [`raw_tar`]: name, type, link name, data.
+type RawMember<'a> = (&'a [u8], tar::EntryType, &'a [u8], &'a [u8]);
+
+fn raw_tar(members: &[RawMember<'_>]) -> Vec<u8> {
     let mut b = tar::Builder::new(Vec::new());
     for (name, kind, link, data) in members {
         let mut h = tar::Header::new_gnu();
