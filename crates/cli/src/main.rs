@@ -108,6 +108,7 @@ enum Cmd {
     /// the generation's root under their own names. `--stdin NAME` stores standard input as one
     /// more file at the root (`pg_dump db | backtree ingest --host h --stdin db.sql`); run such a
     /// pipeline with `set -o pipefail`, since a producer that fails cannot be detected here.
+    /// `--tar FILE|-` expands a tar archive (plain, gzip or zstd) into the generation instead.
     Ingest {
         #[command(flatten)]
         repo: RepoArg,
@@ -146,8 +147,13 @@ enum Cmd {
         /// error).
         #[arg(long, requires = "stdin")]
         allow_empty: bool,
+        /// Expand a tar archive (or `-`: standard input) into the generation: the archive's
+        /// root is the generation's root, with its members' metadata. Plain, gzip or zstd,
+        /// detected from the data. Not combined with PATHs or --stdin.
+        #[arg(long, value_name = "FILE|-", conflicts_with_all = ["stdin", "paths"])]
+        tar: Option<PathBuf>,
         /// Directories and files to ingest.
-        #[arg(required_unless_present = "stdin", value_name = "PATH")]
+        #[arg(required_unless_present_any = ["stdin", "tar"], value_name = "PATH")]
         paths: Vec<PathBuf>,
     },
     /// List hosts, a host's generations, or files in a generation.
@@ -234,6 +240,42 @@ fn parse_time(s: &str) -> Result<chrono::DateTime<chrono::Utc>, String> {
     chrono::DateTime::parse_from_rfc3339(s)
         .map(|t| t.with_timezone(&chrono::Utc))
         .map_err(|_| format!("{s:?} is not an RFC 3339 time such as 2026-11-20T01:00:00Z"))
+}
+
+/// What an ingest reads besides (or instead of) paths.
+enum Input {
+    /// Paths, and standard input as one file (`--stdin`).
+    Paths(Option<ingest::Stream<'static>>),
+    /// A tar archive (`--tar`).
+    Tar(ingest::TarSource<'static>),
+}
+
+/// The `--tar` archive: a file, or standard input for `-`.
+fn tar_source(path: PathBuf) -> Result<ingest::TarSource<'static>> {
+    if path.as_os_str() == "-" {
+        let stdin = std::io::stdin();
+        if stdin.is_terminal() {
+            bail!("--tar -: standard input is a terminal; pipe the archive in");
+        }
+        use std::os::fd::AsFd;
+        let fd = stdin
+            .as_fd()
+            .try_clone_to_owned()
+            .context("cannot use standard input")?;
+        return Ok(ingest::TarSource {
+            origin: "stdin".into(),
+            reader: Box::new(std::io::BufReader::with_capacity(
+                1 << 20,
+                std::fs::File::from(fd),
+            )),
+        });
+    }
+    let f = std::fs::File::open(&path)
+        .with_context(|| format!("cannot open tar archive {}", path.display()))?;
+    Ok(ingest::TarSource {
+        origin: path.display().to_string(),
+        reader: Box::new(std::io::BufReader::with_capacity(1 << 20, f)),
+    })
 }
 
 /// Standard input as a `--stdin` stream. Refuses a terminal: an ingest would wait for typing.
@@ -409,6 +451,7 @@ fn run(cli: Cli) -> Result<i32> {
             stdin_owner,
             stdin_mtime,
             allow_empty,
+            tar,
             paths,
         } => {
             let time = time
@@ -425,6 +468,7 @@ fn run(cli: Cli) -> Result<i32> {
             let stream = stdin
                 .map(|name| stdin_stream(name, stdin_mode, stdin_owner, stdin_mtime, allow_empty))
                 .transpose()?;
+            let tar = tar.map(tar_source).transpose()?;
             let store = repo.open(&rt, false)?;
             let r = rt.block_on(Repository::open(store))?;
             // Never back up the repository into itself.
@@ -450,7 +494,11 @@ fn run(cli: Cli) -> Result<i32> {
                     .ok()
                     .and_then(|t| t.parse().ok()),
             };
-            ingest_cmd(&rt, r, opts, stream, json)
+            let input = match tar {
+                Some(t) => Input::Tar(t),
+                None => Input::Paths(stream),
+            };
+            ingest_cmd(&rt, r, opts, input, json)
         }
         Cmd::Mount {
             repo,
@@ -561,7 +609,7 @@ fn ingest_cmd(
     rt: &tokio::runtime::Runtime,
     repo: Repository,
     opts: IngestOptions,
-    stream: Option<ingest::Stream<'static>>,
+    input: Input,
     json: bool,
 ) -> Result<i32> {
     let progress = Arc::new(Progress::default());
@@ -608,7 +656,12 @@ fn ingest_cmd(
     let handle = rt.handle().clone();
     let result = std::thread::scope(|scope| {
         scope
-            .spawn(|| ingest::ingest_with(&repo, &handle, &opts, stream, &progress, &on_skip))
+            .spawn(|| match input {
+                Input::Paths(stream) => {
+                    ingest::ingest_with(&repo, &handle, &opts, stream, &progress, &on_skip)
+                }
+                Input::Tar(t) => ingest::ingest_tar(&repo, &handle, &opts, t, &progress, &on_skip),
+            })
             .join()
     });
     stop.store(true, Ordering::Relaxed);

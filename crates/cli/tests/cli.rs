@@ -533,3 +533,153 @@ fn stdin_becomes_one_file_of_the_generation() {
     );
     assert_eq!(o.status.code(), Some(0), "{}", text(&o.stderr));
 }
+
+/// `backtree ls --json HOST/GEN/PATH` as parsed JSON, without the fields a tar cannot carry.
+fn ls_json(r: &str, what: &str) -> serde_json::Value {
+    let o = run(&["ls", "--repo", r, "--json", what]);
+    assert!(o.status.success(), "ls {what}: {}", text(&o.stderr));
+    serde_json::from_slice(&o.stdout).expect("ls --json")
+}
+
+/// `--tar FILE` and `--tar -` (gzip, and a `tar -r` repeat) give the same listing as the
+/// directory; hostile members exit 3 with each named; a truncated .tgz exits 1 naming the byte
+/// offset and commits nothing; `--tar` with paths is a usage error.
+#[test]
+fn tar_archives_expand_into_the_generation() {
+    let dir = tempfile::tempdir().unwrap();
+    let repo = dir.path().join("repo");
+    let r = repo.to_str().unwrap();
+    let src = dir.path().join("src");
+    std::fs::create_dir_all(src.join("etc/vmware")).unwrap();
+    std::fs::write(src.join("etc/vmware/esx.conf"), b"/adv/Net/x = \"1\"\n").unwrap();
+    std::fs::write(src.join("etc/shadow"), b"root:*:19000::::::\n").unwrap();
+    std::fs::set_permissions(
+        src.join("etc/shadow"),
+        std::fs::Permissions::from_mode(0o600),
+    )
+    .unwrap();
+    std::fs::write(src.join("big"), random_bytes(9, 1_200_000)).unwrap();
+    std::os::unix::fs::symlink("etc/shadow", src.join("link")).unwrap();
+    assert!(run(&["init", "--repo", r]).status.success());
+    let o = run(&[
+        "ingest",
+        "--repo",
+        r,
+        "--host",
+        "dir",
+        "--json",
+        src.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", text(&o.stderr));
+    let tgz = dir.path().join("configBundle.tgz");
+    let tar = |args: &[&str]| {
+        let ok = Command::new("tar")
+            .args(["--format=pax", "-C", src.to_str().unwrap()])
+            .args(args)
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "tar {args:?}");
+    };
+    tar(&["-czf", tgz.to_str().unwrap(), "."]);
+
+    let o = run(&[
+        "ingest",
+        "--repo",
+        r,
+        "--host",
+        "esxi1",
+        "--json",
+        "--tar",
+        tgz.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", text(&o.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let new = v["generation"]["stats"]["new_raw_bytes"].as_u64().unwrap();
+    assert!(
+        new < 20_000,
+        "only trees are new, the files deduplicate: {new}"
+    );
+    for p in ["", "/etc", "/etc/vmware"] {
+        assert_eq!(
+            ls_json(r, &format!("dir/latest{p}")),
+            ls_json(r, &format!("esxi1/latest{p}")),
+            "{p}"
+        );
+    }
+
+    // From standard input, with `big` appended again with new content: the last one wins.
+    let plain = dir.path().join("a.tar");
+    tar(&["-cf", plain.to_str().unwrap(), "."]);
+    std::fs::write(src.join("big"), b"replaced\n").unwrap();
+    tar(&["-rf", plain.to_str().unwrap(), "./big"]);
+    let o = ingest_piped(
+        r,
+        &["--host", "esxi2", "--tar", "-"],
+        Some(std::fs::read(&plain).unwrap()),
+    );
+    assert!(o.status.success(), "{}", text(&o.stderr));
+    let big = ls_json(r, "esxi2/latest/big");
+    assert_eq!(big[0]["size"], 9, "{big}");
+
+    // Hostile members: made safe, each named, exit 3.
+    let mut b = ::tar::Builder::new(Vec::new());
+    for (name, data) in [
+        (&b"../../escape"[..], &b"x"[..]),
+        (b"/etc/passwd", b"root\n"),
+    ] {
+        let mut h = ::tar::Header::new_gnu();
+        h.as_old_mut().name[..name.len()].copy_from_slice(name);
+        h.set_mode(0o644);
+        h.set_uid(0);
+        h.set_gid(0);
+        h.set_mtime(1_700_000_000);
+        h.set_size(data.len() as u64);
+        h.set_cksum();
+        b.append(&h, data).unwrap();
+    }
+    let o = ingest_piped(
+        r,
+        &["--host", "bad", "--tar", "-"],
+        Some(b.into_inner().unwrap()),
+    );
+    assert_eq!(o.status.code(), Some(3), "{}", text(&o.stderr));
+    let err = text(&o.stderr);
+    assert!(err.contains("skipped ../../escape: left out"), "{err}");
+    assert!(
+        err.contains("skipped /etc/passwd: unsafe name, stored as \"etc/passwd\""),
+        "{err}"
+    );
+    assert_eq!(ls_json(r, "bad/latest/etc/passwd")[0]["size"], 5);
+
+    // Truncated: exit 1, the offset named, nothing committed.
+    let bytes = std::fs::read(&tgz).unwrap();
+    let cut = dir.path().join("cut.tgz");
+    std::fs::write(&cut, &bytes[..bytes.len() / 2]).unwrap();
+    let o = run(&[
+        "ingest",
+        "--repo",
+        r,
+        "--host",
+        "cut",
+        "--tar",
+        cut.to_str().unwrap(),
+    ]);
+    assert_eq!(o.status.code(), Some(1));
+    let err = text(&o.stderr);
+    assert!(
+        err.contains("reading tar archive") && err.contains("(at byte "),
+        "{err}"
+    );
+    let hosts = text(&run(&["ls", "--repo", r]).stdout);
+    assert!(!hosts.contains("cut"), "{hosts}");
+
+    // Usage errors.
+    for args in [
+        &["--tar", "x.tar", "some/path"][..],
+        &["--tar", "x.tar", "--stdin", "n"],
+    ] {
+        let o = ingest_piped(r, &[&["--host", "u"][..], args].concat(), None);
+        assert_eq!(o.status.code(), Some(2), "{args:?}: {}", text(&o.stderr));
+    }
+}

@@ -119,6 +119,20 @@ pub enum Error {
         source: std::io::Error,
     },
 
+    /// A tar archive that cannot be read to its end: truncated or corrupt (the tar stream or
+    /// its compression). Nothing is published.
+    #[error("reading tar archive {archive}: {reason} (at byte {offset} of the input)")]
+    TarRead {
+        archive: String,
+        /// Bytes of the input (compressed, as given) consumed when the error was found.
+        offset: u64,
+        reason: String,
+    },
+
+    /// A tar archive in a form this version cannot read (xz compression).
+    #[error("tar archive {archive}: {reason}")]
+    TarUnsupported { archive: String, reason: String },
+
     #[error("{} has no name to use at the generation's root", path.display())]
     SourceUnnamed { path: PathBuf },
 
@@ -180,6 +194,8 @@ impl Error {
             | Error::InvalidStreamName { .. }
             | Error::EmptyStream { .. }
             | Error::StreamRead { .. }
+            | Error::TarRead { .. }
+            | Error::TarUnsupported { .. }
             | Error::SourceUnnamed { .. }
             | Error::NoFreeName { .. }
             | Error::OffsetPastEnd { .. }

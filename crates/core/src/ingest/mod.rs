@@ -22,10 +22,15 @@
 //!   through the same pipeline as a large file ([`read::read_stream`]), and always read whole
 //!   (there is nothing to compare with the previous generation). A stream that cannot be read
 //!   fails the ingest: unlike a file, it cannot be left out.
+//! - **A tar archive** ([`TarSource`], `backtree ingest --tar FILE|-`) becomes the generation's
+//!   whole tree instead of sources: see [`tar`](self::tar) for how members become entries.
 
 mod meta;
 pub mod read;
+pub mod tar;
 pub mod writer;
+
+pub use self::tar::TarSource;
 
 pub use meta::{kind_of as meta_kind, xattrs as meta_xattrs};
 
@@ -224,6 +229,39 @@ pub fn ingest_with(
     progress: &Progress,
     on_skip: OnSkip<'_>,
 ) -> Result<IngestReport> {
+    run(repo, handle, opts, stream, None, progress, on_skip)
+}
+
+/// Ingests a tar archive as a new generation of `opts.host`: the archive's root becomes the
+/// generation's root (see [`tar`](self::tar)). `opts.sources` must be empty; excludes apply to
+/// the members' paths. Must run outside the async runtime's worker threads.
+pub fn ingest_tar(
+    repo: &Repository,
+    handle: &Handle,
+    opts: &IngestOptions,
+    tar: TarSource<'_>,
+    progress: &Progress,
+    on_skip: OnSkip<'_>,
+) -> Result<IngestReport> {
+    if !opts.sources.is_empty() {
+        return Err(Error::TarUnsupported {
+            archive: tar.origin,
+            reason: "a tar archive is the whole generation; it cannot be combined with paths"
+                .into(),
+        });
+    }
+    run(repo, handle, opts, None, Some(tar), progress, on_skip)
+}
+
+fn run(
+    repo: &Repository,
+    handle: &Handle,
+    opts: &IngestOptions,
+    stream: Option<Stream<'_>>,
+    tar: Option<TarSource<'_>>,
+    progress: &Progress,
+    on_skip: OnSkip<'_>,
+) -> Result<IngestReport> {
     let started = Instant::now();
     let started_at = Utc::now();
     check_host(&opts.host)?;
@@ -234,7 +272,10 @@ pub fn ingest_with(
         })?;
     }
     let excludes = Excludes::new(&opts.excludes)?;
-    let layout = Layout::of(&opts.sources, stream.as_ref())?;
+    let layout = match &tar {
+        Some(_) => Layout::Tar,
+        None => Layout::of(&opts.sources, stream.as_ref())?,
+    };
     let time = opts.time.unwrap_or(started_at);
     let mut sources: Vec<String> = opts
         .sources
@@ -243,6 +284,9 @@ pub fn ingest_with(
         .collect();
     if let Some(s) = &stream {
         sources.push(format!("{}:{}", s.origin, s.name));
+    }
+    if let Some(t) = &tar {
+        sources.push(format!("tar:{}", t.origin));
     }
 
     let store = repo.store().clone();
@@ -290,6 +334,10 @@ pub fn ingest_with(
         .map_err(Error::ThreadPool)?;
     let root = pool.install(|| -> Result<Entry> {
         Ok(match &layout {
+            Layout::Tar => match tar {
+                Some(t) => self::tar::root(&walker, t, &time)?,
+                None => return Err(Error::NoSources),
+            },
             Layout::Dir(path) => {
                 let m = std::fs::symlink_metadata(path).map_err(|e| Error::io(path, e))?;
                 let xattrs = meta::xattrs(path).map_err(|e| Error::io(path, e))?;
@@ -485,6 +533,8 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 
 /// How the sources map onto the generation's root.
 enum Layout {
+    /// A tar archive's tree.
+    Tar,
     Dir(PathBuf),
     Many(Vec<(std::ffi::OsString, PathBuf)>),
 }
