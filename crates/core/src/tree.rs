@@ -118,6 +118,34 @@ mod opt_bytes {
 }
 
 impl Entry {
+    /// A directory that has no source of its own (the root of a generation made of several
+    /// sources, a directory a tar archive only implies): mode 0755, owned by root, dated `t`.
+    /// Its `tree` is for the caller to set.
+    pub fn made_dir(name: &[u8], t: Time) -> Entry {
+        Entry {
+            name: name.to_vec(),
+            kind: Kind::Dir,
+            mode: 0o755,
+            uid: 0,
+            gid: 0,
+            user: Some("root".into()),
+            group: Some("root".into()),
+            mtime: t,
+            atime: t,
+            ctime: t,
+            size: 0,
+            ino: 0,
+            link: None,
+            rdev: None,
+            xattrs: Vec::new(),
+            tree: None,
+            target: None,
+            chunks: None,
+            chunk_list: None,
+            holes: None,
+        }
+    }
+
     /// The xattr of that name, if present.
     pub fn xattr(&self, name: &[u8]) -> Option<&[u8]> {
         self.xattrs

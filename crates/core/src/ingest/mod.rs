@@ -382,26 +382,8 @@ fn run(
                 entries.sort_by(|a, b| a.name.cmp(&b.name));
                 let t = Time(time.timestamp(), time.timestamp_subsec_nanos());
                 Entry {
-                    name: Vec::new(),
-                    kind: Kind::Dir,
-                    mode: 0o755,
-                    uid: 0,
-                    gid: 0,
-                    user: Some("root".into()),
-                    group: Some("root".into()),
-                    mtime: t,
-                    atime: t,
-                    ctime: t,
-                    size: 0,
-                    ino: 0,
-                    link: None,
-                    rdev: None,
-                    xattrs: Vec::new(),
                     tree: Some(walker.store_dir(entries)?),
-                    target: None,
-                    chunks: None,
-                    chunk_list: None,
-                    holes: None,
+                    ..Entry::made_dir(b"", t)
                 }
             }
         })

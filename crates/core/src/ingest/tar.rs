@@ -230,28 +230,7 @@ struct Builder {
 
 fn implied(name: &[u8], t: Time) -> Node {
     Node {
-        entry: Entry {
-            name: name.to_vec(),
-            kind: Kind::Dir,
-            mode: 0o755,
-            uid: 0,
-            gid: 0,
-            user: Some("root".into()),
-            group: Some("root".into()),
-            mtime: t,
-            atime: t,
-            ctime: t,
-            size: 0,
-            ino: 0,
-            link: None,
-            rdev: None,
-            xattrs: Vec::new(),
-            tree: None,
-            target: None,
-            chunks: None,
-            chunk_list: None,
-            holes: None,
-        },
+        entry: Entry::made_dir(name, t),
         children: BTreeMap::new(),
     }
 }
