@@ -9,6 +9,12 @@
 //! A stream that cannot seek (stdin, a pipe: [`read_stream`]) goes through the same pipeline as
 //! one data region of unknown length, read until its end: it is cut as it arrives and never held
 //! whole in memory.
+//!
+//! A stream may instead be split at its zero runs ([`read_stream_holes`]: `--stdin`,
+//! `--read-special`): every aligned [`ZERO_BLOCK`] of zeros becomes part of a hole, and the bytes
+//! between holes are data regions cut as a file's are. A disk image read from a device or a pipe
+//! is then stored, and read back, as sparse as the same image copied to a file with its zero
+//! blocks as holes (`cp --sparse=always`), with the same chunk list.
 
 use super::writer::{BlobWriter, Prepared};
 use crate::chunklist::{ListBuilder, WrittenList};
@@ -74,6 +80,129 @@ fn data_regions(f: &File, size: u64) -> Vec<(u64, u64)> {
     out
 }
 
+/// Zero runs of a stream ([`read_stream_holes`]) are found in blocks of this size, aligned to the
+/// stream's start: the block size of common filesystems and the page size, the granularity at
+/// which `cp --sparse=always`, `dd conv=sparse bs=4K` and `fallocate --dig-holes` make holes. So a
+/// stream and such a sparse copy of it have the same holes, hence the same chunks. A partial block
+/// at the end of the stream counts as a block.
+pub const ZERO_BLOCK: usize = 4096;
+
+/// The read-ahead of a [`ZeroSplit`].
+const SPLIT_BUF: usize = 1 << 20;
+
+/// Whether every byte of `b` is zero (vectorised per 512 bytes, stopping at the first that is
+/// not).
+pub fn is_zero(b: &[u8]) -> bool {
+    b.chunks(512)
+        .all(|c| c.iter().fold(0u8, |a, &x| a | x) == 0)
+}
+
+/// A stream split at its zero blocks. [`Read`] gives the bytes of the current data region and
+/// ends (returns 0) where an all-zero [`ZERO_BLOCK`] starts, or at the stream's end;
+/// [`ZeroSplit::next_data`] then skips the zero blocks and says where the next data region
+/// starts. Blocks are aligned to the stream's start.
+struct ZeroSplit<'a> {
+    inner: Box<dyn Read + Send + 'a>,
+    buf: Box<[u8]>,
+    /// The unconsumed read-ahead is `buf[start..end]`.
+    start: usize,
+    end: usize,
+    /// Bytes from `start` known to be data (whole non-zero blocks, or the stream's last partial
+    /// block).
+    data: usize,
+    /// The stream offset of `buf[start]`.
+    at: u64,
+    eof: bool,
+}
+
+impl<'a> ZeroSplit<'a> {
+    fn new(inner: Box<dyn Read + Send + 'a>) -> ZeroSplit<'a> {
+        ZeroSplit {
+            inner,
+            buf: vec![0u8; SPLIT_BUF].into_boxed_slice(),
+            start: 0,
+            end: 0,
+            data: 0,
+            at: 0,
+            eof: false,
+        }
+    }
+
+    /// Reads ahead until a whole block follows `start`, or the stream ends.
+    fn fill(&mut self) -> io::Result<()> {
+        if self.end - self.start >= ZERO_BLOCK || self.eof {
+            return Ok(());
+        }
+        self.buf.copy_within(self.start..self.end, 0);
+        self.end -= self.start;
+        self.start = 0;
+        while self.end < ZERO_BLOCK && !self.eof {
+            match self.inner.read(&mut self.buf[self.end..]) {
+                Ok(0) => self.eof = true,
+                Ok(n) => self.end += n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    }
+
+    /// The length of the block at `start` (short only at the stream's end).
+    fn block(&self) -> usize {
+        ZERO_BLOCK.min(self.end - self.start)
+    }
+
+    /// Skips the zero blocks at the current position (which must be at the end of a data
+    /// region). Returns the offset of the next data region, or `None` at the end of the stream
+    /// (whose length is then [`ZeroSplit::at`]).
+    fn next_data(&mut self) -> io::Result<Option<u64>> {
+        loop {
+            self.fill()?;
+            let n = self.block();
+            if n == 0 {
+                return Ok(None);
+            }
+            if !is_zero(&self.buf[self.start..self.start + n]) {
+                return Ok(Some(self.at));
+            }
+            self.start += n;
+            self.at += n as u64;
+        }
+    }
+}
+
+impl Read for ZeroSplit<'_> {
+    fn read(&mut self, out: &mut [u8]) -> io::Result<usize> {
+        if self.data == 0 {
+            // Classify the blocks read ahead: data up to the first zero block.
+            self.fill()?;
+            let mut i = self.start;
+            while i < self.end {
+                let n = ZERO_BLOCK.min(self.end - i);
+                if (n < ZERO_BLOCK && !self.eof) || is_zero(&self.buf[i..i + n]) {
+                    break;
+                }
+                i += n;
+            }
+            self.data = i - self.start;
+        }
+        let n = out.len().min(self.data);
+        out[..n].copy_from_slice(&self.buf[self.start..self.start + n]);
+        self.start += n;
+        self.data -= n;
+        self.at += n as u64;
+        Ok(n)
+    }
+}
+
+/// Where a data region's bytes come from.
+enum Source<'a> {
+    /// A reader of its own: a file positioned at the region, or a whole stream.
+    Reader(Box<dyn Read + Send + 'a>),
+    /// The [`Pieces::split`] stream, up to its next zero block.
+    Split,
+}
+
 /// One piece of a file as the reader produces it.
 enum Piece {
     /// A chunk ending at this file offset, stored at this range of its batch's buffer.
@@ -103,9 +232,11 @@ struct Pieces<'a> {
     /// The file whose regions are read; `None` for a stream (its only region is `current`).
     file: Option<File>,
     regions: std::vec::IntoIter<(u64, u64)>,
+    /// A stream split at its zero blocks: its data regions and holes, found as it is read.
+    split: Option<ZeroSplit<'a>>,
     /// The data region being read: its reader (positioned) and the bytes it has left
     /// (`u64::MAX` for a stream: until its end).
-    current: Option<(Box<dyn Read + Send + 'a>, u64)>,
+    current: Option<(Source<'a>, u64)>,
     /// Region bytes read but not yet cut.
     carry: Vec<u8>,
     chunker: ChunkerParams,
@@ -124,6 +255,7 @@ impl<'a> Pieces<'a> {
         Pieces {
             file: Some(file),
             regions,
+            split: None,
             current: None,
             carry: Vec::new(),
             chunker,
@@ -146,7 +278,8 @@ impl<'a> Pieces<'a> {
         Pieces {
             file: None,
             regions: Vec::new().into_iter(),
-            current: Some((reader, u64::MAX)),
+            split: None,
+            current: Some((Source::Reader(reader), u64::MAX)),
             carry: Vec::new(),
             chunker,
             batch_bytes: batch_bytes.max(2 * chunker.max as usize),
@@ -156,6 +289,19 @@ impl<'a> Pieces<'a> {
             shrank: false,
             done: false,
         }
+    }
+
+    /// Pieces of a stream split at its zero blocks ([`ZeroSplit`]): holes where they are, data
+    /// regions between them.
+    fn stream_holes(
+        reader: Box<dyn Read + Send + 'a>,
+        chunker: ChunkerParams,
+        batch_bytes: usize,
+    ) -> Pieces<'a> {
+        let mut p = Pieces::stream(Box::new(io::empty()), chunker, batch_bytes);
+        p.current = None;
+        p.split = Some(ZeroSplit::new(reader));
+        p
     }
 
     /// The next pieces, about `batch_bytes` of data; empty at the end.
@@ -170,11 +316,17 @@ impl<'a> Pieces<'a> {
             pieces: Vec::new(),
         };
         while out.buf.len() < self.batch_bytes / 2 && !self.done {
-            if let Some((f, left)) = &mut self.current {
+            if let Some((src, left)) = &mut self.current {
                 // Fill the buffer after what the last batch left over, then cut.
                 let start = out.buf.len();
                 out.buf.append(&mut self.carry);
                 let want = (self.batch_bytes - out.buf.len()) as u64;
+                let mut none = io::empty();
+                let f: &mut dyn Read = match (src, &mut self.split) {
+                    (Source::Reader(f), _) => f,
+                    (Source::Split, Some(s)) => s,
+                    (Source::Split, None) => &mut none, // never: a split stream has its split
+                };
                 let n = f.take(want.min(*left)).read_to_end(&mut out.buf)? as u64;
                 self.read += n;
                 *left -= n;
@@ -204,6 +356,21 @@ impl<'a> Pieces<'a> {
                 }
                 continue;
             }
+            if let Some(split) = &mut self.split {
+                // The zeros up to the next data region (or the end) are a hole; they were read.
+                let next = split.next_data()?;
+                let start = next.unwrap_or(split.at);
+                if start > self.pos {
+                    out.pieces.push(Piece::Hole(start));
+                    self.read += start - self.pos;
+                    self.pos = start;
+                }
+                match next {
+                    Some(_) => self.current = Some((Source::Split, u64::MAX)),
+                    None => self.done = true,
+                }
+                continue;
+            }
             let Some((start, end)) = self.regions.next() else {
                 // Everything after the last data region up to the size is a hole.
                 if let Some(size) = self.size.filter(|&s| !self.shrank && self.pos < s) {
@@ -224,7 +391,7 @@ impl<'a> Pieces<'a> {
             };
             let mut f = file.try_clone()?;
             f.seek(SeekFrom::Start(start))?;
-            self.current = Some((Box::new(f), end - start));
+            self.current = Some((Source::Reader(Box::new(f)), end - start));
         }
         Ok(out)
     }
@@ -264,6 +431,20 @@ pub fn read_stream(
     hashers: &rayon::ThreadPool,
 ) -> io::Result<(WrittenList, u64)> {
     read_pieces(Pieces::stream(reader, *chunker, BATCH_BYTES), w, hashers)
+}
+
+/// [`read_stream`], with the stream's zero runs stored as holes: every aligned [`ZERO_BLOCK`]
+/// of zeros (and a last partial block of zeros) is part of a hole, never hashed nor stored, and
+/// the data between holes is cut region by region as a sparse file's is. The bytes read count
+/// the zeros too.
+pub fn read_stream_holes(
+    reader: Box<dyn Read + Send + '_>,
+    chunker: &ChunkerParams,
+    w: &Arc<BlobWriter>,
+    hashers: &rayon::ThreadPool,
+) -> io::Result<(WrittenList, u64)> {
+    let pieces = Pieces::stream_holes(reader, *chunker, BATCH_BYTES);
+    read_pieces(pieces, w, hashers)
 }
 
 /// The pipeline of [`read_file`] over any pieces.
@@ -406,16 +587,55 @@ mod tests {
     use crate::config::ChunkerAlgorithm;
     use std::io::Write;
 
-    /// Cut points over a batch buffer are those of `fastcdc`'s `StreamCDC` over the whole file,
-    /// whatever the batch size, and holes and small regions are kept.
-    #[test]
-    fn batches_cut_where_the_stream_chunker_does() {
-        let chunker = ChunkerParams {
+    fn small_chunker() -> ChunkerParams {
+        ChunkerParams {
             algorithm: ChunkerAlgorithm::Fastcdc2020,
             min: 4096,
             avg: 16384,
             max: 65536,
-        };
+        }
+    }
+
+    /// Every piece `p` gives, as (end, is data), each chunk's bytes checked against `data` at
+    /// its place, and the bytes it read.
+    fn drain(mut p: Pieces<'_>, data: &[u8], what: &str) -> (Vec<(u64, bool)>, u64) {
+        let mut out = Vec::new();
+        loop {
+            let b = p.next_batch().unwrap();
+            if b.pieces.is_empty() {
+                break;
+            }
+            for piece in &b.pieces {
+                match piece {
+                    Piece::Data(end, r) => {
+                        let ok = b.buf[r.clone()] == data[(*end as usize - r.len())..*end as usize];
+                        assert!(ok, "{what}: wrong bytes for the chunk ending at {end}");
+                        out.push((*end, true));
+                    }
+                    Piece::Hole(end) => out.push((*end, false)),
+                }
+            }
+        }
+        assert!(p.done, "{what}");
+        (out, p.read)
+    }
+
+    /// Chunk ends of a dense file or stream; panics on a hole.
+    fn dense_ends(p: Pieces<'_>, data: &[u8], what: &str) -> Vec<u64> {
+        let (pieces, read) = drain(p, data, what);
+        assert_eq!(read, data.len() as u64, "{what}: bytes read");
+        assert!(
+            pieces.iter().all(|(_, d)| *d),
+            "{what}: a hole in dense data"
+        );
+        pieces.into_iter().map(|(end, _)| end).collect()
+    }
+
+    /// Cut points over a batch buffer are those of `fastcdc`'s `StreamCDC` over the whole file,
+    /// whatever the batch size, and holes and small regions are kept.
+    #[test]
+    fn batches_cut_where_the_stream_chunker_does() {
+        let chunker = small_chunker();
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("f");
         let mut data = crate::testing::random_bytes(3, 3_000_000);
@@ -434,52 +654,17 @@ mod tests {
                 .collect();
         for batch in [1, 150_000, 200_000, 1 << 20, 16 << 20] {
             let f = std::fs::File::open(&path).unwrap();
-            let mut p = Pieces::new(f, data.len() as u64, chunker, batch);
-            let mut ends = Vec::new();
-            loop {
-                let b = p.next_batch().unwrap();
-                if b.pieces.is_empty() {
-                    break;
-                }
-                for piece in &b.pieces {
-                    let Piece::Data(end, r) = piece else {
-                        panic!("a hole in a dense file");
-                    };
-                    let ok = b.buf[r.clone()] == data[(*end as usize - r.len())..*end as usize];
-                    assert!(
-                        ok,
-                        "batch {batch}: wrong bytes for the chunk ending at {end}"
-                    );
-                    ends.push(*end);
-                }
-            }
-            assert_eq!(ends, stream, "batch size {batch}");
-            assert_eq!(p.read, data.len() as u64);
+            let p = Pieces::new(f, data.len() as u64, chunker, batch);
+            let what = format!("file, batch size {batch}");
+            assert_eq!(dense_ends(p, &data, &what), stream, "{what}");
         }
         // A stream (here one that gives at most 1000 bytes a read, as a pipe gives a few KiB)
         // is cut at the same points, without holes, and its length is found at its end.
         for batch in [1, 200_000, 1 << 20] {
             let trickle = Trickle(std::io::Cursor::new(data.clone()));
-            let mut p = Pieces::stream(Box::new(trickle), chunker, batch);
-            let mut ends = Vec::new();
-            loop {
-                let b = p.next_batch().unwrap();
-                if b.pieces.is_empty() {
-                    break;
-                }
-                for piece in &b.pieces {
-                    let Piece::Data(end, r) = piece else {
-                        panic!("a hole in a stream");
-                    };
-                    assert_eq!(
-                        b.buf[r.clone()],
-                        data[(*end as usize - r.len())..*end as usize]
-                    );
-                    ends.push(*end);
-                }
-            }
-            assert_eq!(ends, stream, "stream, batch size {batch}");
-            assert_eq!(p.read, data.len() as u64);
+            let p = Pieces::stream(Box::new(trickle), chunker, batch);
+            let what = format!("stream, batch size {batch}");
+            assert_eq!(dense_ends(p, &data, &what), stream, "{what}");
         }
         let mut empty = Pieces::stream(Box::new(std::io::empty()), chunker, 1 << 20);
         assert!(empty.next_batch().unwrap().pieces.is_empty());
@@ -494,5 +679,112 @@ mod tests {
             let n = buf.len().min(1000);
             self.0.read(&mut buf[..n])
         }
+    }
+
+    #[test]
+    fn is_zero_finds_any_nonzero_byte() {
+        assert!(is_zero(&[]));
+        assert!(is_zero(&[0; 4096]));
+        for at in [0, 1, 511, 512, 4095] {
+            let mut b = [0u8; 4096];
+            b[at] = 1;
+            assert!(!is_zero(&b), "byte {at}");
+        }
+    }
+
+    /// The holes of a stream split at its zero blocks: `(start, end)` of each.
+    fn holes_of(pieces: &[(u64, bool)]) -> Vec<(u64, u64)> {
+        let mut out = Vec::new();
+        let mut start = 0;
+        for &(end, data) in pieces {
+            if !data {
+                out.push((start, end));
+            }
+            start = end;
+        }
+        out
+    }
+
+    /// A stream split at its zero blocks: holes exactly at the aligned 4 KiB blocks of zeros
+    /// (a short or unaligned zero run stays data; a last partial block of zeros is a hole),
+    /// whatever the reads and batches; the same pieces as a sparse file with holes there.
+    #[test]
+    fn zero_blocks_of_a_stream_become_holes() {
+        let chunker = small_chunker();
+        let mut data = crate::testing::random_bytes(5, 3_000_000);
+        data[8192..8192 + 3 * 4096].fill(0); // aligned: a hole
+        data[50_000..53_000].fill(0); // no whole aligned block: data
+        data[100_000..200_000].fill(0); // a hole from 102 400 to 196 608
+        data[2_990_000..].fill(0); // a hole from 2 990 080 to the end (a partial last block)
+        let want = vec![(8192, 20480), (102_400, 196_608), (2_990_080, 3_000_000)];
+        let mut seen = None;
+        for batch in [1, 150_000, 1 << 20, 16 << 20] {
+            for trickle in [false, true] {
+                let cursor = std::io::Cursor::new(data.clone());
+                let reader: Box<dyn Read + Send> = if trickle {
+                    Box::new(Trickle(cursor))
+                } else {
+                    Box::new(cursor)
+                };
+                let what = format!("batch {batch}, trickle {trickle}");
+                let p = Pieces::stream_holes(reader, chunker, batch);
+                let (pieces, read) = drain(p, &data, &what);
+                assert_eq!(read, data.len() as u64, "{what}: zeros count as read");
+                assert_eq!(holes_of(&pieces), want, "{what}");
+                assert_eq!(pieces.last(), Some(&(3_000_000, false)), "{what}");
+                match &seen {
+                    None => seen = Some(pieces),
+                    Some(s) => assert_eq!(&pieces, s, "{what}: same pieces"),
+                }
+            }
+        }
+        // A file on disk with holes at those blocks (data written, holes skipped) reads as the
+        // same pieces, where the filesystem reports holes (SEEK_DATA) at block granularity.
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("sparse");
+        let mut f = std::fs::File::create(&path).unwrap();
+        let mut at = 0;
+        for (start, end) in want.iter().copied().chain([(3_000_000, 3_000_000)]) {
+            f.seek(SeekFrom::Start(at)).unwrap();
+            f.write_all(&data[at as usize..start as usize]).unwrap();
+            at = end;
+        }
+        f.set_len(3_000_000).unwrap();
+        drop(f);
+        let f = std::fs::File::open(&path).unwrap();
+        if data_regions(&f, 3_000_000).len() != 3 {
+            println!("note: this filesystem does not report holes; file comparison skipped");
+            return;
+        }
+        let p = Pieces::new(f, 3_000_000, chunker, 1 << 20);
+        let (pieces, read) = drain(p, &data, "sparse file");
+        assert_eq!(pieces, seen.unwrap(), "sparse file");
+        // A file's holes are not read.
+        let holes: u64 = want.iter().map(|(s, e)| e - s).sum();
+        assert_eq!(read, 3_000_000 - holes);
+    }
+
+    /// Only zeros: one hole; zeros then data: a hole then data; nothing: no pieces.
+    #[test]
+    fn all_zero_and_empty_streams() {
+        let chunker = small_chunker();
+        let zeros = vec![0u8; 1 << 20];
+        let p = Pieces::stream_holes(
+            Box::new(std::io::Cursor::new(zeros.clone())),
+            chunker,
+            1 << 16,
+        );
+        assert_eq!(drain(p, &zeros, "zeros"), (vec![(1 << 20, false)], 1 << 20));
+        let mut lead = vec![0u8; 10_000];
+        lead.extend_from_slice(b"data");
+        let p = Pieces::stream_holes(
+            Box::new(std::io::Cursor::new(lead.clone())),
+            chunker,
+            1 << 16,
+        );
+        let want = vec![(8192, false), (10_004, true)];
+        assert_eq!(drain(p, &lead, "lead"), (want, 10_004));
+        let p = Pieces::stream_holes(Box::new(std::io::empty()), chunker, 1 << 16);
+        assert_eq!(drain(p, &[], "empty"), (vec![], 0));
     }
 }
