@@ -128,6 +128,11 @@ enum Cmd {
         /// Print the result as JSON (the generation's manifest and every skipped path).
         #[arg(long)]
         json: bool,
+        /// Read block devices and fifos named as PATHs (or symlinks to them, such as
+        /// /dev/vg0/snap) to their end and store each as a regular file, runs of zeros as holes.
+        /// Not those found inside a directory, not character devices.
+        #[arg(long)]
+        read_special: bool,
         /// Store standard input, read to its end, as the file NAME at the generation's root
         /// (one name: no '/', not '.' or '..'). Check the producer's exit status yourself
         /// (`set -o pipefail`): backtree sees only where the stream ends.
@@ -446,6 +451,7 @@ fn run(cli: Cli) -> Result<i32> {
             label,
             exclude,
             json,
+            read_special,
             stdin,
             stdin_mode,
             stdin_owner,
@@ -493,6 +499,7 @@ fn run(cli: Cli) -> Result<i32> {
                 threads: std::env::var("BACKTREE_THREADS")
                     .ok()
                     .and_then(|t| t.parse().ok()),
+                read_special,
             };
             let input = match tar {
                 Some(t) => Input::Tar(t),

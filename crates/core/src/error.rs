@@ -119,6 +119,17 @@ pub enum Error {
         source: std::io::Error,
     },
 
+    /// Reading a block device or fifo named with `--read-special` failed: the ingest fails (what
+    /// was read cannot be read again, and a partial image is no backup).
+    #[error("reading {} failed after {offset} bytes: {source}", path.display())]
+    SpecialRead {
+        path: PathBuf,
+        /// Bytes read before the error.
+        offset: u64,
+        #[source]
+        source: std::io::Error,
+    },
+
     /// A tar archive that cannot be read to its end: truncated or corrupt (the tar stream or
     /// its compression). Nothing is published.
     #[error("reading tar archive {archive}: {reason} (at byte {offset} of the input)")]
@@ -194,6 +205,7 @@ impl Error {
             | Error::InvalidStreamName { .. }
             | Error::EmptyStream { .. }
             | Error::StreamRead { .. }
+            | Error::SpecialRead { .. }
             | Error::TarRead { .. }
             | Error::TarUnsupported { .. }
             | Error::SourceUnnamed { .. }

@@ -123,16 +123,35 @@ impl Entry {
     /// Its `tree` is for the caller to set.
     pub fn made_dir(name: &[u8], t: Time) -> Entry {
         Entry {
-            name: name.to_vec(),
             kind: Kind::Dir,
-            mode: 0o755,
-            uid: 0,
-            gid: 0,
             user: Some("root".into()),
             group: Some("root".into()),
-            mtime: t,
-            atime: t,
-            ctime: t,
+            ..Entry::made_file(name, 0o755, 0, 0, t, t)
+        }
+    }
+
+    /// A regular file whose metadata come from elsewhere than an `lstat` (a stream, a tar
+    /// member): `mode`, owner `uid:gid` (no names), modified and accessed at `mtime`, changed at
+    /// `ctime`, no inode number, empty. The caller sets the rest (names, content, another kind).
+    pub fn made_file(
+        name: &[u8],
+        mode: u32,
+        uid: u32,
+        gid: u32,
+        mtime: Time,
+        ctime: Time,
+    ) -> Entry {
+        Entry {
+            name: name.to_vec(),
+            kind: Kind::File,
+            mode,
+            uid,
+            gid,
+            user: None,
+            group: None,
+            mtime,
+            atime: mtime,
+            ctime,
             size: 0,
             ino: 0,
             link: None,

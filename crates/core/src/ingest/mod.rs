@@ -82,6 +82,10 @@ pub struct IngestOptions {
     pub checkpoint_bytes: Option<u64>,
     /// Worker threads reading and compressing (default [`default_threads`]).
     pub threads: Option<usize>,
+    /// Read block devices and fifos named in `sources` (not those found inside a directory) to
+    /// their end and store them as regular files, zero runs as holes (`--read-special`, see
+    /// [`read::special_source`]).
+    pub read_special: bool,
 }
 
 /// The default mode of a stream's file: readable by its owner only. A stream is typically a
@@ -362,6 +366,11 @@ fn run(
                                 Err(e) => return Err(Error::io(path, e)),
                             };
                             let p = prev.remove(name.as_bytes());
+                            let special = opts.read_special.then(|| read::special_source(path, &m));
+                            if let Some((real, m)) = special.flatten() {
+                                entries.push(walker.special_entry(path, &real, name, &m)?);
+                                continue;
+                            }
                             if let Some(e) = walker.entry(
                                 path,
                                 name.as_bytes(),
@@ -543,10 +552,14 @@ impl Layout {
         let mut seen: HashMap<std::ffi::OsString, PathBuf> = HashMap::new();
         let mut items = Vec::new();
         for s in sources {
-            let name = std::fs::canonicalize(s)
-                .ok()
-                .and_then(|c| c.file_name().map(|n| n.to_owned()))
-                .or_else(|| s.file_name().map(|n| n.to_owned()))
+            // The name as given (a symlink's own name), else where it leads (`.`, `..`).
+            let name = (s.file_name().map(|n| n.to_owned()))
+                .or_else(|| {
+                    std::fs::canonicalize(s)
+                        .ok()?
+                        .file_name()
+                        .map(|n| n.to_owned())
+                })
                 .ok_or_else(|| Error::SourceUnnamed { path: s.clone() })?;
             if let Some(first) = seen.get(&name) {
                 return Err(Error::NameClash {
@@ -933,7 +946,7 @@ impl Walker<'_> {
             inner: s.reader,
             bytes: &self.progress.bytes,
         });
-        let (list, read) = match read::read_stream(reader, &chunker, self.w, &self.hashers) {
+        let (list, read) = match read::read_stream_holes(reader, &chunker, self.w, &self.hashers) {
             Ok(r) => r,
             Err(source) => {
                 // A failure of the repository side is reported as itself.
@@ -959,36 +972,78 @@ impl Walker<'_> {
         });
         let at = |t: &DateTime<Utc>| Time(t.timestamp(), t.timestamp_subsec_nanos());
         let mtime = at(s.mtime.as_ref().unwrap_or(time));
+        // Its ctime: when backtree made the file, the generation's time.
         let mut e = Entry {
-            name: s.name.into_bytes(),
-            kind: Kind::File,
-            mode: s.mode & 0o7777,
-            uid,
-            gid,
             user: self.names.user(uid),
             group: self.names.group(gid),
-            mtime,
-            atime: mtime,
-            // When backtree made the file: the generation's time.
-            ctime: at(time),
-            size: list.size(),
-            ino: 0,
-            link: None,
-            rdev: None,
-            xattrs: Vec::new(),
-            tree: None,
-            target: None,
-            chunks: None,
-            chunk_list: None,
-            holes: None,
+            ..Entry::made_file(
+                s.name.as_bytes(),
+                s.mode & 0o7777,
+                uid,
+                gid,
+                mtime,
+                at(time),
+            )
         };
+        self.stored_stream(&mut e, list, read)?;
+        Ok(e)
+    }
+
+    /// Records a stream's content in its entry and counts it; its bytes were counted in
+    /// `progress` as they were read.
+    fn stored_stream(&self, e: &mut Entry, list: WrittenList, read: u64) -> Result<()> {
+        e.size = list.size();
+        e.holes = Some(list.hole_bytes()).filter(|&h| h > 0);
         self.stats.files.fetch_add(1, Ordering::Relaxed);
         self.stats.logical.fetch_add(e.size, Ordering::Relaxed);
         self.stats.read.fetch_add(read, Ordering::Relaxed);
-        // Its bytes were counted in `progress` as they were read.
         self.progress.files.fetch_add(1, Ordering::Relaxed);
-        self.set_chunks(&mut e, list)?;
-        Ok(e)
+        self.set_chunks(e, list)
+    }
+
+    /// Reads a block device or fifo named as a source (`--read-special`) to its end and builds
+    /// a regular file's entry for it: the node's mode, owner, times and xattrs, zero runs as
+    /// holes. `given`: the source as given; `real`: the node (where a symlink led); `m`: its
+    /// metadata. A read error fails the ingest.
+    fn special_entry(
+        &self,
+        given: &Path,
+        real: &Path,
+        name: &OsStr,
+        m: &std::fs::Metadata,
+    ) -> Result<Entry> {
+        let xattrs = meta::xattrs(real).map_err(|e| Error::io(given, e))?;
+        let mut e = meta::entry(name.as_bytes(), m, &self.names, xattrs);
+        e.kind = Kind::File;
+        e.rdev = None;
+        // Never "unchanged": a device's times do not follow its content.
+        e.ino = 0;
+        let chunker = self.repo.config().chunker;
+        // Its length is unknown until its end: it counts as a large file (see `read_content`).
+        let _large = self.handle.block_on(self.large.acquire()).ok();
+        let f = read::open_noatime(real).map_err(|e| Error::io(given, e))?;
+        let offset = AtomicU64::new(0);
+        let reader = Box::new(Counted {
+            inner: Counted {
+                inner: f,
+                bytes: &offset,
+            },
+            bytes: &self.progress.bytes,
+        });
+        match read::read_stream_holes(reader, &chunker, self.w, &self.hashers) {
+            Ok((list, read)) => {
+                self.stored_stream(&mut e, list, read)?;
+                Ok(e)
+            }
+            Err(source) => {
+                self.w.check()?;
+                Err(Error::SpecialRead {
+                    path: given.to_path_buf(),
+                    offset: offset.load(Ordering::Relaxed),
+                    source,
+                })
+            }
+        }
     }
 
     /// Counts hardlink members and fills the content of members processed (in parallel) before

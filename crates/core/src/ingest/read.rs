@@ -26,7 +26,7 @@ use std::fs::File;
 use std::io::{self, Read, Seek, SeekFrom};
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::OpenOptionsExt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::mpsc::{self, Receiver};
 use std::sync::Arc;
 
@@ -46,6 +46,24 @@ pub fn open_noatime(path: &Path) -> io::Result<File> {
         Err(e) if e.raw_os_error() == Some(libc::EPERM) => open(0),
         r => r,
     }
+}
+
+/// Whether a source named on the command line is read as a file with `--read-special`: a block
+/// device or a fifo, or a symlink to one (followed, so `/dev/vg0/snap` works). Returns the node's
+/// path and metadata. A character device is not: a terminal or `/dev/zero` would never end.
+pub fn special_source(path: &Path, m: &std::fs::Metadata) -> Option<(PathBuf, std::fs::Metadata)> {
+    use std::os::unix::fs::FileTypeExt;
+    let special =
+        |m: &std::fs::Metadata| m.file_type().is_block_device() || m.file_type().is_fifo();
+    if special(m) {
+        return Some((path.to_path_buf(), m.clone()));
+    }
+    if !m.file_type().is_symlink() {
+        return None;
+    }
+    let real = std::fs::canonicalize(path).ok()?;
+    let m = std::fs::symlink_metadata(&real).ok()?;
+    special(&m).then_some((real, m))
 }
 
 /// Data regions of an open file of `size` bytes, as `(start, end)` pairs.

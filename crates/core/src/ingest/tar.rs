@@ -633,26 +633,14 @@ impl Builder {
         };
         let name = comps.last().cloned().unwrap_or_default();
         let mut e = Entry {
-            name,
             kind,
-            mode,
-            uid,
-            gid,
             user,
             group,
-            mtime,
             atime,
-            ctime,
-            size: 0,
-            ino: 0,
-            link: None,
             rdev,
             xattrs,
-            tree: None,
             target,
-            chunks: None,
-            chunk_list: None,
-            holes: None,
+            ..Entry::made_file(&name, mode, uid, gid, mtime, ctime)
         };
         match kind {
             Kind::Symlink => {
