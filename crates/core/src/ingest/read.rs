@@ -219,6 +219,8 @@ enum Source<'a> {
     Reader(Box<dyn Read + Send + 'a>),
     /// The [`Pieces::split`] stream, up to its next zero block.
     Split,
+    /// The [`Pieces::seq`] stream, which holds the data regions back to back.
+    Seq,
 }
 
 /// One piece of a file as the reader produces it.
@@ -252,6 +254,8 @@ struct Pieces<'a> {
     regions: std::vec::IntoIter<(u64, u64)>,
     /// A stream split at its zero blocks: its data regions and holes, found as it is read.
     split: Option<ZeroSplit<'a>>,
+    /// A stream of `regions`' data back to back (a sparse tar member).
+    seq: Option<Box<dyn Read + Send + 'a>>,
     /// The data region being read: its reader (positioned) and the bytes it has left
     /// (`u64::MAX` for a stream: until its end).
     current: Option<(Source<'a>, u64)>,
@@ -274,6 +278,7 @@ impl<'a> Pieces<'a> {
             file: Some(file),
             regions,
             split: None,
+            seq: None,
             current: None,
             carry: Vec::new(),
             chunker,
@@ -297,6 +302,7 @@ impl<'a> Pieces<'a> {
             file: None,
             regions: Vec::new().into_iter(),
             split: None,
+            seq: None,
             current: Some((Source::Reader(reader), u64::MAX)),
             carry: Vec::new(),
             chunker,
@@ -322,6 +328,23 @@ impl<'a> Pieces<'a> {
         p
     }
 
+    /// Pieces of a file of `size` bytes whose data `regions` (in order, not overlapping) come
+    /// back to back from `reader`; the rest is holes.
+    fn mapped(
+        reader: Box<dyn Read + Send + 'a>,
+        regions: Vec<(u64, u64)>,
+        size: u64,
+        chunker: ChunkerParams,
+        batch_bytes: usize,
+    ) -> Pieces<'a> {
+        let mut p = Pieces::stream(Box::new(io::empty()), chunker, batch_bytes);
+        p.current = None;
+        p.seq = Some(reader);
+        p.regions = regions.into_iter();
+        p.size = Some(size);
+        p
+    }
+
     /// The next pieces, about `batch_bytes` of data; empty at the end.
     fn next_batch(&mut self) -> io::Result<Batch> {
         // A small file gets a small buffer: its data is at most what lies past `pos`.
@@ -340,10 +363,12 @@ impl<'a> Pieces<'a> {
                 out.buf.append(&mut self.carry);
                 let want = (self.batch_bytes - out.buf.len()) as u64;
                 let mut none = io::empty();
-                let f: &mut dyn Read = match (src, &mut self.split) {
-                    (Source::Reader(f), _) => f,
-                    (Source::Split, Some(s)) => s,
-                    (Source::Split, None) => &mut none, // never: a split stream has its split
+                let f: &mut dyn Read = match (src, &mut self.split, &mut self.seq) {
+                    (Source::Reader(f), _, _) => f,
+                    (Source::Split, Some(s), _) => s,
+                    (Source::Seq, _, Some(s)) => s,
+                    // Never: a split or mapped stream has its reader.
+                    (Source::Split | Source::Seq, ..) => &mut none,
                 };
                 let n = f.take(want.min(*left)).read_to_end(&mut out.buf)? as u64;
                 self.read += n;
@@ -403,6 +428,10 @@ impl<'a> Pieces<'a> {
             }
             self.pos = start;
             let Some(file) = &self.file else {
+                if self.seq.is_some() {
+                    self.current = Some((Source::Seq, end - start));
+                    continue;
+                }
                 // A stream has no regions: it ended above.
                 self.done = true;
                 break;
@@ -462,6 +491,23 @@ pub fn read_stream_holes(
     hashers: &rayon::ThreadPool,
 ) -> io::Result<(WrittenList, u64)> {
     let pieces = Pieces::stream_holes(reader, *chunker, BATCH_BYTES);
+    read_pieces(pieces, w, hashers)
+}
+
+/// Reads, chunks and stores a sparse file of `size` bytes whose data `regions` (`(start, end)`,
+/// in order, not overlapping, within `size`) come back to back from `reader`, as a sparse tar
+/// member's do: the gaps are holes, and each region is cut as a sparse file's data region is, so
+/// the member and the file it was made from have the same chunks. If `reader` ends early, the
+/// list ends at the bytes read.
+pub fn read_mapped(
+    reader: Box<dyn Read + Send + '_>,
+    regions: Vec<(u64, u64)>,
+    size: u64,
+    chunker: &ChunkerParams,
+    w: &Arc<BlobWriter>,
+    hashers: &rayon::ThreadPool,
+) -> io::Result<(WrittenList, u64)> {
+    let pieces = Pieces::mapped(reader, regions, size, *chunker, BATCH_BYTES);
     read_pieces(pieces, w, hashers)
 }
 
@@ -776,7 +822,16 @@ mod tests {
         }
         let p = Pieces::new(f, 3_000_000, chunker, 1 << 20);
         let (pieces, read) = drain(p, &data, "sparse file");
-        assert_eq!(pieces, seen.unwrap(), "sparse file");
+        let seen = seen.unwrap();
+        assert_eq!(pieces, seen, "sparse file");
+        // The same data regions back to back, as a sparse tar member holds them: the same.
+        let regions = vec![(0, 8192), (20480, 102_400), (196_608, 2_990_080)];
+        let packed: Vec<u8> = (regions.iter())
+            .flat_map(|&(s, e)| data[s as usize..e as usize].to_vec())
+            .collect();
+        let cursor = Box::new(std::io::Cursor::new(packed));
+        let p = Pieces::mapped(cursor, regions, 3_000_000, chunker, 1 << 20);
+        assert_eq!(drain(p, &data, "mapped").0, seen, "mapped");
         // A file's holes are not read.
         let holes: u64 = want.iter().map(|(s, e)| e - s).sum();
         assert_eq!(read, 3_000_000 - holes);

@@ -40,8 +40,8 @@
 //!   8 GiB and more in PAX archives) fails the ingest; `LIBARCHIVE.xattr.*` records (bsdtar
 //!   also writes the `SCHILY.xattr.*` form, which is used) and NFSv4 ACLs are ignored.
 
-use super::read::{read_stream, BATCH_BYTES};
-use super::{lock, Walker};
+use super::read::{read_mapped, read_stream};
+use super::{lock, Counted, Walker};
 use crate::chunklist::WrittenList;
 use crate::error::{Error, Result};
 use crate::tree::{Entry, Kind, Time, Xattr};
@@ -52,7 +52,7 @@ use std::io::{self, Read};
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{mpsc, Arc};
+use std::sync::Arc;
 
 /// A tar archive to ingest: a file or standard input.
 pub struct TarSource<'a> {
@@ -84,21 +84,174 @@ struct Extensions {
 }
 
 /// The data of an extension header (at most 1 MiB).
-fn read_small<R: Read>(
-    m: &mut ::tar::Entry<'_, R>,
-    fail: &dyn Fn(String) -> Error,
-) -> Result<Vec<u8>> {
-    let size = m.size();
+fn read_small(data: &mut dyn Read, size: u64, fail: &dyn Fn(String) -> Error) -> Result<Vec<u8>> {
     if size > 1 << 20 {
         return Err(fail(format!("an extension header of {size} bytes")));
     }
-    let mut data = Vec::with_capacity(size as usize);
-    m.read_to_end(&mut data)
+    let mut out = Vec::with_capacity(size as usize);
+    data.read_to_end(&mut out)
         .map_err(|e| fail(format!("extension header: {e}")))?;
-    if (data.len() as u64) < size {
+    if (out.len() as u64) < size {
         return Err(fail("an extension header is cut short: truncated".into()));
     }
-    Ok(data)
+    Ok(out)
+}
+
+/// Reads as much of `buf` as the input holds: all of it, or less only at the input's end.
+fn read_full(r: &mut dyn Read, buf: &mut [u8]) -> io::Result<usize> {
+    let mut n = 0;
+    while n < buf.len() {
+        match r.read(&mut buf[n..]) {
+            Ok(0) => break,
+            Ok(k) => n += k,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(n)
+}
+
+/// Checks a header block's checksum (unsigned sum of its bytes, the checksum field as spaces).
+fn check_sum(h: &::tar::Header) -> std::result::Result<(), String> {
+    let b = h.as_bytes();
+    let sum: u32 = (b[..148].iter().chain(&b[156..]))
+        .map(|&x| u32::from(x))
+        .sum::<u32>()
+        + 8 * 32;
+    match h.cksum() {
+        Ok(c) if c == sum => Ok(()),
+        _ => Err("a header fails its checksum: corrupt".into()),
+    }
+}
+
+/// Where a sparse member's data lies in the file it stands for: data regions `(start, end)`, in
+/// order, and the file's size.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct SparseMap {
+    pub regions: Vec<(u64, u64)>,
+    pub size: u64,
+}
+
+impl SparseMap {
+    /// A map from `(offset, length)` pairs; empty regions dropped. Checks order and bounds.
+    pub fn new(pairs: &[(u64, u64)], size: u64) -> std::result::Result<SparseMap, String> {
+        let mut regions: Vec<(u64, u64)> = Vec::with_capacity(pairs.len());
+        for &(off, len) in pairs {
+            let end = off
+                .checked_add(len)
+                .filter(|&e| e <= size)
+                .ok_or_else(|| format!("a sparse region {off}+{len} past the size {size}"))?;
+            if regions.last().is_some_and(|&(_, prev)| off < prev) {
+                return Err(format!("sparse regions out of order at {off}"));
+            }
+            if len > 0 {
+                regions.push((off, end));
+            }
+        }
+        Ok(SparseMap { regions, size })
+    }
+
+    /// Bytes of data the member holds for this map.
+    pub fn data_bytes(&self) -> u64 {
+        self.regions.iter().map(|(s, e)| e - s).sum()
+    }
+}
+
+/// Parses a PAX sparse 1.0 map, the decimal lines at the start of the member's data (count,
+/// then offset and length per region), padded to a 512-byte block. Returns the pairs and the
+/// bytes of data the map took.
+pub fn parse_sparse_1_0(
+    data: &mut dyn Read,
+) -> std::result::Result<(Vec<(u64, u64)>, u64), String> {
+    let mut used = 0u64;
+    let mut line = Vec::new();
+    let mut next = |used: &mut u64| -> std::result::Result<u64, String> {
+        line.clear();
+        loop {
+            let mut b = [0u8; 1];
+            match data.read(&mut b) {
+                Ok(1) => {}
+                Ok(_) => return Err("the sparse map is cut short".into()),
+                Err(e) => return Err(format!("sparse map: {e}")),
+            }
+            *used += 1;
+            if b[0] == b'\n' {
+                break;
+            }
+            if line.len() > 20 {
+                return Err("a sparse map line is too long".into());
+            }
+            line.push(b[0]);
+        }
+        std::str::from_utf8(&line)
+            .ok()
+            .and_then(|l| l.parse().ok())
+            .ok_or_else(|| {
+                format!(
+                    "a bad number {:?} in the sparse map",
+                    String::from_utf8_lossy(&line)
+                )
+            })
+    };
+    let count = next(&mut used)?;
+    if count > 1 << 24 {
+        return Err(format!("a sparse map of {count} regions"));
+    }
+    let mut pairs = Vec::with_capacity(count as usize);
+    for _ in 0..count {
+        let off = next(&mut used)?;
+        let len = next(&mut used)?;
+        pairs.push((off, len));
+    }
+    let pad = (512 - used % 512) % 512;
+    let mut skip = vec![0u8; pad as usize];
+    let n = read_full(data, &mut skip).map_err(|e| format!("sparse map: {e}"))?;
+    if n < skip.len() {
+        return Err("the sparse map is cut short".into());
+    }
+    Ok((pairs, used + pad))
+}
+
+/// The sparse map of an old-GNU sparse member (type `S`): the four regions of its header, then
+/// those of the extension blocks that follow the header (read from `input`).
+fn gnu_sparse_map(
+    h: &::tar::Header,
+    input: &mut dyn Read,
+) -> std::result::Result<SparseMap, String> {
+    let gnu = h
+        .as_gnu()
+        .ok_or("a sparse member whose header is not GNU")?;
+    let mut pairs = Vec::new();
+    let mut add = |e: &::tar::GnuSparseHeader| -> std::result::Result<(), String> {
+        if !e.is_empty() {
+            let off = e.offset().map_err(|e| e.to_string())?;
+            let len = e.length().map_err(|e| e.to_string())?;
+            pairs.push((off, len));
+        }
+        Ok(())
+    };
+    for e in &gnu.sparse {
+        add(e)?;
+    }
+    let mut extended = gnu.is_extended();
+    let mut blocks = 0u32;
+    while extended {
+        let mut ext = ::tar::GnuExtSparseHeader::new();
+        let n = read_full(input, ext.as_mut_bytes()).map_err(|e| e.to_string())?;
+        if n < 512 {
+            return Err("a sparse extension block is cut short: truncated".into());
+        }
+        for e in &ext.sparse {
+            add(e)?;
+        }
+        extended = ext.is_extended();
+        blocks += 1;
+        if blocks > 1 << 20 {
+            return Err("too many sparse extension blocks".into());
+        }
+    }
+    let size = gnu.real_size().map_err(|e| e.to_string())?;
+    SparseMap::new(&pairs, size)
 }
 
 fn trim_nul(mut v: Vec<u8>) -> Vec<u8> {
@@ -384,31 +537,6 @@ fn local_id(user: bool, name: &str) -> Option<u32> {
     }
 }
 
-/// A reader over the blocks a member's copier sends.
-struct ChanReader {
-    rx: mpsc::Receiver<Vec<u8>>,
-    buf: Vec<u8>,
-    pos: usize,
-}
-
-impl Read for ChanReader {
-    fn read(&mut self, out: &mut [u8]) -> io::Result<usize> {
-        while self.pos == self.buf.len() {
-            match self.rx.recv() {
-                Ok(b) => {
-                    self.buf = b;
-                    self.pos = 0;
-                }
-                Err(_) => return Ok(0),
-            }
-        }
-        let n = out.len().min(self.buf.len() - self.pos);
-        out[..n].copy_from_slice(&self.buf[self.pos..self.pos + n]);
-        self.pos += n;
-        Ok(n)
-    }
-}
-
 /// Builds the generation's root from a tar archive. `time`: the generation's.
 pub(super) fn root(w: &Walker<'_>, src: TarSource<'_>, time: &DateTime<Utc>) -> Result<Entry> {
     let offset = Arc::new(AtomicU64::new(0));
@@ -422,48 +550,94 @@ pub(super) fn root(w: &Walker<'_>, src: TarSource<'_>, time: &DateTime<Utc>) -> 
         inner: src.reader,
         n: offset.clone(),
     });
-    let reader = decompress(input, &origin, &fail)?;
-    let mut archive = ::tar::Archive::new(reader);
+    let mut reader = decompress(input, &origin, &fail)?;
     let t = Time(time.timestamp(), time.timestamp_subsec_nanos());
     let mut b = Builder {
         root: implied(b"", t),
         time: t,
         next_group: 1,
     };
-    let mut ended_by_marker = false;
-    {
-        // Raw: extension headers come to us as members and are parsed here, because the
-        // crate's PAX parser splits records at newlines, and a PAX value may hold newlines
-        // (GNU tar's ACL text does).
-        let entries = archive
-            .entries()
-            .map_err(|e| fail(e.to_string()))?
-            .raw(true);
-        let mut ext = Extensions::default();
-        for item in entries {
-            let mut m = item.map_err(|e| fail(e.to_string()))?;
-            use ::tar::EntryType as T;
-            match m.header().entry_type() {
-                T::XHeader => {
-                    let data = read_small(&mut m, &fail)?;
-                    ext.pax = parse_pax(&data).map_err(|e| fail(format!("PAX header: {e}")))?;
-                }
-                T::GNULongName => ext.long_name = Some(trim_nul(read_small(&mut m, &fail)?)),
-                T::GNULongLink => ext.long_link = Some(trim_nul(read_small(&mut m, &fail)?)),
-                T::XGlobalHeader => {}
-                _ => b.member(w, &mut m, std::mem::take(&mut ext), &fail)?,
+    // The blocks are read here rather than by the `tar` crate's iterator: a PAX `size` (members
+    // of 8 GiB and more) and the extension blocks of an old-GNU sparse member decide where the
+    // next header is, and the crate's raw mode knows neither. Extension headers (PAX `x`, GNU
+    // `L`/`K`) are parsed here too: the crate's PAX parser splits records at newlines, and a PAX
+    // value may hold newlines (GNU tar's ACL text does).
+    let (mut first_zero, mut ended_by_marker) = (false, false);
+    let mut ext = Extensions::default();
+    loop {
+        let mut h = ::tar::Header::new_old();
+        let n = read_full(&mut reader, h.as_mut_bytes()).map_err(|e| fail(e.to_string()))?;
+        if n == 0 {
+            break;
+        }
+        if n < 512 {
+            return Err(fail("the archive ends inside a header: truncated".into()));
+        }
+        if h.as_bytes().iter().all(|&b| b == 0) {
+            first_zero = true;
+            break;
+        }
+        check_sum(&h).map_err(&fail)?;
+        use ::tar::EntryType as T;
+        let et = h.entry_type();
+        let extension = matches!(
+            et,
+            T::XHeader | T::XGlobalHeader | T::GNULongName | T::GNULongLink
+        );
+        let mut size = h
+            .entry_size()
+            .map_err(|e| fail(format!("header size: {e}")))?;
+        if let Some(v) = ext
+            .pax
+            .iter()
+            .rev()
+            .find(|(k, _)| k == "size")
+            .map(|(_, v)| v)
+        {
+            if !extension {
+                size = String::from_utf8_lossy(v).trim().parse().map_err(|_| {
+                    fail(format!("a bad PAX size {:?}", String::from_utf8_lossy(v)))
+                })?;
             }
         }
+        let gnu_map = if et == T::GNUSparse {
+            Some(gnu_sparse_map(&h, &mut reader).map_err(|e| fail(format!("sparse member: {e}")))?)
+        } else {
+            None
+        };
+        let mut data = (&mut reader).take(size);
+        match et {
+            T::XHeader => {
+                let d = read_small(&mut data, size, &fail)?;
+                ext.pax = parse_pax(&d).map_err(|e| fail(format!("PAX header: {e}")))?;
+            }
+            T::GNULongName => ext.long_name = Some(trim_nul(read_small(&mut data, size, &fail)?)),
+            T::GNULongLink => ext.long_link = Some(trim_nul(read_small(&mut data, size, &fail)?)),
+            T::XGlobalHeader => {}
+            _ => {
+                let e = std::mem::take(&mut ext);
+                b.member(w, &h, &mut data, size, gnu_map, e, &fail)?;
+            }
+        }
+        // What the member did not use, and the padding to the next block.
+        io::copy(&mut data, &mut io::sink()).map_err(|e| fail(e.to_string()))?;
+        let left = data.limit();
+        let pad = (512 - size % 512) % 512;
+        let mut padding = [0u8; 512];
+        let got = read_full(&mut reader, &mut padding[..pad as usize])
+            .map_err(|e| fail(e.to_string()))?;
+        if left > 0 || got < pad as usize {
+            let name = String::from_utf8_lossy(&h.path_bytes()).into_owned();
+            return Err(fail(format!("member {name:?} is cut short: truncated")));
+        }
     }
-    // The crate stops at the first zero block, or at the end of the input: what follows the
-    // first zero block (the second one, padding) must still be read, for a compressed stream's
-    // checksum to be checked and to tell a clean end from a cut one.
-    let mut rest = archive.into_inner();
+    // What follows the first zero block (the second one, padding) must still be read, for a
+    // compressed stream's checksum to be checked and to tell a clean end from a cut one.
     let mut buf = vec![0u8; 64 << 10];
     loop {
-        match rest.read(&mut buf) {
+        match reader.read(&mut buf) {
             Ok(0) => break,
-            Ok(_) => ended_by_marker = true,
+            Ok(_) => ended_by_marker = first_zero,
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
             Err(e) => return Err(fail(e.to_string())),
         }
@@ -483,45 +657,63 @@ impl Builder {
     }
 
     /// Adds one member to the tree.
-    fn member<R: Read>(
+    #[allow(clippy::too_many_arguments)]
+    fn member(
         &mut self,
         w: &Walker<'_>,
-        m: &mut ::tar::Entry<'_, R>,
+        h: &::tar::Header,
+        data: &mut (dyn Read + Send),
+        size: u64,
+        gnu_map: Option<SparseMap>,
         ext: Extensions,
         fail: &dyn Fn(String) -> Error,
     ) -> Result<()> {
         use ::tar::EntryType as T;
-        let et = m.header().entry_type();
+        let et = h.entry_type();
         let mut pax: HashMap<String, Vec<u8>> = HashMap::new();
         let mut xattrs: Vec<Xattr> = Vec::new();
+        // PAX sparse 0.0: offset and length records, in pairs, in order.
+        let (mut offsets, mut lengths) = (Vec::new(), Vec::new());
         for (key, value) in ext.pax {
-            if let Some(name) = key.strip_prefix("SCHILY.xattr.") {
-                xattrs.retain(|x| x.name != name.as_bytes());
-                xattrs.push(Xattr {
-                    name: name.as_bytes().to_vec(),
-                    value,
-                });
-            } else {
-                pax.insert(key, value);
+            let xattr = match key.strip_prefix("SCHILY.xattr.") {
+                Some(name) => Some((name.as_bytes().to_vec(), value)),
+                None => match key.strip_prefix("LIBARCHIVE.xattr.") {
+                    // bsdtar's form: the name URL-encoded, the value in base64.
+                    Some(name) => match (url_decode(name), base64_decode(&value)) {
+                        (Some(n), Some(v)) => Some((n, v)),
+                        _ => None,
+                    },
+                    None => {
+                        let num = || String::from_utf8_lossy(&value).trim().parse::<u64>().ok();
+                        match key.as_str() {
+                            "GNU.sparse.offset" => offsets.push(num()),
+                            "GNU.sparse.numbytes" => lengths.push(num()),
+                            _ => {}
+                        }
+                        pax.insert(key, value);
+                        None
+                    }
+                },
+            };
+            if let Some((name, value)) = xattr {
+                xattrs.retain(|x| x.name != name);
+                xattrs.push(Xattr { name, value });
             }
         }
-        let raw = match pax.get("path").cloned().or(ext.long_name) {
+        let raw = match (pax.get("GNU.sparse.name").or(pax.get("path")).cloned()).or(ext.long_name)
+        {
             Some(p) => p,
-            None => m.path_bytes().into_owned(),
+            None => h.path_bytes().into_owned(),
         };
         let link_name = match pax.get("linkpath").cloned().or(ext.long_link) {
             Some(l) => Some(l),
-            None => m.link_name_bytes().map(|l| l.into_owned()),
+            None => h.link_name_bytes().map(|l| l.into_owned()),
         };
-        if let Some(size) = pax.get("size") {
-            let size = String::from_utf8_lossy(size);
-            if size.trim().parse::<u64>().ok() != Some(m.size()) {
-                return Err(fail(format!(
-                    "member {}: a PAX size ({size}) other than the header's is not supported yet",
-                    show(&raw)
-                )));
-            }
-        }
+        let sparse = match gnu_map {
+            Some(m) => Some(m),
+            None => pax_sparse_map(&pax, &offsets, &lengths, data)
+                .map_err(|e| fail(format!("member {}: sparse map: {e}", show(&raw))))?,
+        };
         for (key, xname) in [
             ("SCHILY.acl.access", "system.posix_acl_access"),
             ("SCHILY.acl.default", "system.posix_acl_default"),
@@ -559,14 +751,8 @@ impl Builder {
         if excluded(w, &comps) {
             return Ok(());
         }
-        if et == T::GNUSparse || pax.keys().any(|k| k.starts_with("GNU.sparse.")) {
-            self.warn(w, &raw, "left out: sparse members are not supported yet");
-            return Ok(());
-        }
-
-        let h = m.header();
         let kind = match et {
-            T::Regular | T::Continuous => Kind::File,
+            T::Regular | T::Continuous | T::GNUSparse => Kind::File,
             T::Directory => Kind::Dir,
             T::Symlink => Kind::Symlink,
             T::Char => Kind::Chardev,
@@ -649,8 +835,7 @@ impl Builder {
                 e.size = e.target.as_ref().map_or(0, |t| t.len() as u64);
             }
             Kind::File => {
-                let size = m.size();
-                let (list, read) = read_member(w, m, size, &raw, fail)?;
+                let (list, read) = read_member(w, data, size, sparse, &raw, fail)?;
                 e.size = list.size();
                 e.holes = Some(list.hole_bytes()).filter(|&h| h > 0);
                 w.stats.read.fetch_add(read, Ordering::Relaxed);
@@ -838,71 +1023,34 @@ fn show(name: &[u8]) -> String {
     format!("{:?}", String::from_utf8_lossy(name))
 }
 
-/// Reads a regular member's data through the stream pipeline.
-fn read_member<R: Read>(
+/// Reads a regular member's data through the stream pipeline; a sparse member's through the
+/// mapped one, its gaps as holes. A member cut short is found by the caller (its data reader
+/// has bytes left).
+fn read_member(
     w: &Walker<'_>,
-    m: &mut ::tar::Entry<'_, R>,
+    data: &mut (dyn Read + Send),
     size: u64,
+    sparse: Option<SparseMap>,
     raw: &[u8],
     fail: &dyn Fn(String) -> Error,
 ) -> Result<(WrittenList, u64)> {
     let chunker = w.repo.config().chunker;
-    let short = |got: u64| {
-        fail(format!(
-            "member {} ends after {got} of its {size} bytes: truncated",
-            show(raw)
-        ))
-    };
-    let result = if size <= BATCH_BYTES as u64 {
-        let mut data = Vec::with_capacity(size as usize);
-        m.read_to_end(&mut data)
-            .map_err(|e| fail(format!("member {}: {e}", show(raw))))?;
-        if (data.len() as u64) < size {
-            return Err(short(data.len() as u64));
-        }
-        w.progress
-            .bytes
-            .fetch_add(data.len() as u64, Ordering::Relaxed);
-        read_stream(Box::new(io::Cursor::new(data)), &chunker, w.w, &w.hashers)
-    } else {
-        // The member's reader is not `Send`: copy its blocks to the pipeline on a thread.
-        let (tx, rx) = mpsc::sync_channel::<Vec<u8>>(4);
-        std::thread::scope(|s| -> Result<io::Result<(WrittenList, u64)>> {
-            let reader = ChanReader {
-                rx,
-                buf: Vec::new(),
-                pos: 0,
-            };
-            let chunker = &chunker;
-            let job = s.spawn(move || read_stream(Box::new(reader), chunker, w.w, &w.hashers));
-            let mut got = 0u64;
-            let copied = loop {
-                let mut block = vec![0u8; 1 << 20];
-                match m.read(&mut block) {
-                    Ok(0) => break Ok(()),
-                    Ok(n) => {
-                        block.truncate(n);
-                        got += n as u64;
-                        w.progress.bytes.fetch_add(n as u64, Ordering::Relaxed);
-                        if tx.send(block).is_err() {
-                            break Ok(()); // the pipeline failed: its error is below
-                        }
-                    }
-                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                    Err(e) => break Err(fail(format!("member {}: {e}", show(raw)))),
-                }
-            };
-            drop(tx);
-            let r = job.join().map_err(|_| Error::TaskFailed {
-                what: "reading a tar member",
-                reason: "the chunking thread panicked".into(),
-            })?;
-            copied?;
-            if got < size {
-                return Err(short(got));
+    let reader = Box::new(Counted {
+        inner: data,
+        bytes: &w.progress.bytes,
+    });
+    let result = match sparse {
+        Some(m) => {
+            if m.data_bytes() > size {
+                return Err(fail(format!(
+                    "member {}: its sparse map holds {} bytes of data, the member {size}",
+                    show(raw),
+                    m.data_bytes()
+                )));
             }
-            Ok(r)
-        })?
+            read_mapped(reader, m.regions, m.size, &chunker, w.w, &w.hashers)
+        }
+        None => read_stream(reader, &chunker, w.w, &w.hashers),
     };
     match result {
         Ok(r) => Ok(r),
@@ -912,6 +1060,111 @@ fn read_member<R: Read>(
             Err(fail(format!("member {}: {e}", show(raw))))
         }
     }
+}
+
+/// The sparse map a PAX member's records give (GNU tar `--sparse`, formats 0.0, 0.1 and 1.0), if
+/// any; for 1.0 the map is read from the start of `data`.
+fn pax_sparse_map(
+    pax: &HashMap<String, Vec<u8>>,
+    offsets: &[Option<u64>],
+    lengths: &[Option<u64>],
+    data: &mut dyn Read,
+) -> std::result::Result<Option<SparseMap>, String> {
+    let num = |key: &str| -> std::result::Result<Option<u64>, String> {
+        match pax.get(key) {
+            None => Ok(None),
+            Some(v) => String::from_utf8_lossy(v)
+                .trim()
+                .parse()
+                .map(Some)
+                .map_err(|_| format!("a bad {key}")),
+        }
+    };
+    let major = num("GNU.sparse.major")?;
+    if major == Some(1) {
+        let size = num("GNU.sparse.realsize")?.ok_or("no GNU.sparse.realsize")?;
+        let (pairs, _) = parse_sparse_1_0(data)?;
+        return SparseMap::new(&pairs, size).map(Some);
+    }
+    if let Some(m) = major {
+        return Err(format!("sparse format {m}.x is not known"));
+    }
+    let Some(size) = num("GNU.sparse.size")? else {
+        return Ok(None);
+    };
+    let pairs: Vec<(u64, u64)> = if let Some(map) = pax.get("GNU.sparse.map") {
+        // 0.1: "offset,length,offset,length,…"
+        let nums: Vec<u64> = String::from_utf8_lossy(map)
+            .split(',')
+            .map(|n| {
+                n.trim()
+                    .parse()
+                    .map_err(|_| "a bad GNU.sparse.map".to_string())
+            })
+            .collect::<std::result::Result<_, _>>()?;
+        if nums.len() % 2 != 0 {
+            return Err("GNU.sparse.map has an odd count".into());
+        }
+        nums.chunks(2).map(|p| (p[0], p[1])).collect()
+    } else {
+        // 0.0: GNU.sparse.offset and GNU.sparse.numbytes records in pairs.
+        if offsets.len() != lengths.len() {
+            return Err("unpaired GNU.sparse.offset/numbytes records".into());
+        }
+        (offsets.iter().zip(lengths))
+            .map(|(o, l)| {
+                o.zip(*l)
+                    .ok_or("a bad GNU.sparse.offset or numbytes".to_string())
+            })
+            .collect::<std::result::Result<_, _>>()?
+    };
+    SparseMap::new(&pairs, size).map(Some)
+}
+
+/// Decodes `%XX` escapes (bsdtar's `LIBARCHIVE.xattr.` names).
+pub fn url_decode(s: &str) -> Option<Vec<u8>> {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'%' {
+            let hex = std::str::from_utf8(b.get(i + 1..i + 3)?).ok()?;
+            out.push(u8::from_str_radix(hex, 16).ok()?);
+            i += 3;
+        } else {
+            out.push(b[i]);
+            i += 1;
+        }
+    }
+    Some(out)
+}
+
+/// Decodes standard base64, with or without `=` padding (bsdtar's `LIBARCHIVE.xattr.` values).
+pub fn base64_decode(s: &[u8]) -> Option<Vec<u8>> {
+    let val = |c: u8| -> Option<u32> {
+        Some(match c {
+            b'A'..=b'Z' => c - b'A',
+            b'a'..=b'z' => c - b'a' + 26,
+            b'0'..=b'9' => c - b'0' + 52,
+            b'+' => 62,
+            b'/' => 63,
+            _ => return None,
+        } as u32)
+    };
+    let s: Vec<u8> = s.iter().copied().filter(|&c| c != b'=').collect();
+    if s.len() % 4 == 1 {
+        return None;
+    }
+    let mut out = Vec::with_capacity(s.len() * 3 / 4);
+    for group in s.chunks(4) {
+        let mut n = 0u32;
+        for (i, &c) in group.iter().enumerate() {
+            n |= val(c)? << (18 - 6 * i);
+        }
+        let bytes = n.to_be_bytes();
+        out.extend_from_slice(&bytes[1..group.len()]);
+    }
+    Some(out)
 }
 
 #[cfg(test)]
