@@ -21,6 +21,8 @@ if [ "$demo" = 0 ]; then
   command -v mkfs.ext4 >/dev/null 2>&1 || need+=(e2fsprogs)
   command -v setfacl >/dev/null 2>&1 || need+=(acl)
   command -v getfattr >/dev/null 2>&1 || need+=(attr)
+  # bsdtar: the --tar tests check archives written by libarchive too.
+  command -v bsdtar >/dev/null 2>&1 || need+=(libarchive-tools)
   [ -e /usr/include/fuse3/fuse.h ] || need+=(libfuse3-dev)
   command -v pkg-config >/dev/null 2>&1 || need+=(pkg-config)
 fi
