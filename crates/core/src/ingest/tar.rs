@@ -7,10 +7,14 @@
 //!
 //! - **Data**: each regular member's bytes go through the writer's stream pipeline
 //!   ([`super::read::read_stream`]) as the member streams by, so a file cut from a tar and the
-//!   same file cut from a directory have the same chunks and deduplicate. The `tar` crate's
-//!   member readers borrow the archive and are not `Send`, so a member up to one batch is read
-//!   into memory first, and a larger one is handed to the pipeline through a bounded channel
-//!   from a scoped thread.
+//!   same file cut from a directory have the same chunks and deduplicate. A sparse member (old
+//!   GNU type `S`, with its extension blocks; PAX `GNU.sparse.*` 0.0, 0.1 and 1.0, as GNU tar
+//!   `--sparse` and bsdtar write them) goes through [`super::read::read_mapped`]: its map's gaps
+//!   are holes, and its data regions are cut as a sparse file's, so it deduplicates with the file
+//!   too.
+//! - **Blocks** are read here, not by the `tar` crate's iterator (whose raw mode knows neither a
+//!   PAX `size` nor sparse extension blocks, both of which decide where the next header is); the
+//!   crate parses each header's fields.
 //! - **Tree**: members may come in any order and repeat; the tree is built in memory as a map
 //!   of path → entry (file data already chunked, so only metadata and chunk lists are held),
 //!   the last member for a path wins, as when tar extracts. Directories that only appear as a
@@ -32,13 +36,12 @@
 //!   target is data and is kept as it is: nothing ever follows it while the tree is built.
 //! - **Errors**: a truncated or corrupt archive (or compression) fails the ingest with the byte
 //!   offset reached in the input, before any manifest is written: nothing is published.
-//! - **Extension headers** (PAX `x`, GNU `L`/`K`) are read here, with the crate in raw mode:
-//!   its own PAX parser splits records at newlines, and GNU tar's ACL text holds newlines.
-//! - **Not supported yet**: sparse members (GNU `S`, PAX `GNU.sparse.*`) are left out with a
-//!   warning (an old-GNU sparse member with more than four holes has extension blocks that make
-//!   the archive fail as corrupt); a PAX `size` that differs from the header's (members of
-//!   8 GiB and more in PAX archives) fails the ingest; `LIBARCHIVE.xattr.*` records (bsdtar
-//!   also writes the `SCHILY.xattr.*` form, which is used) and NFSv4 ACLs are ignored.
+//! - **Extension headers** (PAX `x`, GNU `L`/`K`) are parsed here: the crate's PAX parser
+//!   splits records at newlines, and GNU tar's ACL text holds newlines. A PAX `size` (members of
+//!   8 GiB and more) is the member's size.
+//!   `LIBARCHIVE.xattr.NAME` records (bsdtar: the name URL-encoded, the value base64) are xattrs
+//!   as `SCHILY.xattr.NAME` are.
+//! - **Not supported yet**: xz compression (recognised and refused with a sentence), NFSv4 ACLs.
 
 use super::read::{read_mapped, read_stream};
 use super::{lock, Counted, Walker};
@@ -1102,7 +1105,7 @@ fn pax_sparse_map(
                     .map_err(|_| "a bad GNU.sparse.map".to_string())
             })
             .collect::<std::result::Result<_, _>>()?;
-        if nums.len() % 2 != 0 {
+        if !nums.len().is_multiple_of(2) {
             return Err("GNU.sparse.map has an odd count".into());
         }
         nums.chunks(2).map(|p| (p[0], p[1])).collect()
@@ -1210,6 +1213,28 @@ mod tests {
         assert_eq!(p[1], ("path".into(), b"etc/x".to_vec()));
         assert!(parse_pax(b"99 path=x\n").is_err());
         assert!(parse_pax(b"x path=x\n").is_err());
+    }
+
+    #[test]
+    fn decodes_libarchive_xattrs_and_sparse_maps() {
+        assert_eq!(url_decode("user.a%3Db%25").unwrap(), b"user.a=b%");
+        assert!(url_decode("user.%zz").is_none());
+        assert_eq!(base64_decode(b"ZnJvbSBlc3hpMQ==").unwrap(), b"from esxi1");
+        assert_eq!(base64_decode(b"ZnJvbSBlc3hpMQ").unwrap(), b"from esxi1");
+        assert_eq!(base64_decode(b"").unwrap(), b"");
+        assert!(base64_decode(b"Zm!v").is_none());
+        let mut data: &[u8] = b"2\n0\n10\n4096\n5\n";
+        let mut padded = data.to_vec();
+        padded.resize(512, 0);
+        padded.extend_from_slice(b"DATA");
+        data = &padded;
+        let (pairs, used) = parse_sparse_1_0(&mut data).unwrap();
+        assert_eq!((pairs.as_slice(), used), (&[(0, 10), (4096, 5)][..], 512));
+        assert_eq!(data, b"DATA");
+        let m = SparseMap::new(&pairs, 8192).unwrap();
+        assert_eq!(m.regions, [(0, 10), (4096, 4101)]);
+        assert!(SparseMap::new(&[(10, 5), (0, 1)], 100).is_err());
+        assert!(SparseMap::new(&[(0, 101)], 100).is_err());
     }
 
     #[test]
