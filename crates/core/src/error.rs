@@ -140,7 +140,7 @@ pub enum Error {
         reason: String,
     },
 
-    /// A tar archive in a form this version cannot read (xz compression).
+    /// A tar archive this version cannot take as asked (given together with paths).
     #[error("tar archive {archive}: {reason}")]
     TarUnsupported { archive: String, reason: String },
 

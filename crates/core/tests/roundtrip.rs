@@ -981,7 +981,7 @@ async fn same_tree(
     seen
 }
 
-/// GNU tar archives (pax and gnu formats; plain, gzip, zstd; a file and a pipe) of a tree with
+/// GNU tar archives (pax and gnu formats; plain, gzip, zstd, xz; a file and a pipe) of a tree with
 /// every entry type ingest to the same tree as the directory, with the same chunks.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tar_round_trip_matches_directory_ingest() {
@@ -997,10 +997,12 @@ async fn tar_round_trip_matches_directory_ingest() {
         assert!(e.xattr(b"system.posix_acl_access").is_some());
     }
     let mut cases = vec![("pax", ""), ("gnu", ""), ("pax", "-z")];
-    if have("zstd") {
-        cases.push(("pax", "--zstd"));
-    } else {
-        println!("note: zstd not installed; zstd archives not covered");
+    for (tool, flag) in [("zstd", "--zstd"), ("xz", "-J")] {
+        if have(tool) {
+            cases.push(("pax", flag));
+        } else {
+            println!("note: {tool} not installed; {tool} archives not covered");
+        }
     }
     for (i, (format, compress)) in cases.into_iter().enumerate() {
         let archive = dir.path().join(format!("a{i}.tar"));
@@ -1131,7 +1133,32 @@ async fn tar_hostile_members_repeats_and_implied_dirs() {
     assert_eq!(r.manifest.root.mode, 0o755);
 }
 
-/// A truncated or corrupt archive fails with the input offset, and nothing is published.
+/// `bytes` compressed by the `xz` command (as `tar -J` runs it), or by liblzma where the
+/// command is missing.
+fn xz_of(bytes: &[u8]) -> Vec<u8> {
+    if !have("xz") {
+        println!("note: xz not installed; the xz stream comes from liblzma");
+        let mut e = liblzma::write::XzEncoder::new(Vec::new(), 1);
+        std::io::Write::write_all(&mut e, bytes).unwrap();
+        return e.finish().unwrap();
+    }
+    let mut c = std::process::Command::new("xz")
+        .args(["-1", "-c"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdin = c.stdin.take().unwrap();
+    let data = bytes.to_vec();
+    let feeder = std::thread::spawn(move || std::io::Write::write_all(&mut stdin, &data));
+    let out = c.wait_with_output().unwrap();
+    feeder.join().unwrap().unwrap();
+    assert!(out.status.success());
+    out.stdout
+}
+
+/// A truncated or corrupt archive (tar, gzip, xz) fails with the input offset, and nothing is
+/// published.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tar_truncated_or_corrupt_commits_nothing() {
     use tar::EntryType as T;
@@ -1147,6 +1174,10 @@ async fn tar_truncated_or_corrupt_commits_nothing() {
     let gz = gz.finish().unwrap();
     let mut corrupt = plain.clone();
     corrupt[512 + 512 + 100] ^= 0xff; // inside etc/big's header
+    let xz = xz_of(&plain);
+    let mut xz_corrupt = xz.clone();
+    let mid = xz.len() / 2;
+    xz_corrupt[mid] ^= 0x55; // inside the LZMA2 data of etc/big (random: stored as is)
     let cases: Vec<(&str, Vec<u8>)> = vec![
         ("tgz cut in half", gz[..gz.len() / 2].to_vec()),
         ("tgz without its trailer", gz[..gz.len() - 4].to_vec()),
@@ -1157,7 +1188,13 @@ async fn tar_truncated_or_corrupt_commits_nothing() {
         ),
         ("corrupt header", corrupt),
         ("empty", Vec::new()),
-        ("xz", b"\xfd7zXZ\0rest".to_vec()),
+        ("xz header only", b"\xfd7zXZ\0rest".to_vec()),
+        ("txz cut in half", xz[..mid].to_vec()),
+        (
+            "txz without its stream footer",
+            xz[..xz.len() - 12].to_vec(),
+        ),
+        ("txz with a flipped byte", xz_corrupt),
     ];
     for (what, bytes) in cases {
         let err = run_tar(&repo, no_sources("esxi1"), "cfg.tgz", piped(bytes))
@@ -1165,16 +1202,29 @@ async fn tar_truncated_or_corrupt_commits_nothing() {
             .unwrap_err()
             .to_string();
         println!("{what}: {err}");
-        if what == "xz" {
-            assert!(err.contains("xz"), "{what}: {err}");
-        } else {
-            assert!(
-                err.starts_with("reading tar archive cfg.tgz: ") && err.contains("(at byte "),
-                "{what}: {err}"
-            );
+        assert!(
+            err.starts_with("reading tar archive cfg.tgz: ") && err.contains("(at byte "),
+            "{what}: {err}"
+        );
+        if what.contains("xz") {
+            assert!(err.contains(": xz: "), "the compression is named: {err}");
         }
     }
     assert!(repo.generations("esxi1").await.unwrap().is_empty());
+    // The whole xz stream, and two xz streams one after another (`cat a.xz b.xz`, as pixz or
+    // a concatenation writes) holding one tar, are fine.
+    let half = 1024 + 512 + 300_032;
+    let mut two = xz_of(&plain[..half]);
+    two.extend(xz_of(&plain[half..]));
+    for (i, bytes) in [xz, two].into_iter().enumerate() {
+        let mut o = no_sources("xz");
+        o.time = Some(chrono::Utc::now() + chrono::Duration::seconds(i as i64));
+        let r = run_tar(&repo, o, "cfg.txz", piped(bytes)).await.unwrap();
+        assert_eq!(
+            read_whole(&repo, &r.manifest.root.tree.unwrap(), b"etc/big").await,
+            big
+        );
+    }
     // The whole archive is fine.
     let r = run_tar(&repo, no_sources("esxi1"), "cfg.tgz", piped(gz))
         .await

@@ -1,9 +1,10 @@
 //! A tar archive or stream as a generation's tree (`backtree ingest --tar FILE|-`).
 //!
 //! The input is read once, front to back, and never seeks: it may be a pipe, and a compressed
-//! stream cannot seek anyway. Its compression is found from its first bytes (gzip `1f 8b`,
-//! zstd `28 b5 2f fd`; xz `fd 37 7a 58 5a 00` is recognised and refused as unsupported), then
-//! the `tar` crate parses the members (ustar, GNU long names and links, PAX headers).
+//! stream cannot seek anyway. Its compression is found from its first bytes, never from its
+//! name: gzip `1f 8b` (flate2), zstd `28 b5 2f fd`, xz `fd 37 7a 58 5a 00` (liblzma, built from
+//! its bundled source), or none; several gzip members or xz streams one after another are one
+//! tar stream. The `tar` crate parses each header's fields (ustar, GNU, PAX).
 //!
 //! - **Data**: each regular member's bytes go through the writer's stream pipeline
 //!   ([`super::read::read_stream`]) as the member streams by, so a file cut from a tar and the
@@ -35,13 +36,16 @@
 //!   is left out, as is a hardlink whose target would, or names no earlier member. A symlink's
 //!   target is data and is kept as it is: nothing ever follows it while the tree is built.
 //! - **Errors**: a truncated or corrupt archive (or compression) fails the ingest with the byte
-//!   offset reached in the input, before any manifest is written: nothing is published.
+//!   offset reached in the input, before any manifest is written: nothing is published. A
+//!   decoder's error names its compression (`xz: lzma data error`); every compressed stream is
+//!   read to its end, so its checksum (gzip CRC-32, xz block check) is checked.
 //! - **Extension headers** (PAX `x`, GNU `L`/`K`) are parsed here: the crate's PAX parser
 //!   splits records at newlines, and GNU tar's ACL text holds newlines. A PAX `size` (members of
 //!   8 GiB and more) is the member's size.
 //!   `LIBARCHIVE.xattr.NAME` records (bsdtar: the name URL-encoded, the value base64) are xattrs
 //!   as `SCHILY.xattr.NAME` are.
-//! - **Not supported yet**: xz compression (recognised and refused with a sentence), NFSv4 ACLs.
+//! - **Not supported yet**: other compressions (bzip2, lz4, lzip: decompress in the pipe), NFSv4
+//!   ACLs (bsdtar's `SCHILY.acl.ace`), file flags, multi-volume archives.
 
 use super::read::{read_mapped, read_stream};
 use super::{lock, Counted, Walker};
@@ -334,7 +338,6 @@ pub fn detect(head: &[u8]) -> Compression {
 /// The archive's tar stream, decompressed as its first bytes say.
 fn decompress<'a>(
     mut input: Box<dyn Read + Send + 'a>,
-    origin: &str,
     fail: &dyn Fn(String) -> Error,
 ) -> Result<Box<dyn Read + Send + 'a>> {
     let mut head = Vec::with_capacity(6);
@@ -353,21 +356,43 @@ fn decompress<'a>(
     }
     let kind = detect(&head);
     let whole: Box<dyn Read + Send + 'a> = Box::new(io::Cursor::new(head).chain(input));
-    Ok(match kind {
-        Compression::None => whole,
-        Compression::Gzip => Box::new(flate2::read::MultiGzDecoder::new(whole)),
-        Compression::Zstd => {
-            Box::new(zstd::stream::read::Decoder::new(whole).map_err(|e| fail(e.to_string()))?)
-        }
-        Compression::Xz => {
-            return Err(Error::TarUnsupported {
-                archive: origin.to_string(),
-                reason: "xz compression is not supported yet; decompress it first \
-                         (`xz -dc FILE | backtree ingest … --tar -`)"
-                    .into(),
-            })
-        }
-    })
+    let (name, decoder): (&str, Box<dyn Read + Send + 'a>) = match kind {
+        Compression::None => return Ok(whole),
+        // Several members or streams one after another (pigz; `cat a.xz b.xz`, pixz) are one
+        // tar stream.
+        Compression::Gzip => ("gzip", Box::new(flate2::read::MultiGzDecoder::new(whole))),
+        Compression::Zstd => (
+            "zstd",
+            Box::new(zstd::stream::read::Decoder::new(whole).map_err(|e| fail(e.to_string()))?),
+        ),
+        Compression::Xz => (
+            "xz",
+            Box::new(liblzma::read::XzDecoder::new_multi_decoder(whole)),
+        ),
+    };
+    Ok(Box::new(Named {
+        name,
+        inner: decoder,
+    }))
+}
+
+/// A decoder whose errors name its compression (`xz: lzma data error`), so a message tells a
+/// corrupt compressed stream from a corrupt tar inside it.
+struct Named<R> {
+    name: &'static str,
+    inner: R,
+}
+
+impl<R: Read> Read for Named<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        self.inner.read(buf).map_err(|e| {
+            if e.kind() == io::ErrorKind::Interrupted {
+                e
+            } else {
+                io::Error::new(e.kind(), format!("{}: {e}", self.name))
+            }
+        })
+    }
 }
 
 /// One path of the tree being built.
@@ -553,7 +578,7 @@ pub(super) fn root(w: &Walker<'_>, src: TarSource<'_>, time: &DateTime<Utc>) -> 
         inner: src.reader,
         n: offset.clone(),
     });
-    let mut reader = decompress(input, &origin, &fail)?;
+    let mut reader = decompress(input, &fail)?;
     let t = Time(time.timestamp(), time.timestamp_subsec_nanos());
     let mut b = Builder {
         root: implied(b"", t),
