@@ -550,6 +550,45 @@ pub fn acl_from_text(
     Ok(out)
 }
 
+/// The entries `(tag, perm)` of a binary POSIX ACL (as [`acl_from_text`] makes it).
+fn acl_entries(acl: &[u8]) -> impl Iterator<Item = (u16, u16)> + '_ {
+    acl.get(4..).unwrap_or(&[]).chunks_exact(8).map(|e| {
+        (
+            u16::from_le_bytes([e[0], e[1]]),
+            u16::from_le_bytes([e[2], e[3]]),
+        )
+    })
+}
+
+/// Whether an access ACL holds only the owner, group and other entries: the mode says as much,
+/// and the kernel keeps no xattr for it (GNU tar writes one for a directory that has only a
+/// default ACL).
+pub fn acl_is_minimal(acl: &[u8]) -> bool {
+    acl_entries(acl).all(|(tag, _)| matches!(tag, ACL_USER_OBJ | ACL_GROUP_OBJ | ACL_OTHER))
+}
+
+/// The mode with its permission bits from an access ACL, as the kernel keeps them in step when
+/// the ACL is set: owner from `user::`, group from `mask::` (else `group::`), other from
+/// `other::`. bsdtar's header mode has `group::` in its group bits even when a mask differs.
+pub fn mode_with_acl(mode: u32, acl: &[u8]) -> u32 {
+    let (mut group_obj, mut mask) = (None, None);
+    let mut m = mode;
+    for (tag, perm) in acl_entries(acl) {
+        let p = u32::from(perm & 7);
+        match tag {
+            ACL_USER_OBJ => m = (m & !0o700) | p << 6,
+            ACL_OTHER => m = (m & !0o007) | p,
+            ACL_GROUP_OBJ => group_obj = Some(p),
+            ACL_MASK => mask = Some(p),
+            _ => {}
+        }
+    }
+    match mask.or(group_obj) {
+        Some(g) => (m & !0o070) | g << 3,
+        None => m,
+    }
+}
+
 /// Looks up a user's or group's id by name on this host.
 fn local_id(user: bool, name: &str) -> Option<u32> {
     if user {
@@ -750,10 +789,14 @@ impl Builder {
                 match acl_from_text(&String::from_utf8_lossy(text), &local_id) {
                     Ok(v) => {
                         xattrs.retain(|x| x.name != xname.as_bytes());
-                        xattrs.push(Xattr {
-                            name: xname.as_bytes().to_vec(),
-                            value: v,
-                        });
+                        let empty = v.len() <= 4;
+                        let minimal = key == "SCHILY.acl.access" && acl_is_minimal(&v);
+                        if !empty && !minimal {
+                            xattrs.push(Xattr {
+                                name: xname.as_bytes().to_vec(),
+                                value: v,
+                            });
+                        }
                     }
                     Err(why) => self.warn(w, &raw, format!("ACL not kept: {why}")),
                 }
@@ -803,7 +846,10 @@ impl Builder {
                         .map_err(|_| fail(format!("member {}: {what} {v} too large", show(&raw))))
                 })
         };
-        let mode = num(h.mode().map(u64::from), "mode")? & 0o7777;
+        let mut mode = num(h.mode().map(u64::from), "mode")? & 0o7777;
+        if let Some(acl) = xattrs.iter().find(|x| x.name == b"system.posix_acl_access") {
+            mode = mode_with_acl(mode, &acl.value);
+        }
         let pax_id = |key: &str| {
             pax.get(key)
                 .and_then(|v| String::from_utf8_lossy(v).trim().parse::<u64>().ok())
@@ -1303,5 +1349,26 @@ mod tests {
         assert!(acl_from_text("user:nobody-here:r--", &none).is_err());
         assert!(acl_from_text("wheel::r--", &none).is_err());
         assert!(acl_from_text("user::rwz", &none).is_err());
+    }
+
+    #[test]
+    fn an_access_acl_sets_the_mode_and_a_minimal_one_is_no_acl() {
+        let none = |_: bool, _: &str| None;
+        // bsdtar's header mode for a file with this ACL is 0644 (group bits from `group::`);
+        // the kernel's is 0664 (from `mask::`).
+        let star =
+            "user::rw-,group::r--,other::r--,user:1234:r--:1234,group:5678:rw-:5678,mask::rw-";
+        let a = acl_from_text(star, &none).unwrap();
+        assert!(!acl_is_minimal(&a));
+        assert_eq!(mode_with_acl(0o100644, &a), 0o100664);
+        assert_eq!(
+            mode_with_acl(0o4644, &a),
+            0o4664,
+            "setuid and type bits stay"
+        );
+        // GNU tar's access ACL of a directory that has only a default ACL.
+        let m = acl_from_text("user::rwx\ngroup::r-x\nother::r-x\n", &none).unwrap();
+        assert!(acl_is_minimal(&m));
+        assert_eq!(mode_with_acl(0o755, &m), 0o755);
     }
 }
