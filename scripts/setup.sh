@@ -23,6 +23,8 @@ if [ "$demo" = 0 ]; then
   command -v getfattr >/dev/null 2>&1 || need+=(attr)
   # bsdtar: the --tar tests check archives written by libarchive too.
   command -v bsdtar >/dev/null 2>&1 || need+=(libarchive-tools)
+  # xz: `tar -J` in the --tar tests (backtree itself decodes xz with liblzma built from source).
+  command -v xz >/dev/null 2>&1 || need+=(xz-utils)
   [ -e /usr/include/fuse3/fuse.h ] || need+=(libfuse3-dev)
   command -v pkg-config >/dev/null 2>&1 || need+=(pkg-config)
 fi

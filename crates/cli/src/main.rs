@@ -108,7 +108,7 @@ enum Cmd {
     /// the generation's root under their own names. `--stdin NAME` stores standard input as one
     /// more file at the root (`pg_dump db | backtree ingest --host h --stdin db.sql`); run such a
     /// pipeline with `set -o pipefail`, since a producer that fails cannot be detected here.
-    /// `--tar FILE|-` expands a tar archive (plain, gzip or zstd) into the generation instead.
+    /// `--tar FILE|-` expands a tar archive (plain, gzip, zstd or xz) into the generation instead.
     Ingest {
         #[command(flatten)]
         repo: RepoArg,
@@ -153,7 +153,7 @@ enum Cmd {
         #[arg(long, requires = "stdin")]
         allow_empty: bool,
         /// Expand a tar archive (or `-`: standard input) into the generation: the archive's
-        /// root is the generation's root, with its members' metadata. Plain, gzip or zstd,
+        /// root is the generation's root, with its members' metadata. Plain, gzip, zstd or xz,
         /// detected from the data. Not combined with PATHs or --stdin.
         #[arg(long, value_name = "FILE|-", conflicts_with_all = ["stdin", "paths"])]
         tar: Option<PathBuf>,
