@@ -296,6 +296,19 @@ impl FileChunks {
         }
     }
 
+    /// Upper bound of the memory this list can hold while being read, in bytes: a whole list's
+    /// pieces; a paged list's root plus [`NODE_CACHE`] nodes of at most [`PAGE_CHUNKS`] records
+    /// (a repository may page at another size; this is an estimate for a cache's budget).
+    pub fn footprint(&self) -> usize {
+        let piece = std::mem::size_of::<ChunkRef>();
+        match self {
+            FileChunks::Whole(l) => l.0.len() * piece,
+            FileChunks::Paged(p) => {
+                p.root.len() * std::mem::size_of::<IndexRecord>() + NODE_CACHE * PAGE_CHUNKS * piece
+            }
+        }
+    }
+
     /// The whole list, if it is not paged (no fetch needed).
     pub fn whole(&self) -> Option<&Arc<ChunkList>> {
         match self {
@@ -542,5 +555,16 @@ mod tests {
         assert!(decode_index("t", &raw[..20]).is_err());
         assert!(decode_index("t", &encode_index(0, &[(1, Id::of(b"x"))])).is_err());
         assert!(decode_index("t", &encode_index(1, &[])).is_err());
+    }
+
+    #[test]
+    fn footprint_bounds_a_paged_list_by_its_node_cache() {
+        let whole = FileChunks::Whole(Arc::new(ChunkList(pieces(10))));
+        assert_eq!(whole.footprint(), 10 * std::mem::size_of::<ChunkRef>());
+        let root: Vec<IndexRecord> = (1..=3).map(|i| (i * 100, Id([i as u8; 32]))).collect();
+        let paged = FileChunks::from_blob(&Id([9; 32]), &encode_index(1, &root), None).unwrap();
+        let nodes = NODE_CACHE * PAGE_CHUNKS * std::mem::size_of::<ChunkRef>();
+        assert_eq!(paged.footprint(), 3 * std::mem::size_of::<IndexRecord>() + nodes);
+        assert!(paged.footprint() < 2 << 20, "a paged file is about 1 MiB at most");
     }
 }

@@ -2,8 +2,8 @@
 //!
 //! Files are read by inode, with no open handle: the kernel opens files without asking
 //! (FUSE_NO_OPEN_SUPPORT, see `crate::fuse`). A file's read state ([`OpenFile`]: its chunk
-//! list and its sequential streams) is kept in an LRU of [`OPEN_FILES`] files; a file read
-//! after its state was dropped gets it again from its entry or from the store. A read finds
+//! list and its sequential streams) is kept in an LRU of at most [`OPEN_FILES`] files and
+//! [`OPEN_FILES_BYTES`] of chunk lists; a file read after its state was dropped gets it again from its entry or from the store. A read finds
 //! its first chunk by binary search over the chunk list's end offsets, takes each chunk from
 //! [`Chunks`] and copies the requested bytes; holes read as zeros.
 //!
@@ -25,8 +25,14 @@ use lru::LruCache;
 use std::num::NonZeroUsize;
 use std::sync::{Arc, Mutex};
 
-/// Files whose read state is kept (an LRU by inode).
+/// Files whose read state is kept at most (an LRU by inode).
 const OPEN_FILES: usize = 256;
+
+/// Bytes of chunk lists the kept read states may hold ([`FileChunks::footprint`]): 64 MiB is
+/// about 80 paged files with full node caches (each ~1 MiB at most), or one unpaged list of
+/// 1.4 M pieces (a 1.4 TB file written before paged lists). A state over the budget is used for
+/// its read and not kept.
+const OPEN_FILES_BYTES: usize = 64 << 20;
 
 /// What reading a regular file needs, kept per inode (not per open).
 pub(super) struct OpenFile {
@@ -36,21 +42,29 @@ pub(super) struct OpenFile {
     pub(super) streams: Streams,
 }
 
-/// The files being read, by inode.
+/// The files being read, by inode, within [`OPEN_FILES`] and [`OPEN_FILES_BYTES`].
 pub(super) struct Files {
-    open: Mutex<LruCache<u64, Arc<OpenFile>>>,
+    open: Mutex<Kept>,
+}
+
+struct Kept {
+    lru: LruCache<u64, (Arc<OpenFile>, usize)>,
+    bytes: usize,
 }
 
 impl Files {
     pub(super) fn new() -> Self {
         let n = NonZeroUsize::new(OPEN_FILES).unwrap_or(NonZeroUsize::MIN);
         Files {
-            open: Mutex::new(LruCache::new(n)),
+            open: Mutex::new(Kept {
+                lru: LruCache::new(n),
+                bytes: 0,
+            }),
         }
     }
 
     pub(super) fn get(&self, ino: u64) -> Option<Arc<OpenFile>> {
-        lock(&self.open).get(&ino).cloned()
+        lock(&self.open).lru.get(&ino).map(|(f, _)| f.clone())
     }
 
     pub(super) fn insert(
@@ -60,13 +74,26 @@ impl Files {
         path: Arc<[u8]>,
         chunks: FileChunks,
     ) -> Arc<OpenFile> {
+        let size = chunks.footprint();
         let f = Arc::new(OpenFile {
             gen,
             path,
             chunks,
             streams: Streams::default(),
         });
-        lock(&self.open).put(ino, f.clone());
+        if size <= OPEN_FILES_BYTES {
+            let mut kept = lock(&self.open);
+            kept.bytes += size;
+            if let Some((_, (_, old))) = kept.lru.push(ino, (f.clone(), size)) {
+                kept.bytes -= old;
+            }
+            while kept.bytes > OPEN_FILES_BYTES {
+                match kept.lru.pop_lru() {
+                    Some((_, (_, old))) => kept.bytes -= old,
+                    None => break,
+                }
+            }
+        }
         f
     }
 }
