@@ -26,6 +26,7 @@
 //!   whole tree instead of sources: see [`tar`](self::tar) for how members become entries.
 
 mod meta;
+pub mod gzip;
 pub mod read;
 pub mod tar;
 pub mod writer;
@@ -981,6 +982,7 @@ impl Walker<'_> {
             chunks: None,
             chunk_list: None,
             holes: None,
+            gzip: None,
         };
         self.stats.files.fetch_add(1, Ordering::Relaxed);
         self.stats.logical.fetch_add(e.size, Ordering::Relaxed);

@@ -653,6 +653,7 @@ impl Builder {
             chunks: None,
             chunk_list: None,
             holes: None,
+            gzip: None,
         };
         match kind {
             Kind::Symlink => {
