@@ -5,9 +5,11 @@
 
 writes OUT_DIR/night-01.sql … night-NN.sql, each about MB megabytes: a schema header, then a
 COPY block of rows (id, name, e-mail, date, amount, a comment of dictionary words). Every night
-CHANGE_PERCENT (default 1) of the rows are updated in place and a few are appended, so two
-consecutive dumps differ by about that fraction of their bytes, spread over the whole file.
-Deterministic: the same arguments give the same files.
+CHANGE_PERCENT (default 1) of the rows change, as in an orders table: half of them are new rows
+appended, half are updates of recent rows (among the last 1%: orders still being processed), so two consecutive dumps differ by
+about that fraction of their bytes, near their end. (Updates spread uniformly over a dump would
+change every chunk of any chunking deduplicator, gzip or not.) Deterministic: the same arguments
+give the same files.
 """
 import os
 import random
@@ -68,11 +70,12 @@ def main():
         size += len(r)
     for night in range(1, nights + 1):
         if night > 1:
-            n = max(1, int(len(rows) * change / 100))
-            for _ in range(n * 9 // 10):
-                i = rng.randrange(len(rows))
+            n = max(2, int(len(rows) * change / 100))
+            recent = max(1, len(rows) // 100)
+            for _ in range(n // 2):
+                i = len(rows) - 1 - rng.randrange(recent)
                 rows[i] = row(rng, i + 1)
-            for _ in range(n - n * 9 // 10):
+            for _ in range(n - n // 2):
                 rows.append(row(rng, len(rows) + 1))
         with open(os.path.join(out, f"night-{night:02d}.sql"), "w") as f:
             f.write(HEADER)

@@ -129,6 +129,30 @@ pub enum Error {
         reason: String,
     },
 
+    /// A gzip stream (`--stdin`) that cannot be read to its end: truncated, corrupt (a bad CRC32,
+    /// bad deflate data) or not gzip after its magic. Nothing is published.
+    #[error("reading {origin} for {name}: {reason} (at byte {offset} of the input)")]
+    GzipRead {
+        origin: String,
+        name: String,
+        /// Bytes of the input (compressed, as given) consumed when the error was found.
+        offset: u64,
+        reason: String,
+    },
+
+    /// `cat` of something that is not a regular file.
+    #[error("{path} is not a regular file")]
+    NotAFile { path: String },
+
+    /// `cat --original` of a file that was not stored from gzip data.
+    #[error("{path} was not stored from gzip data: it has no original to recreate")]
+    NoGzipOrigin { path: String },
+
+    /// A recreated original that is not what was ingested (a damaged recipe, or a preflate
+    /// that recreates differently).
+    #[error("the original of {path} cannot be recreated: {reason}")]
+    OriginalMismatch { path: String, reason: String },
+
     /// A tar archive in a form this version cannot read (xz compression).
     #[error("tar archive {archive}: {reason}")]
     TarUnsupported { archive: String, reason: String },
@@ -180,7 +204,7 @@ impl Error {
             Error::NotARepository { .. }
             | Error::BlobNotIndexed { .. }
             | Error::NotFound { .. } => ErrorKind::NotFound,
-            Error::Corrupt { .. } => ErrorKind::Corrupt,
+            Error::Corrupt { .. } | Error::OriginalMismatch { .. } => ErrorKind::Corrupt,
             Error::AlreadyInitialized { .. }
             | Error::NotEmpty { .. }
             | Error::UnsupportedVersion { .. }
@@ -195,6 +219,9 @@ impl Error {
             | Error::EmptyStream { .. }
             | Error::StreamRead { .. }
             | Error::TarRead { .. }
+            | Error::GzipRead { .. }
+            | Error::NotAFile { .. }
+            | Error::NoGzipOrigin { .. }
             | Error::TarUnsupported { .. }
             | Error::SourceUnnamed { .. }
             | Error::NoFreeName { .. }

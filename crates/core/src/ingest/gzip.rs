@@ -62,6 +62,13 @@ pub const TAG_LITERAL: u8 = 1;
 pub const TAG_DEFLATE: u8 = 2;
 pub const TAG_SEGMENT: u8 = 3;
 pub const TAG_SKIP: u8 = 4;
+pub const TAG_CORRECTIONS: u8 = 5;
+
+/// Corrections per `corrections` record. The records of a segment come before its `segment`
+/// record, all of this size but the last, so that two recipes whose corrections begin alike are
+/// alike byte for byte up to the first difference (and deduplicate): nothing that depends on the
+/// whole segment (its lengths) precedes them.
+pub const CORRECTIONS_PIECE: usize = 64 << 10;
 
 /// Plaintext per preflate segment, by default: one segment covers a 256 MiB dump whole, which
 /// matters because preflate-rs cannot continue most deflate streams (see the module doc). The
@@ -188,12 +195,13 @@ impl<W: Write> RecipeWriter<W> {
     /// The next `plain` bytes of plaintext and these corrections recreate the next deflate
     /// bytes of the current stream.
     pub fn segment(&mut self, plain: u64, corrections: &[u8]) -> io::Result<()> {
-        let len = u32::try_from(corrections.len())
-            .map_err(|_| io::Error::other("preflate corrections over 4 GiB"))?;
+        for piece in corrections.chunks(CORRECTIONS_PIECE) {
+            self.put(&[TAG_CORRECTIONS])?;
+            self.put(&(piece.len() as u32).to_le_bytes())?;
+            self.put(piece)?;
+        }
         self.put(&[TAG_SEGMENT])?;
-        self.put(&plain.to_le_bytes())?;
-        self.put(&len.to_le_bytes())?;
-        self.put(corrections)
+        self.put(&plain.to_le_bytes())
     }
 
     /// The next `plain` bytes of plaintext produce no output (a literal already holds their
@@ -258,12 +266,27 @@ impl<R: Read> RecipeReader<R> {
         Ok(b)
     }
 
-    /// The next record; after a literal, its bytes must be read with [`Self::literal`] first.
+    /// The next record (a segment with its corrections gathered); after a literal, its bytes
+    /// must be read with [`Self::literal`] first.
     pub fn next(&mut self) -> io::Result<Record> {
         if self.ended {
             return Err(corrupt("read past its end"));
         }
-        let [tag] = self.exact::<1>()?;
+        let mut corrections = Vec::new();
+        let mut tag = self.exact::<1>()?[0];
+        while tag == TAG_CORRECTIONS {
+            let len = u32::from_le_bytes(self.exact()?) as u64;
+            if len == 0 || len > CORRECTIONS_PIECE as u64 {
+                return Err(corrupt(format!("corrections record of {len} bytes")));
+            }
+            if (&mut self.r).take(len).read_to_end(&mut corrections)? as u64 != len {
+                return Err(corrupt("truncated corrections"));
+            }
+            tag = self.exact::<1>()?[0];
+            if tag != TAG_CORRECTIONS && tag != TAG_SEGMENT {
+                return Err(corrupt("corrections not followed by their segment"));
+            }
+        }
         Ok(match tag {
             TAG_END => {
                 let mut extra = [0u8; 1];
@@ -275,15 +298,10 @@ impl<R: Read> RecipeReader<R> {
             }
             TAG_LITERAL => Record::Literal(u32::from_le_bytes(self.exact()?)),
             TAG_DEFLATE => Record::Deflate,
-            TAG_SEGMENT => {
-                let plain = u64::from_le_bytes(self.exact()?);
-                let len = u32::from_le_bytes(self.exact()?) as u64;
-                let mut corrections = Vec::new();
-                if (&mut self.r).take(len).read_to_end(&mut corrections)? as u64 != len {
-                    return Err(corrupt("truncated corrections"));
-                }
-                Record::Segment { plain, corrections }
-            }
+            TAG_SEGMENT => Record::Segment {
+                plain: u64::from_le_bytes(self.exact()?),
+                corrections,
+            },
             TAG_SKIP => Record::Skip(u64::from_le_bytes(self.exact()?)),
             t => return Err(corrupt(format!("unknown record tag {t}"))),
         })
