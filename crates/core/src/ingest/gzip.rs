@@ -87,6 +87,21 @@ const IN_FLIGHT: usize = 64;
 /// holds at most 16 Ki (memLevel 8) or 32 Ki (memLevel 9) symbols of up to 258 bytes: 8.4 MB.
 const SEGMENT_MARGIN: u64 = 9 << 20;
 
+/// The chunker of recipes: the repository's, scaled down 8 times (64 KiB on average for the
+/// default 512 KiB), at least 4 KiB. A recipe's corrections are incompressible and, from the
+/// first change in the content on, new every night; the prefix before it deduplicates only in
+/// whole chunks, so what a night adds is about one recipe chunk: with the content's chunks, a
+/// 200 MB dump's 2 MB recipe cost a whole new 0.5–1 MiB chunk a night. Readers take chunks of any
+/// size (a chunk list holds their ends).
+pub fn recipe_chunker(c: &crate::config::ChunkerParams) -> crate::config::ChunkerParams {
+    crate::config::ChunkerParams {
+        min: (c.min / 8).max(4096),
+        avg: (c.avg / 8).max(4096),
+        max: (c.max / 8).max(16384),
+        ..*c
+    }
+}
+
 /// The preflate search depth: zlib's `-9` uses 4096 (preflate's default).
 const MAX_CHAIN: u32 = 4096;
 

@@ -812,8 +812,8 @@ impl Walker<'_> {
             built.fallbacks,
             built.len
         );
-        let (recipe, _) =
-            read::read_stream(Box::new(built.file), &chunker, self.w, &self.hashers)?;
+        let small = gzip::recipe_chunker(&chunker);
+        let (recipe, _) = read::read_stream(Box::new(built.file), &small, self.w, &self.hashers)?;
         let (chunks, chunk_list) = self.list_fields(recipe).map_err(std::io::Error::other)?;
         Ok(Gunzipped::Stored(
             list,
