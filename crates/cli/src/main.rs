@@ -584,7 +584,12 @@ fn run(cli: Cli) -> Result<i32> {
 }
 
 /// `backtree cat`: one file's content, or its gzip original, to standard output.
-fn cat_cmd(rt: &tokio::runtime::Runtime, repo: &Repository, what: &str, original: bool) -> Result<i32> {
+fn cat_cmd(
+    rt: &tokio::runtime::Runtime,
+    repo: &Repository,
+    what: &str,
+    original: bool,
+) -> Result<i32> {
     use backtree_core::tree::Kind;
     let what = what.trim_matches('/');
     let mut parts = what.splitn(3, '/');
@@ -674,7 +679,9 @@ impl StdoutDiverted {
                 std::io::stdout().as_fd().try_clone_to_owned()
             }
         };
-        Ok(std::fs::File::from(fd.context("cannot use standard output")?))
+        Ok(std::fs::File::from(
+            fd.context("cannot use standard output")?,
+        ))
     }
 }
 

@@ -31,7 +31,11 @@ fn dumps(dir: &Path, nights: u32, mb: f64) -> Vec<PathBuf> {
 /// The output of a shell command (`sh -c`), which must succeed.
 fn sh(cmd: &str) -> Vec<u8> {
     let o = Command::new("sh").arg("-c").arg(cmd).output().unwrap();
-    assert!(o.status.success(), "{cmd}: {}", String::from_utf8_lossy(&o.stderr));
+    assert!(
+        o.status.success(),
+        "{cmd}: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
     o.stdout
 }
 
@@ -116,13 +120,24 @@ fn gzip_from_every_tool_is_stored_decompressed_and_recreated_exactly() {
         // By --stdin: stored as the name without .gz.
         let host = format!("s{i}");
         let o = ingest_stdin(r, &host, name, &gz, &[]);
-        assert!(o.status.success(), "{name}: {}", String::from_utf8_lossy(&o.stderr));
+        assert!(
+            o.status.success(),
+            "{name}: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
         let stored = gunzipped(name);
         let got = cat(r, &format!("{host}/latest/{stored}"), false);
         assert!(got.status.success(), "{name}");
-        assert!(got.stdout == content(name), "{name}: decompressed content differs");
+        assert!(
+            got.stdout == content(name),
+            "{name}: decompressed content differs"
+        );
         let orig = cat(r, &format!("{host}/latest/{stored}"), true);
-        assert!(orig.status.success(), "{name}: {}", String::from_utf8_lossy(&orig.stderr));
+        assert!(
+            orig.status.success(),
+            "{name}: {}",
+            String::from_utf8_lossy(&orig.stderr)
+        );
         assert_eq!(hash(&orig.stdout), hash(&gz), "{name}: original differs");
     }
     // A file whose stripped name exists is kept as it is; so is a .gz that is not gzip.
@@ -137,16 +152,30 @@ fn gzip_from_every_tool_is_stored_decompressed_and_recreated_exactly() {
         .unwrap();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let warn = String::from_utf8_lossy(&o.stderr);
-    assert!(warn.contains("fake.gz") && warn.contains("trunc.gz"), "{warn}");
+    assert!(
+        warn.contains("fake.gz") && warn.contains("trunc.gz"),
+        "{warn}"
+    );
     assert!(warn.contains("at byte 5000"), "{warn}");
     for (name, _) in &cases {
         let stored = gunzipped(name);
         let got = cat(r, &format!("dir/latest/{stored}"), false);
-        assert!(got.stdout == content(name), "dir {name}: decompressed content differs");
+        assert!(
+            got.stdout == content(name),
+            "dir {name}: decompressed content differs"
+        );
         let orig = cat(r, &format!("dir/latest/{stored}"), true);
-        assert!(orig.status.success(), "{name}: {}", String::from_utf8_lossy(&orig.stderr));
+        assert!(
+            orig.status.success(),
+            "{name}: {}",
+            String::from_utf8_lossy(&orig.stderr)
+        );
         let gz = std::fs::read(src.join(name)).unwrap();
-        assert_eq!(hash(&orig.stdout), hash(&gz), "dir {name}: original differs");
+        assert_eq!(
+            hash(&orig.stdout),
+            hash(&gz),
+            "dir {name}: original differs"
+        );
     }
     for kept in ["both", "both.gz", "fake.gz", "trunc.gz"] {
         let got = cat(r, &format!("dir/latest/{kept}"), false);
@@ -164,7 +193,10 @@ fn gzip_from_every_tool_is_stored_decompressed_and_recreated_exactly() {
     let stats = &v["generation"]["stats"];
     assert_eq!(stats["unchanged_files"], stats["files"], "{stats}");
     let again = cat(r, "dir/latest/multi.sql", true);
-    assert_eq!(hash(&again.stdout), hash(&std::fs::read(src.join("multi.sql.gz")).unwrap()));
+    assert_eq!(
+        hash(&again.stdout),
+        hash(&std::fs::read(src.join("multi.sql.gz")).unwrap())
+    );
     // --no-gunzip keeps the stream as it comes; cat --original of it is an error.
     let gz = std::fs::read(src.join("gzip6.sql.gz")).unwrap();
     let o = ingest_stdin(r, "raw", "raw.sql.gz", &gz, &["--no-gunzip"]);
@@ -201,14 +233,20 @@ fn corrupt_and_truncated_streams_fail_and_publish_nothing() {
     let o = ingest_stdin(r, "h", "db.sql.gz", cut, &[]);
     assert_eq!(o.status.code(), Some(1));
     let err = String::from_utf8_lossy(&o.stderr);
-    assert!(err.contains("truncated") && err.contains(&format!("at byte {}", cut.len())), "{err}");
+    assert!(
+        err.contains("truncated") && err.contains(&format!("at byte {}", cut.len())),
+        "{err}"
+    );
     let mut bad = gz.clone();
     let n = bad.len();
     bad[n - 7] ^= 0x55; // inside the CRC32
     let o = ingest_stdin(r, "h", "db.sql.gz", &bad, &[]);
     assert_eq!(o.status.code(), Some(1));
     let err = String::from_utf8_lossy(&o.stderr);
-    assert!(err.contains("CRC32") && err.contains(&format!("at byte {}", n - 8)), "{err}");
+    assert!(
+        err.contains("CRC32") && err.contains(&format!("at byte {}", n - 8)),
+        "{err}"
+    );
     let mut bad = gz.clone();
     for b in &mut bad[2000..2100] {
         *b = !*b;
@@ -217,7 +255,10 @@ fn corrupt_and_truncated_streams_fail_and_publish_nothing() {
     assert_eq!(o.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&o.stderr).contains("at byte"));
     let ls = bt().args(["ls", "--repo", r]).output().unwrap();
-    assert!(!String::from_utf8_lossy(&ls.stdout).contains("\nh "), "nothing published");
+    assert!(
+        !String::from_utf8_lossy(&ls.stdout).contains("\nh "),
+        "nothing published"
+    );
     assert!(!repo.join("snapshots/h").exists());
 }
 
@@ -278,7 +319,13 @@ fn thirty_nights_of_gzip_dumps_deduplicate() {
             .args(["--time", &format!("2026-11-{:02}T01:00:00Z", i + 1)]));
         std::fs::copy(night, plain_src.join("db.sql")).unwrap();
         ok(bt()
-            .args(["ingest", "--repo", plain_repo.to_str().unwrap(), "--host", "db"])
+            .args([
+                "ingest",
+                "--repo",
+                plain_repo.to_str().unwrap(),
+                "--host",
+                "db",
+            ])
             .arg(&plain_src)
             .args(["--time", &format!("2026-11-{:02}T01:00:00Z", i + 1)]));
         let orig = cat(r, "db/latest/db.sql", true);
@@ -312,7 +359,10 @@ fn thirty_nights_of_gzip_dumps_deduplicate() {
         "{size} bytes: over a quarter of the thirty .gz files as they are"
     );
     if mb >= 20.0 {
-        assert!(size < 2 * first_gz, "repository {size} bytes ≥ 2 × {first_gz}");
+        assert!(
+            size < 2 * first_gz,
+            "repository {size} bytes ≥ 2 × {first_gz}"
+        );
     }
 }
 

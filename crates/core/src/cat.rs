@@ -154,7 +154,8 @@ pub fn write_original(
         });
     }
     let mut plain = ContentReader::new(repo, handle, content);
-    let mut recipe = io::BufReader::with_capacity(1 << 20, ContentReader::new(repo, handle, recipe));
+    let mut recipe =
+        io::BufReader::with_capacity(1 << 20, ContentReader::new(repo, handle, recipe));
     let mut hashing = Hashing {
         out,
         hasher: blake3::Hasher::new(),

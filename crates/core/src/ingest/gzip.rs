@@ -283,7 +283,7 @@ impl<R: Read> RecipeReader<R> {
 
     /// The next record (a segment with its corrections gathered); after a literal, its bytes
     /// must be read with [`Self::literal`] first.
-    pub fn next(&mut self) -> io::Result<Record> {
+    pub fn record(&mut self) -> io::Result<Record> {
         if self.ended {
             return Err(corrupt("read past its end"));
         }
@@ -335,16 +335,23 @@ impl<R: Read> RecipeReader<R> {
 /// Recreates the original from its recipe and its decompressed content, streaming: memory is
 /// one segment's plaintext and output. Returns the bytes written. Panics inside preflate are
 /// errors.
-pub fn recreate(recipe: &mut dyn Read, plain: &mut dyn Read, out: &mut dyn Write) -> io::Result<u64> {
+pub fn recreate(
+    recipe: &mut dyn Read,
+    plain: &mut dyn Read,
+    out: &mut dyn Write,
+) -> io::Result<u64> {
     let mut out = Counting { inner: out, n: 0 };
     let mut r = RecipeReader::new(recipe)?;
     let mut stream: Option<RecreateStreamProcessor> = None;
     loop {
-        match r.next()? {
+        match r.record()? {
             Record::End => break,
             Record::Literal(len) => r.literal(len, &mut out)?,
             Record::Deflate => stream = Some(RecreateStreamProcessor::new()),
-            Record::Segment { plain: n, corrections } => {
+            Record::Segment {
+                plain: n,
+                corrections,
+            } => {
                 let p = stream
                     .as_mut()
                     .ok_or_else(|| corrupt("segment outside a deflate stream"))?;
@@ -444,7 +451,10 @@ enum State {
 /// Starts reading `src` as gzip: returns the plaintext reader, and the worker that writes the
 /// recipe (join it after the reader reached its end). `segment`: plaintext per preflate
 /// segment (default [`SEGMENT_PLAIN`]).
-pub fn start<'a>(src: Box<dyn Read + Send + 'a>, segment: Option<usize>) -> io::Result<(Gunzip<'a>, Worker)> {
+pub fn start<'a>(
+    src: Box<dyn Read + Send + 'a>,
+    segment: Option<usize>,
+) -> io::Result<(Gunzip<'a>, Worker)> {
     let (tx, rx) = sync_channel(IN_FLIGHT);
     let file = tempfile::tempfile()?;
     let segment = segment.unwrap_or(SEGMENT_PLAIN).max(1 << 20);
@@ -544,11 +554,17 @@ impl Gunzip<'_> {
             return Err(bad(start, "not gzip data (no gzip magic)"));
         }
         if h[2] != 8 {
-            return Err(bad(start + 2, format!("unknown gzip compression method {}", h[2])));
+            return Err(bad(
+                start + 2,
+                format!("unknown gzip compression method {}", h[2]),
+            ));
         }
         let flags = h[3];
         if flags & 0xe0 != 0 {
-            return Err(bad(start + 3, format!("reserved gzip header flags {flags:#04x}")));
+            return Err(bad(
+                start + 3,
+                format!("reserved gzip header flags {flags:#04x}"),
+            ));
         }
         if flags & 4 != 0 {
             let lo = self.byte(&mut h, "header")?;
@@ -593,7 +609,8 @@ impl Gunzip<'_> {
                 .map_err(|e| bad(self.offset, format!("corrupt deflate data: {e}")))?;
             let used = (self.inflate.total_in() - in0) as usize;
             let made = (self.inflate.total_out() - out0) as usize;
-            self.pending.extend_from_slice(&self.buf[self.lo..self.lo + used]);
+            self.pending
+                .extend_from_slice(&self.buf[self.lo..self.lo + used]);
             self.pending_plain += made as u64;
             self.consume(used);
             self.crc.update(&out[..made]);
@@ -611,7 +628,10 @@ impl Gunzip<'_> {
                 return Ok(made);
             }
             if used == 0 && self.lo == self.hi && self.eof {
-                return Err(bad(self.offset, "truncated gzip stream (deflate data ends early)"));
+                return Err(bad(
+                    self.offset,
+                    "truncated gzip stream (deflate data ends early)",
+                ));
             }
             if used == 0 && self.lo < self.hi {
                 // Neither input taken nor output made with both available: cannot happen with
@@ -630,7 +650,13 @@ impl Gunzip<'_> {
         let crc = u32::from_le_bytes([t[0], t[1], t[2], t[3]]);
         let isize = u32::from_le_bytes([t[4], t[5], t[6], t[7]]);
         if crc != self.crc.sum() {
-            return Err(bad(at, format!("gzip CRC32 mismatch: stored {crc:08x}, data {:08x}", self.crc.sum())));
+            return Err(bad(
+                at,
+                format!(
+                    "gzip CRC32 mismatch: stored {crc:08x}, data {:08x}",
+                    self.crc.sum()
+                ),
+            ));
         }
         // ISIZE is the length modulo 2^32.
         if isize != self.member_plain as u32 {
@@ -828,9 +854,8 @@ impl Builder {
             let Some(p) = self.proc.as_mut() else {
                 return Err(io::Error::other("deflate data outside a deflate stream"));
             };
-            let run = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                p.decompress(&self.buf)
-            }));
+            let run =
+                std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| p.decompress(&self.buf)));
             match run {
                 Ok(Ok(r)) if r.compressed_size > 0 && r.compressed_size <= self.buf.len() => {
                     let plain = p.plain_text().len() as u64;
@@ -892,12 +917,14 @@ impl<R: Read> Literals<R> {
 impl<R: Read> Read for Literals<R> {
     fn read(&mut self, out: &mut [u8]) -> io::Result<usize> {
         while self.left == 0 {
-            match self.r.next()? {
+            match self.r.record()? {
                 Record::End => return Ok(0),
                 Record::Literal(n) => self.left = n,
                 Record::Deflate | Record::Skip(_) => {}
                 Record::Segment { .. } => {
-                    return Err(io::Error::other("a recipe with segments is not all literals"))
+                    return Err(io::Error::other(
+                        "a recipe with segments is not all literals",
+                    ))
                 }
             }
         }
@@ -950,21 +977,21 @@ mod tests {
         assert_eq!(r[9], TAG_LITERAL);
         assert_eq!(&r[10..14], &4u32.to_le_bytes());
         let mut rd = RecipeReader::new(&r[..]).unwrap();
-        assert_eq!(rd.next().unwrap(), Record::Literal(4));
+        assert_eq!(rd.record().unwrap(), Record::Literal(4));
         let mut lit = Vec::new();
         rd.literal(4, &mut lit).unwrap();
         assert_eq!(lit, b"head");
-        assert_eq!(rd.next().unwrap(), Record::Deflate);
+        assert_eq!(rd.record().unwrap(), Record::Deflate);
         assert_eq!(
-            rd.next().unwrap(),
+            rd.record().unwrap(),
             Record::Segment {
                 plain: 5,
                 corrections: b"corr".to_vec()
             }
         );
-        assert_eq!(rd.next().unwrap(), Record::Skip(7));
-        assert_eq!(rd.next().unwrap(), Record::End);
-        assert!(rd.next().is_err());
+        assert_eq!(rd.record().unwrap(), Record::Skip(7));
+        assert_eq!(rd.record().unwrap(), Record::End);
+        assert!(rd.record().is_err());
 
         let mut flags = r.clone();
         flags[8] = 1;
@@ -975,12 +1002,12 @@ mod tests {
         let mut tag = r.clone();
         tag[9] = 9;
         let mut rd = RecipeReader::new(&tag[..]).unwrap();
-        assert!(rd.next().is_err());
+        assert!(rd.record().is_err());
         let mut extra = r.clone();
         extra.push(0);
         let mut rd = RecipeReader::new(&extra[..]).unwrap();
         let err = loop {
-            match rd.next() {
+            match rd.record() {
                 Ok(Record::Literal(n)) => rd.literal(n, &mut io::sink()).unwrap(),
                 Ok(_) => {}
                 Err(e) => break e,
@@ -993,7 +1020,7 @@ mod tests {
                 Err(_) => continue,
             };
             let failed = loop {
-                match rd.next() {
+                match rd.record() {
                     Ok(Record::End) => break false,
                     Ok(Record::Literal(n)) => {
                         if rd.literal(n, &mut io::sink()).is_err() {
@@ -1013,7 +1040,9 @@ mod tests {
         let mut out = Vec::with_capacity(n);
         let words = ["alpha ", "beta ", "gamma ", "delta\n", "42 ", "epsilon "];
         while out.len() < n {
-            x = x.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            x = x
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
             out.extend_from_slice(words[(x >> 60) as usize % words.len()].as_bytes());
             out.extend_from_slice(format!("{} ", (x >> 40) % 1000).as_bytes());
         }
@@ -1085,7 +1114,7 @@ mod tests {
         let a = text(200_000, 4);
         let g = gz(&a, 6);
         let cut = g[..g.len() / 2].to_vec();
-        let e = run(cut, None).err().expect("truncated");
+        let e = run(cut, None).expect_err("truncated");
         let ge = gzip_error(&e).expect("a gzip error");
         assert!(ge.reason.contains("truncated"), "{ge}");
         assert!(ge.offset > 0 && ge.offset <= (g.len() / 2) as u64, "{ge}");
@@ -1093,15 +1122,15 @@ mod tests {
         let mut crc = g.clone();
         let n = crc.len();
         crc[n - 6] ^= 0xff;
-        let e = run(crc, None).err().expect("bad crc");
+        let e = run(crc, None).expect_err("bad crc");
         let ge = gzip_error(&e).expect("a gzip error");
         assert!(ge.reason.contains("CRC32"), "{ge}");
         assert_eq!(ge.offset, (n - 8) as u64);
         // Not gzip.
-        let e = run(b"plain text".to_vec(), None).err().expect("not gzip");
+        let e = run(b"plain text".to_vec(), None).expect_err("not gzip");
         assert_eq!(gzip_error(&e).unwrap().offset, 0);
         // Only a header.
-        let e = run(g[..10].to_vec(), None).err().expect("header only");
+        let e = run(g[..10].to_vec(), None).expect_err("header only");
         assert!(gzip_error(&e).unwrap().reason.contains("truncated"));
     }
 
@@ -1114,7 +1143,10 @@ mod tests {
             w.skip(10).unwrap();
         });
         let mut out = Vec::new();
-        Literals::new(&r[..]).unwrap().read_to_end(&mut out).unwrap();
+        Literals::new(&r[..])
+            .unwrap()
+            .read_to_end(&mut out)
+            .unwrap();
         assert_eq!(out, b"abcd");
     }
 }

@@ -25,8 +25,8 @@
 //! - **A tar archive** ([`TarSource`], `backtree ingest --tar FILE|-`) becomes the generation's
 //!   whole tree instead of sources: see [`tar`](self::tar) for how members become entries.
 
-mod meta;
 pub mod gzip;
+mod meta;
 pub mod read;
 pub mod tar;
 pub mod writer;
@@ -45,8 +45,7 @@ use crate::manifest::{
 };
 use crate::repo::Repository;
 use crate::tree::{
-    encode_links, paginate, ChunkList, Entry, GzipOrigin, Kind, PageRef, Time, Tree,
-    INLINE_CHUNKS,
+    encode_links, paginate, ChunkList, Entry, GzipOrigin, Kind, PageRef, Time, Tree, INLINE_CHUNKS,
 };
 use bytes::Bytes;
 use chrono::{DateTime, Utc};
@@ -845,16 +844,20 @@ impl Walker<'_> {
                 && p.mtime == e.mtime
                 && p.ctime == e.ctime
                 && p.ino == e.ino
-                && p.gzip.as_ref().is_some_and(|g| g.size == e.size && g.name == e.name)
+                && p.gzip
+                    .as_ref()
+                    .is_some_and(|g| g.size == e.size && g.name == e.name)
         }) {
             let known = |c: &Option<ChunkList>, l: &Option<Id>| {
                 c.as_ref()
                     .is_none_or(|c| c.0.iter().all(|r| r.id.is_none_or(|id| self.w.known(&id))))
                     && l.is_none_or(|id| self.w.known(&id))
             };
-            if let Some(g) = p.gzip.as_ref().filter(|g| {
-                known(&p.chunks, &p.chunk_list) && known(&g.chunks, &g.chunk_list)
-            }) {
+            if let Some(g) = p
+                .gzip
+                .as_ref()
+                .filter(|g| known(&p.chunks, &p.chunk_list) && known(&g.chunks, &g.chunk_list))
+            {
                 e.name = stored;
                 e.size = p.size;
                 e.chunks = p.chunks.clone();
@@ -1009,7 +1012,14 @@ impl Walker<'_> {
         let mut entries: Vec<Entry> = items
             .par_iter()
             .map(|(name, child, crel, m, p, gz)| {
-                self.entry(child, name.as_bytes(), crel, m.clone(), p.as_ref(), gz.clone())
+                self.entry(
+                    child,
+                    name.as_bytes(),
+                    crel,
+                    m.clone(),
+                    p.as_ref(),
+                    gz.clone(),
+                )
             })
             .collect::<Result<Vec<Option<Entry>>>>()?
             .into_iter()
