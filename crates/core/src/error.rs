@@ -364,5 +364,22 @@ mod tests {
             Error::NoSources.to_string(),
             "nothing to ingest: no source path given"
         );
+        let e = Error::GzipRead {
+            origin: "stdin".into(),
+            name: "db.sql.gz".into(),
+            offset: 4096,
+            reason: "truncated gzip stream (deflate data ends early)".into(),
+        };
+        assert_eq!(
+            e.to_string(),
+            "reading stdin for db.sql.gz: truncated gzip stream (deflate data ends early) (at byte \
+             4096 of the input)"
+        );
+        assert_eq!(e.kind(), ErrorKind::Other);
+        let e = Error::OriginalMismatch {
+            path: "h/g/db.sql".into(),
+            reason: "x".into(),
+        };
+        assert_eq!(e.kind(), ErrorKind::Corrupt);
     }
 }
