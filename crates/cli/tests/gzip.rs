@@ -253,7 +253,30 @@ fn corrupt_and_truncated_streams_fail_and_publish_nothing() {
     }
     let o = ingest_stdin(r, "h", "db.sql.gz", &bad, &[]);
     assert_eq!(o.status.code(), Some(1));
-    assert!(String::from_utf8_lossy(&o.stderr).contains("at byte"));
+    let err = String::from_utf8_lossy(&o.stderr);
+    // Damaged deflate data is found where it starts or later (at worst by the CRC32).
+    let at: u64 = err
+        .split("at byte ")
+        .nth(1)
+        .and_then(|t| t.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no offset in {err}"));
+    assert!((2000..=n as u64).contains(&at), "{err}");
+    eprintln!("damage at 2000..2100 reported: {err}");
+    // A reserved block type in the first deflate block header: invalid deflate data, found at
+    // once (the header has the file's name: the deflate data starts after its NUL).
+    let mut bad = gz.clone();
+    let start = 10 + bad[10..].iter().position(|&b| b == 0).unwrap() + 1;
+    bad[start] |= 0b110;
+    let o = ingest_stdin(r, "h", "db.sql.gz", &bad, &[]);
+    assert_eq!(o.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("corrupt deflate data"), "{err}");
+    assert!(
+        err.contains(&format!("at byte {}", start + 1))
+            || err.contains(&format!("at byte {start}")),
+        "{err}"
+    );
     let ls = bt().args(["ls", "--repo", r]).output().unwrap();
     assert!(
         !String::from_utf8_lossy(&ls.stdout).contains("\nh "),

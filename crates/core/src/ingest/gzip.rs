@@ -606,7 +606,11 @@ impl Gunzip<'_> {
             let status = self
                 .inflate
                 .decompress(&self.buf[self.lo..self.hi], out, FlushDecompress::None)
-                .map_err(|e| bad(self.offset, format!("corrupt deflate data: {e}")))?;
+                .map_err(|e| {
+                    // Where the decoder stopped: within a few bytes of the damage.
+                    let at = self.offset + (self.inflate.total_in() - in0);
+                    bad(at, format!("corrupt deflate data: {e}"))
+                })?;
             let used = (self.inflate.total_in() - in0) as usize;
             let made = (self.inflate.total_out() - out0) as usize;
             self.pending
