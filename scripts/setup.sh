@@ -20,6 +20,7 @@ if [ "$demo" = 0 ]; then
   command -v rsync >/dev/null 2>&1 || need+=(rsync)
   command -v mkfs.ext4 >/dev/null 2>&1 || need+=(e2fsprogs)
   command -v setfacl >/dev/null 2>&1 || need+=(acl)
+  command -v pigz >/dev/null 2>&1 || need+=(pigz)
   command -v getfattr >/dev/null 2>&1 || need+=(attr)
   # bsdtar: the --tar tests check archives written by libarchive too.
   command -v bsdtar >/dev/null 2>&1 || need+=(libarchive-tools)

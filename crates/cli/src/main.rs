@@ -157,6 +157,17 @@ enum Cmd {
         /// detected from the data. Not combined with PATHs or --stdin.
         #[arg(long, value_name = "FILE|-", conflicts_with_all = ["stdin", "paths"])]
         tar: Option<PathBuf>,
+        /// Store `*.gz` and `*.tgz` regular files that hold gzip data decompressed, under their
+        /// names without `.gz` (`x.tgz` as `x.tar`), so that they deduplicate; `backtree cat
+        /// --original` recreates the exact original. A file whose stripped name exists beside it
+        /// is stored as it is. (--stdin data that starts with the gzip magic is always treated
+        /// so, unless --no-gunzip.)
+        #[arg(long, conflicts_with = "tar")]
+        gunzip: bool,
+        /// Store --stdin data as it comes even when it is gzip (by default gzip data is stored
+        /// decompressed, under NAME without `.gz`, with what recreates the original).
+        #[arg(long, requires = "stdin")]
+        no_gunzip: bool,
         /// Directories and files to ingest.
         #[arg(required_unless_present_any = ["stdin", "tar"], value_name = "PATH")]
         paths: Vec<PathBuf>,
@@ -174,6 +185,21 @@ enum Cmd {
         json: bool,
         #[arg(value_name = "HOST[/GENERATION[/PATH]]")]
         what: Option<String>,
+    },
+    /// Write a file of a generation to standard output.
+    ///
+    /// GENERATION may be `latest`. With --original, a file stored decompressed from gzip
+    /// (`ingest --gunzip`, or gzip data on --stdin) is written as its original gzip bytes,
+    /// recreated exactly and checked against the hash recorded at ingest. Every chunk read is
+    /// verified; on any error the output is incomplete and the exit code is 1.
+    Cat {
+        #[command(flatten)]
+        repo: RepoArg,
+        /// Write the original gzip file the content was stored from.
+        #[arg(long)]
+        original: bool,
+        #[arg(value_name = "HOST/GENERATION/PATH")]
+        what: String,
     },
     /// Show every host's generations as a read-only directory tree (FUSE).
     ///
@@ -458,6 +484,8 @@ fn run(cli: Cli) -> Result<i32> {
             stdin_mtime,
             allow_empty,
             tar,
+            gunzip,
+            no_gunzip,
             paths,
         } => {
             let time = time
@@ -473,7 +501,11 @@ fn run(cli: Cli) -> Result<i32> {
                 .transpose()?;
             let stream = stdin
                 .map(|name| stdin_stream(name, stdin_mode, stdin_owner, stdin_mtime, allow_empty))
-                .transpose()?;
+                .transpose()?
+                .map(|mut s| {
+                    s.gunzip = !no_gunzip;
+                    s
+                });
             let tar = tar.map(tar_source).transpose()?;
             let store = repo.open(&rt, false)?;
             let r = rt.block_on(Repository::open(store))?;
@@ -500,6 +532,11 @@ fn run(cli: Cli) -> Result<i32> {
                     .ok()
                     .and_then(|t| t.parse().ok()),
                 read_special,
+                gunzip,
+                // Tuning (docs/cli.md): plaintext per preflate segment of gzip data.
+                gzip_segment: std::env::var("BACKTREE_GZIP_SEGMENT")
+                    .ok()
+                    .and_then(|v| parse_size(&v).ok()),
             };
             let input = match tar {
                 Some(t) => Input::Tar(t),
@@ -535,11 +572,136 @@ fn run(cli: Cli) -> Result<i32> {
                 },
             )
         }
+        Cmd::Cat {
+            repo,
+            original,
+            what,
+        } => {
+            let store = repo.open(&rt, false)?;
+            let r = rt.block_on(Repository::open(store))?;
+            cat_cmd(&rt, &r, &what, original)
+        }
         Cmd::Ls { repo, json, what } => {
             let store = repo.open(&rt, false)?;
             let r = rt.block_on(Repository::open(store))?;
             rt.block_on(output::ls(&r, what.as_deref(), json))?;
             Ok(0)
+        }
+    }
+}
+
+/// `backtree cat`: one file's content, or its gzip original, to standard output.
+fn cat_cmd(
+    rt: &tokio::runtime::Runtime,
+    repo: &Repository,
+    what: &str,
+    original: bool,
+) -> Result<i32> {
+    use backtree_core::tree::Kind;
+    let what = what.trim_matches('/');
+    let mut parts = what.splitn(3, '/');
+    let host = parts.next().unwrap_or_default();
+    let (Some(gen), Some(path)) = (parts.next(), parts.next()) else {
+        bail!("cat needs HOST/GENERATION/PATH, a file in a generation (GENERATION may be `latest`), not {what:?}");
+    };
+    let gen = if gen == "latest" {
+        match rt.block_on(repo.latest(host))? {
+            Some(g) => g,
+            None => bail!("host {host:?} has no generations in this repository"),
+        }
+    } else {
+        gen.to_owned()
+    };
+    let m = rt.block_on(repo.manifest(host, &gen))?;
+    let full = format!("{host}/{gen}/{path}");
+    let entry = match m.root.tree {
+        Some(root) => rt
+            .block_on(repo.resolve(&root, path.as_bytes()))
+            .with_context(|| format!("cat {full}"))?,
+        None => None,
+    };
+    let entry = match entry {
+        Some(e) if e.kind == Kind::File => e,
+        Some(e) if e.kind == Kind::Dir => bail!("{full} is a directory; cat writes one file"),
+        Some(_) => bail!("{full} is not a regular file"),
+        None => bail!("{full} is a directory; cat writes one file"),
+    };
+    // The data goes to a descriptor of its own, and descriptor 1 points to standard error
+    // meanwhile: preflate-rs prints debugging lines with println! in some failures, which must
+    // never mix with the data.
+    let _diverted = StdoutDiverted::new();
+    let data = _diverted.data()?;
+    let mut out = std::io::BufWriter::with_capacity(1 << 20, data);
+    let handle = rt.handle().clone();
+    let written = if original {
+        backtree_core::cat::write_original(repo, &handle, &entry, &full, &mut out)
+    } else {
+        backtree_core::cat::write_content(repo, &handle, &entry, &full, &mut out)
+    };
+    match written {
+        Ok(_) => Ok(0),
+        Err(backtree_core::Error::Io { source, .. })
+            if source.kind() == std::io::ErrorKind::BrokenPipe =>
+        {
+            Ok(0)
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Descriptor 1 pointed at standard error while it lives (restored on drop), with the original
+/// standard output kept aside for data ([`StdoutDiverted::data`]). preflate-rs 0.7.6 prints
+/// debugging lines (`tried to match …`, `dist = …`) with `println!` when it gives up on a deflate
+/// stream; they must not end up in `ingest --json` output or in `cat`'s data.
+struct StdoutDiverted {
+    saved: Option<std::os::fd::OwnedFd>,
+}
+
+impl StdoutDiverted {
+    fn new() -> StdoutDiverted {
+        use std::io::Write as _;
+        use std::os::fd::FromRawFd;
+        let _ = std::io::stdout().flush();
+        // SAFETY: dup and dup2 on the process's standard descriptors; the duplicate is owned.
+        let saved = unsafe {
+            let fd = libc::dup(1);
+            if fd < 0 {
+                return StdoutDiverted { saved: None };
+            }
+            let saved = std::os::fd::OwnedFd::from_raw_fd(fd);
+            if libc::dup2(2, 1) < 0 {
+                return StdoutDiverted { saved: None };
+            }
+            saved
+        };
+        StdoutDiverted { saved: Some(saved) }
+    }
+
+    /// A writer to the real standard output.
+    fn data(&self) -> Result<std::fs::File> {
+        let fd = match &self.saved {
+            Some(fd) => fd.try_clone(),
+            None => {
+                use std::os::fd::AsFd;
+                std::io::stdout().as_fd().try_clone_to_owned()
+            }
+        };
+        Ok(std::fs::File::from(
+            fd.context("cannot use standard output")?,
+        ))
+    }
+}
+
+impl Drop for StdoutDiverted {
+    fn drop(&mut self) {
+        use std::io::Write as _;
+        use std::os::fd::AsRawFd;
+        let _ = std::io::stdout().flush();
+        if let Some(fd) = &self.saved {
+            // SAFETY: dup2 onto descriptor 1 from a descriptor we own.
+            unsafe {
+                libc::dup2(fd.as_raw_fd(), 1);
+            }
         }
     }
 }
@@ -661,6 +823,9 @@ fn ingest_cmd(
         }
     };
     let handle = rt.handle().clone();
+    // preflate-rs may print to stdout while gzip data is read (see `StdoutDiverted`).
+    let gzip = opts.gunzip || matches!(&input, Input::Paths(Some(s)) if s.gunzip);
+    let diverted = gzip.then(StdoutDiverted::new);
     let result = std::thread::scope(|scope| {
         scope
             .spawn(|| match input {
@@ -671,6 +836,7 @@ fn ingest_cmd(
             })
             .join()
     });
+    drop(diverted);
     stop.store(true, Ordering::Relaxed);
     if let Some(t) = ticker {
         let _ = t.join();

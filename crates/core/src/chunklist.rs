@@ -564,7 +564,13 @@ mod tests {
         let root: Vec<IndexRecord> = (1..=3).map(|i| (i * 100, Id([i as u8; 32]))).collect();
         let paged = FileChunks::from_blob(&Id([9; 32]), &encode_index(1, &root), None).unwrap();
         let nodes = NODE_CACHE * PAGE_CHUNKS * std::mem::size_of::<ChunkRef>();
-        assert_eq!(paged.footprint(), 3 * std::mem::size_of::<IndexRecord>() + nodes);
-        assert!(paged.footprint() < 2 << 20, "a paged file is about 1 MiB at most");
+        assert_eq!(
+            paged.footprint(),
+            3 * std::mem::size_of::<IndexRecord>() + nodes
+        );
+        assert!(
+            paged.footprint() < 2 << 20,
+            "a paged file is about 1 MiB at most"
+        );
     }
 }

@@ -140,6 +140,30 @@ pub enum Error {
         reason: String,
     },
 
+    /// A gzip stream (`--stdin`) that cannot be read to its end: truncated, corrupt (a bad CRC32,
+    /// bad deflate data) or not gzip after its magic. Nothing is published.
+    #[error("reading {origin} for {name}: {reason} (at byte {offset} of the input)")]
+    GzipRead {
+        origin: String,
+        name: String,
+        /// Bytes of the input (compressed, as given) consumed when the error was found.
+        offset: u64,
+        reason: String,
+    },
+
+    /// `cat` of something that is not a regular file.
+    #[error("{path} is not a regular file")]
+    NotAFile { path: String },
+
+    /// `cat --original` of a file that was not stored from gzip data.
+    #[error("{path} was not stored from gzip data: it has no original to recreate")]
+    NoGzipOrigin { path: String },
+
+    /// A recreated original that is not what was ingested (a damaged recipe, or a preflate
+    /// that recreates differently).
+    #[error("the original of {path} cannot be recreated: {reason}")]
+    OriginalMismatch { path: String, reason: String },
+
     /// A tar archive this version cannot take as asked (given together with paths).
     #[error("tar archive {archive}: {reason}")]
     TarUnsupported { archive: String, reason: String },
@@ -191,7 +215,7 @@ impl Error {
             Error::NotARepository { .. }
             | Error::BlobNotIndexed { .. }
             | Error::NotFound { .. } => ErrorKind::NotFound,
-            Error::Corrupt { .. } => ErrorKind::Corrupt,
+            Error::Corrupt { .. } | Error::OriginalMismatch { .. } => ErrorKind::Corrupt,
             Error::AlreadyInitialized { .. }
             | Error::NotEmpty { .. }
             | Error::UnsupportedVersion { .. }
@@ -207,6 +231,9 @@ impl Error {
             | Error::StreamRead { .. }
             | Error::SpecialRead { .. }
             | Error::TarRead { .. }
+            | Error::GzipRead { .. }
+            | Error::NotAFile { .. }
+            | Error::NoGzipOrigin { .. }
             | Error::TarUnsupported { .. }
             | Error::SourceUnnamed { .. }
             | Error::NoFreeName { .. }
@@ -349,5 +376,22 @@ mod tests {
             Error::NoSources.to_string(),
             "nothing to ingest: no source path given"
         );
+        let e = Error::GzipRead {
+            origin: "stdin".into(),
+            name: "db.sql.gz".into(),
+            offset: 4096,
+            reason: "truncated gzip stream (deflate data ends early)".into(),
+        };
+        assert_eq!(
+            e.to_string(),
+            "reading stdin for db.sql.gz: truncated gzip stream (deflate data ends early) (at byte \
+             4096 of the input)"
+        );
+        assert_eq!(e.kind(), ErrorKind::Other);
+        let e = Error::OriginalMismatch {
+            path: "h/g/db.sql".into(),
+            reason: "x".into(),
+        };
+        assert_eq!(e.kind(), ErrorKind::Corrupt);
     }
 }

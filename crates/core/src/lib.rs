@@ -14,6 +14,7 @@
 //! docs/concurrency.md states who may write what while others read.
 
 pub mod blob;
+pub mod cat;
 pub mod chunklist;
 pub mod claim;
 pub mod config;

@@ -224,13 +224,25 @@ impl Repository {
     /// chunk-list blob with one, and of a paged list only its root (pages are fetched as
     /// [`FileChunks::page_at`] needs them).
     pub async fn file_chunks(&self, e: &Entry) -> Result<FileChunks> {
-        if let Some(c) = &e.chunks {
+        self.chunks_of(e.chunks.as_ref(), e.chunk_list.as_ref(), e.holes)
+            .await
+    }
+
+    /// [`Repository::file_chunks`] of content described by an inline list or a chunk-list
+    /// blob (an entry's, or a gzip recipe's); neither: empty.
+    pub async fn chunks_of(
+        &self,
+        chunks: Option<&ChunkList>,
+        chunk_list: Option<&Id>,
+        holes: Option<u64>,
+    ) -> Result<FileChunks> {
+        if let Some(c) = chunks {
             return Ok(FileChunks::Whole(Arc::new(c.clone())));
         }
-        match &e.chunk_list {
+        match chunk_list {
             Some(id) => {
                 let raw = self.read_blob(id).await?;
-                FileChunks::from_blob(id, &raw, e.holes)
+                FileChunks::from_blob(id, &raw, holes)
             }
             None => Ok(FileChunks::Whole(Arc::new(ChunkList::default()))),
         }

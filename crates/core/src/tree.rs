@@ -102,6 +102,33 @@ pub struct Entry {
     /// can be reported without loading a separate chunk list.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub holes: Option<u64>,
+    /// A regular file stored decompressed from a gzip original (`--gunzip`): what recreates the
+    /// original byte for byte (see [`crate::ingest::gzip`]). Readers that do not know it ignore
+    /// it and read the decompressed content.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gzip: Option<GzipOrigin>,
+}
+
+/// Where a regular file came from when it was stored decompressed from gzip data: the
+/// original's name, size and BLAKE3 hash, and the recipe that recreates it from the stored
+/// content (docs/format.md §7.7), itself stored like file content.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GzipOrigin {
+    /// The original file's name (`dump.sql.gz`), raw bytes.
+    #[serde(with = "serde_bytes")]
+    pub name: Vec<u8>,
+    /// The original's size in bytes.
+    pub size: u64,
+    /// BLAKE3 hash of the original's bytes: what a recreation must produce.
+    pub hash: Id,
+    /// Size of the recipe in bytes.
+    pub recipe_size: u64,
+    /// The recipe's chunk list, inline (as an entry's `chunks`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub chunks: Option<ChunkList>,
+    /// The recipe's chunk-list blob (as an entry's `chunk_list`, paged when large).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub chunk_list: Option<Id>,
 }
 
 mod opt_bytes {
@@ -162,6 +189,7 @@ impl Entry {
             chunks: None,
             chunk_list: None,
             holes: None,
+            gzip: None,
         }
     }
 
@@ -362,6 +390,13 @@ impl Tree {
                     + e.chunks
                         .as_ref()
                         .map_or(0, |c| c.0.capacity() * size_of::<ChunkRef>())
+                    + e.gzip.as_ref().map_or(0, |g| {
+                        size_of::<GzipOrigin>()
+                            + g.name.capacity()
+                            + g.chunks
+                                .as_ref()
+                                .map_or(0, |c| c.0.capacity() * size_of::<ChunkRef>())
+                    })
             })
             .sum();
         size_of::<Tree>()
@@ -509,6 +544,14 @@ mod tests {
                     chunks: Some(chunks),
                     chunk_list: None,
                     holes: None,
+                    gzip: (uid % 3 == 0).then(|| GzipOrigin {
+                        name: b"x.gz".to_vec(),
+                        size: u64::from(uid),
+                        hash: Id::of(b"x"),
+                        recipe_size: 12,
+                        chunks: None,
+                        chunk_list: Some(Id::of(b"r")),
+                    }),
                 }
             })
     }

@@ -117,5 +117,6 @@ pub fn entry(name: &[u8], m: &Metadata, names: &Names, xattrs: Vec<Xattr>) -> En
         chunks: None,
         chunk_list: None,
         holes: None,
+        gzip: None,
     }
 }

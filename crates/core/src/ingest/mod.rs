@@ -25,6 +25,7 @@
 //! - **A tar archive** ([`TarSource`], `backtree ingest --tar FILE|-`) becomes the generation's
 //!   whole tree instead of sources: see [`tar`](self::tar) for how members become entries.
 
+pub mod gzip;
 mod meta;
 pub mod read;
 pub mod tar;
@@ -44,7 +45,7 @@ use crate::manifest::{
 };
 use crate::repo::Repository;
 use crate::tree::{
-    encode_links, paginate, ChunkList, Entry, Kind, PageRef, Time, Tree, INLINE_CHUNKS,
+    encode_links, paginate, ChunkList, Entry, GzipOrigin, Kind, PageRef, Time, Tree, INLINE_CHUNKS,
 };
 use bytes::Bytes;
 use chrono::{DateTime, Utc};
@@ -86,6 +87,11 @@ pub struct IngestOptions {
     /// their end and store them as regular files, zero runs as holes (`--read-special`, see
     /// [`read::special_source`]).
     pub read_special: bool,
+    /// Store `*.gz` / `*.tgz` regular files that hold gzip data decompressed, with a recipe
+    /// that recreates the original (see [`gzip`](self::gzip)).
+    pub gunzip: bool,
+    /// Plaintext per preflate segment (default [`gzip::SEGMENT_PLAIN`]).
+    pub gzip_segment: Option<usize>,
 }
 
 /// The default mode of a stream's file: readable by its owner only. A stream is typically a
@@ -109,6 +115,9 @@ pub struct Stream<'a> {
     pub mtime: Option<DateTime<Utc>>,
     /// Store an empty file when the stream gives no data, instead of failing.
     pub allow_empty: bool,
+    /// Store gzip data (it starts with the gzip magic) decompressed, under the name without
+    /// `.gz`, with a recipe that recreates the original (default: on).
+    pub gunzip: bool,
 }
 
 impl<'a> Stream<'a> {
@@ -127,6 +136,7 @@ impl<'a> Stream<'a> {
             owner: None,
             mtime: None,
             allow_empty: false,
+            gunzip: true,
         }
     }
 }
@@ -140,6 +150,7 @@ impl std::fmt::Debug for Stream<'_> {
             .field("owner", &self.owner)
             .field("mtime", &self.mtime)
             .field("allow_empty", &self.allow_empty)
+            .field("gunzip", &self.gunzip)
             .finish_non_exhaustive()
     }
 }
@@ -276,11 +287,6 @@ fn run(
         })?;
     }
     let excludes = Excludes::new(&opts.excludes)?;
-    let layout = match &tar {
-        Some(_) => Layout::Tar,
-        None => Layout::of(&opts.sources, stream.as_ref())?,
-    };
-    let time = opts.time.unwrap_or(started_at);
     let mut sources: Vec<String> = opts
         .sources
         .iter()
@@ -289,6 +295,19 @@ fn run(
     if let Some(s) = &stream {
         sources.push(format!("{}:{}", s.origin, s.name));
     }
+    // A gzip stream is stored under its name without `.gz`: known before the layout is checked.
+    let (stream, stream_gz) = match stream {
+        Some(s) if s.gunzip => {
+            let (s, gz) = sniff_gzip(s)?;
+            (Some(s), gz)
+        }
+        other => (other, None),
+    };
+    let layout = match &tar {
+        Some(_) => Layout::Tar,
+        None => Layout::of(&opts.sources, stream.as_ref())?,
+    };
+    let time = opts.time.unwrap_or(started_at);
     if let Some(t) = &tar {
         sources.push(format!("tar:{}", t.origin));
     }
@@ -326,6 +345,8 @@ fn run(
         skipped: Mutex::new(Vec::new()),
         progress,
         on_skip,
+        gunzip: opts.gunzip,
+        gzip_segment: opts.gzip_segment,
     };
 
     let parent_root = parent.as_ref().and_then(|m| m.root.tree);
@@ -336,6 +357,7 @@ fn run(
         .thread_name(|i| format!("backtree-ingest-{i}"))
         .build()
         .map_err(Error::ThreadPool)?;
+    let stream_name = stream.as_ref().map(|s| s.name.clone());
     let root = pool.install(|| -> Result<Entry> {
         Ok(match &layout {
             Layout::Tar => match tar {
@@ -353,30 +375,46 @@ fn run(
                 // The stream is read while the sources are walked: its producer (a dump, an
                 // export) need not wait for the walk, nor the walk for the producer.
                 let (from_stream, from_paths) = rayon::join(
-                    || stream.map(|s| walker.stream_entry(s, &time)).transpose(),
+                    || {
+                        stream
+                            .map(|s| walker.stream_entry(s, &time, stream_gz.clone()))
+                            .transpose()
+                    },
                     || -> Result<Vec<Entry>> {
                         let mut prev = match parent_root {
                             Some(t) => walker.prev_entries(Some(t)),
                             None => HashMap::new(),
                         };
                         let mut entries = Vec::new();
-                        for (name, path) in items {
+                        let mut taken: Vec<&[u8]> =
+                            items.iter().map(|(n, _)| n.as_bytes()).collect();
+                        if let Some(s) = &stream_name {
+                            taken.push(s.as_bytes());
+                        }
+                        let plan = walker.plan(&taken);
+                        for (i, (name, path)) in items.iter().enumerate() {
                             let m = match std::fs::symlink_metadata(path) {
                                 Ok(m) => m,
                                 Err(e) => return Err(Error::io(path, e)),
                             };
-                            let p = prev.remove(name.as_bytes());
                             let special = opts.read_special.then(|| read::special_source(path, &m));
                             if let Some((real, m)) = special.flatten() {
+                                prev.remove(name.as_bytes());
                                 entries.push(walker.special_entry(path, &real, name, &m)?);
                                 continue;
                             }
+                            let gz = plan.get(&i).filter(|_| gunzippable(&m)).cloned();
+                            let p = gz
+                                .as_ref()
+                                .and_then(|g| prev.remove(g.as_slice()))
+                                .or_else(|| prev.remove(name.as_bytes()));
                             if let Some(e) = walker.entry(
                                 path,
                                 name.as_bytes(),
                                 name.as_bytes(),
                                 m,
                                 p.as_ref(),
+                                gz,
                             )? {
                                 entries.push(e);
                             }
@@ -691,6 +729,55 @@ struct Walker<'a> {
     skipped: Mutex<Vec<SkippedPath>>,
     progress: &'a Progress,
     on_skip: OnSkip<'a>,
+    /// `--gunzip`: gzip files are stored decompressed.
+    gunzip: bool,
+    gzip_segment: Option<usize>,
+}
+
+/// Whether a file may be stored decompressed: a regular file without other hard links (a
+/// hardlinked file is stored as it is: its links share one content, and a link's name may not
+/// end in `.gz`).
+fn gunzippable(m: &std::fs::Metadata) -> bool {
+    m.file_type().is_file() && m.nlink() == 1
+}
+
+/// Reads the first bytes of a stream to see whether it is gzip; returns the stream (those
+/// bytes put back in front, its name the one to store it under) and, for gzip, its original
+/// name.
+fn sniff_gzip(mut s: Stream<'_>) -> Result<(Stream<'_>, Option<String>)> {
+    let mut head = Vec::with_capacity(2);
+    let read = (&mut s.reader).take(2).read_to_end(&mut head);
+    // One more read for a pipe that gave a single byte.
+    let read = match read {
+        Ok(1) => (&mut s.reader).take(1).read_to_end(&mut head),
+        r => r,
+    };
+    if let Err(source) = read {
+        return Err(Error::StreamRead {
+            origin: s.origin,
+            name: s.name,
+            source,
+        });
+    }
+    let is_gz = head == gzip::MAGIC;
+    s.reader = Box::new(std::io::Cursor::new(head).chain(s.reader));
+    if !is_gz {
+        return Ok((s, None));
+    }
+    let original = s.name.clone();
+    if let Some(n) = gzip::stripped_name(original.as_bytes()) {
+        // `.gz` stripped from a valid name leaves a valid name (UTF-8 too: ASCII suffix).
+        s.name = String::from_utf8(n).unwrap_or(original.clone());
+    }
+    Ok((s, Some(original)))
+}
+
+/// What came of reading gzip data.
+enum Gunzipped {
+    /// Decompressed content, and what recreates the original (its `name` left empty).
+    Stored(WrittenList, GzipOrigin),
+    /// preflate could recreate none of it: the original bytes as they were.
+    Raw(WrittenList),
 }
 
 fn join(rel: &[u8], name: &[u8]) -> Vec<u8> {
@@ -702,6 +789,174 @@ fn join(rel: &[u8], name: &[u8]) -> Vec<u8> {
 }
 
 impl Walker<'_> {
+    /// Which of a directory's names are stored decompressed (none without `--gunzip`).
+    fn plan(&self, names: &[&[u8]]) -> HashMap<usize, Vec<u8>> {
+        if self.gunzip {
+            gzip::plan_names(names)
+        } else {
+            HashMap::new()
+        }
+    }
+
+    /// Reads gzip data: its plaintext through the chunker, its recipe from the worker, then the
+    /// recipe through the chunker too. Errors are the reader's (a [`gzip::GzipError`] inside
+    /// for bad gzip data) or the repository's.
+    fn gunzip(&self, reader: Box<dyn Read + Send + '_>) -> std::io::Result<Gunzipped> {
+        let chunker = self.repo.config().chunker;
+        let (g, worker) = gzip::start(reader, self.gzip_segment)?;
+        let content = read::read_stream(Box::new(g), &chunker, self.w, &self.hashers);
+        let joined = worker.join();
+        let (list, _) = content?;
+        let (built, original) = joined?;
+        let original =
+            original.ok_or_else(|| std::io::Error::other("gzip reader stopped early"))?;
+        if built.segments == 0 {
+            let raw = gzip::Literals::new(built.file)?;
+            let (list, _) = read::read_stream(Box::new(raw), &chunker, self.w, &self.hashers)?;
+            if list.size() != original.size {
+                return Err(std::io::Error::other("gzip literals differ from the input"));
+            }
+            return Ok(Gunzipped::Raw(list));
+        }
+        tracing::debug!(
+            "gzip: {} deflate streams, {} segments, {} kept compressed; recipe {} bytes",
+            built.streams,
+            built.segments,
+            built.fallbacks,
+            built.len
+        );
+        let small = gzip::recipe_chunker(&chunker);
+        let (recipe, _) = read::read_stream(Box::new(built.file), &small, self.w, &self.hashers)?;
+        let (chunks, chunk_list) = self.list_fields(recipe).map_err(std::io::Error::other)?;
+        Ok(Gunzipped::Stored(
+            list,
+            GzipOrigin {
+                name: Vec::new(),
+                size: original.size,
+                hash: original.hash,
+                recipe_size: built.len,
+                chunks,
+                chunk_list,
+            },
+        ))
+    }
+
+    /// Reads a gzip file (`--gunzip`) into its entry: decompressed under `stored` with its
+    /// origin, or as it is when it is not gzip or cannot be recreated (with a warning).
+    /// Returns false if the file was skipped.
+    fn read_gzip_file(
+        &self,
+        path: &Path,
+        e: &mut Entry,
+        m: &std::fs::Metadata,
+        prev: Option<&Entry>,
+        stored: Vec<u8>,
+    ) -> Result<bool> {
+        // Unchanged since the previous generation: the source's stat against the original's.
+        if let Some(p) = prev.filter(|p| {
+            p.kind == Kind::File
+                && p.mtime == e.mtime
+                && p.ctime == e.ctime
+                && p.ino == e.ino
+                && p.gzip
+                    .as_ref()
+                    .is_some_and(|g| g.size == e.size && g.name == e.name)
+        }) {
+            let known = |c: &Option<ChunkList>, l: &Option<Id>| {
+                c.as_ref()
+                    .is_none_or(|c| c.0.iter().all(|r| r.id.is_none_or(|id| self.w.known(&id))))
+                    && l.is_none_or(|id| self.w.known(&id))
+            };
+            if let Some(g) = p
+                .gzip
+                .as_ref()
+                .filter(|g| known(&p.chunks, &p.chunk_list) && known(&g.chunks, &g.chunk_list))
+            {
+                e.name = stored;
+                e.size = p.size;
+                e.chunks = p.chunks.clone();
+                e.chunk_list = p.chunk_list;
+                e.holes = p.holes;
+                e.gzip = Some(g.clone());
+                self.count_file(e, 0, true);
+                return Ok(true);
+            }
+        }
+        // Unchanged and stored as it was last time (not gzip, or not valid gzip): the same.
+        if let Some(p) = prev.filter(|p| p.name == e.name && p.gzip.is_none() && unchanged(p, e)) {
+            return self.read_content(path, e, m, Some(p));
+        }
+        let mut f = match read::open_noatime(path) {
+            Ok(f) => f,
+            Err(err) => {
+                self.skip(path, err);
+                return Ok(false);
+            }
+        };
+        let mut head = Vec::with_capacity(2);
+        if let Err(err) = (&mut f).take(2).read_to_end(&mut head) {
+            self.skip(path, err);
+            return Ok(false);
+        }
+        if head != gzip::MAGIC {
+            tracing::warn!(
+                "{}: not gzip data (no gzip magic); stored as it is",
+                path.display()
+            );
+            return self.read_content(path, e, m, prev.filter(|p| p.name == e.name));
+        }
+        let mut f = match read::open_noatime(path) {
+            Ok(f) => f,
+            Err(err) => {
+                self.skip(path, err);
+                return Ok(false);
+            }
+        };
+        // The plaintext's length is unknown: a large file (see `read_content`).
+        let permit = self.handle.block_on(self.large.acquire()).ok();
+        let read = Box::new(Counted {
+            inner: std::io::BufReader::with_capacity(1 << 20, &mut f),
+            bytes: &self.progress.bytes,
+        });
+        let result = self.gunzip(read);
+        drop(permit);
+        match result {
+            Ok(Gunzipped::Stored(list, mut origin)) => {
+                origin.name = std::mem::replace(&mut e.name, stored);
+                e.size = list.size();
+                e.holes = None;
+                self.count_file(e, origin.size, false);
+                self.set_chunks(e, list)?;
+                e.gzip = Some(origin);
+                Ok(true)
+            }
+            Ok(Gunzipped::Raw(list)) => {
+                tracing::warn!(
+                    "{}: its gzip data cannot be recreated exactly from the decompressed                      content; stored as it is",
+                    path.display()
+                );
+                e.size = list.size();
+                e.holes = None;
+                self.count_file(e, list.size(), false);
+                self.set_chunks(e, list)?;
+                Ok(true)
+            }
+            Err(err) => {
+                self.w.check()?;
+                if let Some(ge) = gzip::gzip_error(&err) {
+                    // The file is what it is: keep it, as it is.
+                    tracing::warn!(
+                        "{}: not valid gzip data: {ge}; stored as it is",
+                        path.display()
+                    );
+                    return self.read_content(path, e, m, prev.filter(|p| p.name == e.name));
+                }
+                self.skip(path, err);
+                Ok(false)
+            }
+        }
+    }
+
     fn skip(&self, path: &Path, err: impl std::fmt::Display) {
         let s = SkippedPath {
             path: path.display().to_string(),
@@ -743,10 +998,11 @@ impl Walker<'_> {
         names.sort_by(|a, b| a.as_bytes().cmp(b.as_bytes()));
         let mut prev = self.prev_entries(prev);
         self.stats.dirs.fetch_add(1, Ordering::Relaxed);
+        let plan = self.plan(&names.iter().map(|n| n.as_bytes()).collect::<Vec<_>>());
 
         // lstat everything first; then read regular files in parallel; then recurse.
         let mut items = Vec::with_capacity(names.len());
-        for name in names {
+        for (i, name) in names.into_iter().enumerate() {
             let child = path.join(&name);
             let crel = join(rel, name.as_bytes());
             if self.excludes.excluded(name.as_bytes(), &crel) {
@@ -754,8 +1010,13 @@ impl Walker<'_> {
             }
             match std::fs::symlink_metadata(&child) {
                 Ok(m) => {
-                    let p = prev.remove(name.as_bytes());
-                    items.push((name, child, crel, m, p));
+                    // A gzip file is looked up in the previous generation by its stored name.
+                    let gz = plan.get(&i).filter(|_| gunzippable(&m)).cloned();
+                    let p = gz
+                        .as_ref()
+                        .and_then(|g| prev.remove(g.as_slice()))
+                        .or_else(|| prev.remove(name.as_bytes()));
+                    items.push((name, child, crel, m, p, gz));
                 }
                 Err(e) => self.skip(&child, e),
             }
@@ -764,8 +1025,15 @@ impl Walker<'_> {
         // the result does not depend on the order in which work finishes.
         let mut entries: Vec<Entry> = items
             .par_iter()
-            .map(|(name, child, crel, m, p)| {
-                self.entry(child, name.as_bytes(), crel, m.clone(), p.as_ref())
+            .map(|(name, child, crel, m, p, gz)| {
+                self.entry(
+                    child,
+                    name.as_bytes(),
+                    crel,
+                    m.clone(),
+                    p.as_ref(),
+                    gz.clone(),
+                )
             })
             .collect::<Result<Vec<Option<Entry>>>>()?
             .into_iter()
@@ -776,7 +1044,8 @@ impl Walker<'_> {
         self.store_dir(entries)
     }
 
-    /// Builds the entry for one path (any type); `None` if it was skipped.
+    /// Builds the entry for one path (any type); `None` if it was skipped. `gz`: the name to
+    /// store a gzip file under, decompressed (see [`Walker::plan`]).
     fn entry(
         &self,
         path: &Path,
@@ -784,6 +1053,7 @@ impl Walker<'_> {
         rel: &[u8],
         m: std::fs::Metadata,
         prev: Option<&Entry>,
+        gz: Option<Vec<u8>>,
     ) -> Result<Option<Entry>> {
         let xattrs = match meta::xattrs(path) {
             Ok(x) => x,
@@ -824,6 +1094,11 @@ impl Walker<'_> {
                     }
                 }
                 self.stats.symlinks.fetch_add(1, Ordering::Relaxed);
+            }
+            Kind::File if gz.is_some() => {
+                if !self.read_gzip_file(path, &mut e, &m, prev, gz.unwrap_or_default())? {
+                    return Ok(None);
+                }
             }
             Kind::File => {
                 if m.nlink() > 1 {
@@ -922,23 +1197,33 @@ impl Walker<'_> {
     /// Records a file's chunk list in its entry: inline if short, else as a blob of its own
     /// (a paged list's pages are stored already: the entry names its root).
     fn set_chunks(&self, e: &mut Entry, list: WrittenList) -> Result<()> {
-        let list = match list {
-            WrittenList::Paged { root, .. } => {
-                e.chunk_list = Some(root);
-                return Ok(());
-            }
-            WrittenList::Whole(list) => list,
-        };
-        if list.0.len() > INLINE_CHUNKS {
-            e.chunk_list = Some(self.w.store_tree(&list.encode())?);
-        } else if !list.0.is_empty() {
-            e.chunks = Some(list);
-        }
+        (e.chunks, e.chunk_list) = self.list_fields(list)?;
         Ok(())
     }
 
+    /// A written chunk list as an entry's `chunks` and `chunk_list`.
+    fn list_fields(&self, list: WrittenList) -> Result<(Option<ChunkList>, Option<Id>)> {
+        let list = match list {
+            WrittenList::Paged { root, .. } => return Ok((None, Some(root))),
+            WrittenList::Whole(list) => list,
+        };
+        Ok(if list.0.len() > INLINE_CHUNKS {
+            (None, Some(self.w.store_tree(&list.encode())?))
+        } else if !list.0.is_empty() {
+            (Some(list), None)
+        } else {
+            (None, None)
+        })
+    }
+
     /// Reads a stream to its end and builds its file's entry. `time`: the generation's.
-    fn stream_entry(&self, s: Stream<'_>, time: &DateTime<Utc>) -> Result<Entry> {
+    /// `gz`: the stream is gzip data and this its original name (`s.name` is the stored one).
+    fn stream_entry(
+        &self,
+        s: Stream<'_>,
+        time: &DateTime<Utc>,
+        gz: Option<String>,
+    ) -> Result<Entry> {
         let chunker = self.repo.config().chunker;
         // A stream's length is unknown: it counts as a large file (see `read_content`).
         let _large = self.handle.block_on(self.large.acquire()).ok();
@@ -946,22 +1231,57 @@ impl Walker<'_> {
             inner: s.reader,
             bytes: &self.progress.bytes,
         });
-        let (list, read) = match read::read_stream_holes(reader, &chunker, self.w, &self.hashers) {
+        let mut name = s.name;
+        let mut origin_of = None;
+        let result = match gz {
+            None => read::read_stream_holes(reader, &chunker, self.w, &self.hashers),
+            Some(original) => match self.gunzip(reader) {
+                Ok(Gunzipped::Stored(list, mut origin)) => {
+                    let read = origin.size;
+                    origin.name = original.into_bytes();
+                    origin_of = Some(origin);
+                    Ok((list, read))
+                }
+                Ok(Gunzipped::Raw(list)) => {
+                    tracing::warn!(
+                        "{}: its gzip data cannot be recreated exactly from the decompressed \
+                         content; stored as it is, as {original}",
+                        s.origin
+                    );
+                    name = original;
+                    let read = list.size();
+                    Ok((list, read))
+                }
+                Err(e) => {
+                    self.w.check()?;
+                    if let Some(ge) = gzip::gzip_error(&e) {
+                        return Err(Error::GzipRead {
+                            origin: s.origin,
+                            name: original,
+                            offset: ge.offset,
+                            reason: ge.reason.clone(),
+                        });
+                    }
+                    Err(e)
+                }
+            },
+        };
+        let (list, read) = match result {
             Ok(r) => r,
             Err(source) => {
                 // A failure of the repository side is reported as itself.
                 self.w.check()?;
                 return Err(Error::StreamRead {
                     origin: s.origin,
-                    name: s.name,
+                    name,
                     source,
                 });
             }
         };
-        if list.size() == 0 && !s.allow_empty {
+        if list.size() == 0 && !s.allow_empty && origin_of.is_none() {
             return Err(Error::EmptyStream {
                 origin: s.origin,
-                name: s.name,
+                name,
             });
         }
         let (uid, gid) = s.owner.unwrap_or_else(|| {
@@ -976,16 +1296,10 @@ impl Walker<'_> {
         let mut e = Entry {
             user: self.names.user(uid),
             group: self.names.group(gid),
-            ..Entry::made_file(
-                s.name.as_bytes(),
-                s.mode & 0o7777,
-                uid,
-                gid,
-                mtime,
-                at(time),
-            )
+            ..Entry::made_file(name.as_bytes(), s.mode & 0o7777, uid, gid, mtime, at(time))
         };
         self.stored_stream(&mut e, list, read)?;
+        e.gzip = origin_of;
         Ok(e)
     }
 
