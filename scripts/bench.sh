@@ -49,6 +49,8 @@
 #                    datasets, else BENCH_CACHE-DATASETS, e.g. warm-stdin-mixed]
 # `scripts/bench.sh --mount` runs the mount benchmark instead (scripts/bench-mount.sh).
 if [ "${1:-}" = "--mount" ]; then shift; exec "$(dirname "$0")/bench-mount.sh" "$@"; fi
+# `scripts/bench.sh --stream-rss` runs the stream memory benchmark (scripts/bench-stream.sh).
+if [ "${1:-}" = "--stream-rss" ]; then shift; exec "$(dirname "$0")/bench-stream.sh" "$@"; fi
 # `scripts/bench.sh --s3` runs the S3 benchmark against a local Garage (scripts/bench-s3.sh).
 if [ "${1:-}" = "--s3" ]; then shift; exec "$(dirname "$0")/bench-s3.sh" "$@"; fi
 set -euo pipefail
