@@ -44,6 +44,9 @@
 #   BENCH_CACHE      cold: drop the page cache before each ingest; warm: read the data
 #                    into the page cache before each ingest  [cold]
 #   BENCH_TIMEOUT    seconds before one ingest is killed     [1800]
+#   BENCH_NICE       run every timed command (and the cat feeding a stream) at this nice
+#                    value, e.g. -10 on a machine others keep busy: the tools then get most of
+#                    the CPU, the same share each, and their ratios mean more; '' = as is  []
 #   BENCH_DOC        markdown file to update, '' for none    [docs/benchmarks.md]
 #   BENCH_SECTION    the section of BENCH_DOC to rewrite     [BENCH_CACHE for the default
 #                    datasets, else BENCH_CACHE-DATASETS, e.g. warm-stdin-mixed]
@@ -71,6 +74,7 @@ BENCH_TOOLS=${BENCH_TOOLS:-read backtree restic borg}
 BENCH_CACHE=${BENCH_CACHE:-cold}
 BENCH_REPEAT=${BENCH_REPEAT:-1}
 BENCH_TIMEOUT=${BENCH_TIMEOUT:-1800}
+BENCH_NICE=${BENCH_NICE:-}
 BENCH_DOC=${BENCH_DOC-$ROOT/docs/benchmarks.md}
 if [ "$BENCH_DATASETS" = "usr image" ]; then
     BENCH_SECTION=${BENCH_SECTION:-$BENCH_CACHE}
@@ -166,12 +170,14 @@ measure() {
     info "$tool: $*"
     b0=$(busy_ticks)
     t0=$(now)
+    local nice=()
+    [ -z "$BENCH_NICE" ] || nice=(nice -n "$BENCH_NICE")
     if [ -n "${STDIN_FILE:-}" ]; then
-        # shellcheck disable=SC2002 # a pipe, not a file, is what a stream ingest reads
-        cat "$STDIN_FILE" | /usr/bin/time -o "$base.time" -f '%U %S %M' timeout "$BENCH_TIMEOUT" "$@" \
-            >"$base.out" 2>"$base.err" || rc=$?
+        "${nice[@]}" cat "$STDIN_FILE" |
+            "${nice[@]}" /usr/bin/time -o "$base.time" -f '%U %S %M' timeout "$BENCH_TIMEOUT" "$@" \
+                >"$base.out" 2>"$base.err" || rc=$?
     else
-        /usr/bin/time -o "$base.time" -f '%U %S %M' timeout "$BENCH_TIMEOUT" "$@" \
+        "${nice[@]}" /usr/bin/time -o "$base.time" -f '%U %S %M' timeout "$BENCH_TIMEOUT" "$@" \
             >"$base.out" 2>"$base.err" || rc=$?
     fi
     sync
@@ -546,6 +552,7 @@ machine_info() {
         *) echo "- Page cache: $BENCH_CACHE" ;;
     esac
     echo "- Load average at start $LOAD_START, at end $(cut -d' ' -f1-3 /proc/loadavg)"
+    [ -z "$BENCH_NICE" ] || echo "- Every timed command ran at nice $BENCH_NICE (BENCH_NICE)"
 }
 
 report() {
