@@ -46,7 +46,10 @@
 #   BENCH_TIMEOUT    seconds before one ingest is killed     [1800]
 #   BENCH_NICE       run every timed command (and the cat feeding a stream) at this nice
 #                    value, e.g. -10 on a machine others keep busy: the tools then get most of
-#                    the CPU, the same share each, and their ratios mean more; '' = as is  []
+#                    the CPU, the same share each, and their ratios mean more. With the
+#                    kernel's autogroups (sched_autogroup_enabled) nice only ranks processes of
+#                    one session, so the script also sets its session's autogroup nice to this
+#                    value for the run (and restores it at exit); '' = as is  []
 #   BENCH_DOC        markdown file to update, '' for none    [docs/benchmarks.md]
 #   BENCH_SECTION    the section of BENCH_DOC to rewrite     [BENCH_CACHE for the default
 #                    datasets, else BENCH_CACHE-DATASETS, e.g. warm-stdin-mixed]
@@ -127,8 +130,17 @@ prepare_workdir() {
     printf 'dataset\trun\ttool\tlogical\twall\tcpu\trss_kib\trepo_bytes\tadded_bytes\tother_cpu\trc\n' >"$RESULTS"
 }
 
+# BENCH_NICE across sessions: the autogroup's nice, restored by cleanup.
+AUTOGROUP_NICE=
+set_autogroup_nice() {
+    [ -n "$BENCH_NICE" ] && [ -w "/proc/$$/autogroup" ] || return 0
+    AUTOGROUP_NICE=$(sed -n 's/.* nice //p' "/proc/$$/autogroup")
+    echo "$BENCH_NICE" >"/proc/$$/autogroup" || AUTOGROUP_NICE=
+}
+
 cleanup() {
     unmount_leftovers
+    [ -z "$AUTOGROUP_NICE" ] || echo "$AUTOGROUP_NICE" >"/proc/$$/autogroup" || true
 }
 trap cleanup EXIT
 
@@ -552,7 +564,7 @@ machine_info() {
         *) echo "- Page cache: $BENCH_CACHE" ;;
     esac
     echo "- Load average at start $LOAD_START, at end $(cut -d' ' -f1-3 /proc/loadavg)"
-    [ -z "$BENCH_NICE" ] || echo "- Every timed command ran at nice $BENCH_NICE (BENCH_NICE)"
+    [ -z "$BENCH_NICE" ] || echo "- Every timed command ran at nice $BENCH_NICE, and this session's autogroup too (BENCH_NICE): the machine was shared, and others' compilations got less CPU while a tool ran"
 }
 
 report() {
@@ -672,6 +684,7 @@ main() {
     prerequisites
     prepare_workdir
     build_backtree
+    set_autogroup_nice
     for ((REP = 1; REP <= BENCH_REPEAT; REP++)); do
         [ "$BENCH_REPEAT" -eq 1 ] || say "repetition $REP of $BENCH_REPEAT"
         for ds in $BENCH_DATASETS; do
