@@ -25,6 +25,8 @@
 #   BENCH_STREAM_SRC      what the repeated tar archive holds     [/usr/share /usr/bin /usr/sbin /usr/include /usr/lib/x86_64-linux-gnu]
 #   BENCH_STREAM_INSERTS  4 KiB inserts per repetition            [8]
 #   BENCH_TIMEOUT         seconds before one ingest is killed     [3600]
+#   BENCH_NICE            this session's autogroup nice during the run, e.g. -10 on a machine
+#                         others keep busy (restored at exit); '' = as is  []
 #   BENCH_DOC             markdown file to update, '' for none    [docs/benchmarks.md]
 set -euo pipefail
 
@@ -36,6 +38,7 @@ BENCH_STREAM_GB=${BENCH_STREAM_GB:-1 10 100}
 BENCH_STREAM_SRC=${BENCH_STREAM_SRC:-/usr/share /usr/bin /usr/sbin /usr/include /usr/lib/x86_64-linux-gnu}
 BENCH_STREAM_INSERTS=${BENCH_STREAM_INSERTS:-8}
 BENCH_TIMEOUT=${BENCH_TIMEOUT:-3600}
+BENCH_NICE=${BENCH_NICE:-}
 BENCH_DOC=${BENCH_DOC-$ROOT/docs/benchmarks.md}
 BENCH_IMAGE_SRC=/usr # unused here; common.sh expects it
 CLK_TCK=$(getconf CLK_TCK)
@@ -115,7 +118,7 @@ ingest_size() {
 }
 
 report() {
-    echo "| stream GiB | bytes read | wall s | MB/s | CPU s | peak RSS MiB | RSS max per quarter of the stream, MiB | repo MiB | others CPU s |"
+    echo "| GiB asked | bytes read (whole repetitions) | wall s | MB/s | CPU s | peak RSS MiB | RSS max per quarter of the stream, MiB | repo MiB | others CPU s |"
     echo "|---:|---:|---:|---:|---:|---:|---|---:|---:|"
     awk -F'\t' '{
         split($8, q, " ")
@@ -135,6 +138,8 @@ main() {
     : >"$RESULTS"
     use_prebuilt || build_release
     private_copy
+    trap restore_autogroup_nice EXIT
+    set_autogroup_nice
     read -r -a src <<<"$BENCH_STREAM_SRC"
     say "writing the base stream: a tar archive of ${src[*]}"
     tar -C / --atime-preserve=system -cf "$BASE" "${src[@]#/}" 2>"$LOGS/base-tar.err" || true
@@ -147,6 +152,7 @@ main() {
         machine_lines
         echo "- backtree: $("$BT" --version | awk '{ print $2 }') (git $(source_rev), release build)"
         echo "- Load average at start $LOAD_START, at end $(cut -d' ' -f1-3 /proc/loadavg)"
+        [ -z "$BENCH_NICE" ] || echo "- This session's autogroup at nice $BENCH_NICE (BENCH_NICE): the machine was shared"
         echo "- Stream: a $(($(stat -c %s "$BASE") / 1048576)) MiB tar archive of ${src[*]} repeated," \
             "$BENCH_STREAM_INSERTS inserts of 4 KiB random bytes per repetition at offsets that move" \
             "with the repetition, piped into \`backtree ingest --stdin\` (one fresh repository per size)"

@@ -130,17 +130,9 @@ prepare_workdir() {
     printf 'dataset\trun\ttool\tlogical\twall\tcpu\trss_kib\trepo_bytes\tadded_bytes\tother_cpu\trc\n' >"$RESULTS"
 }
 
-# BENCH_NICE across sessions: the autogroup's nice, restored by cleanup.
-AUTOGROUP_NICE=
-set_autogroup_nice() {
-    [ -n "$BENCH_NICE" ] && [ -w "/proc/$$/autogroup" ] || return 0
-    AUTOGROUP_NICE=$(sed -n 's/.* nice //p' "/proc/$$/autogroup")
-    echo "$BENCH_NICE" >"/proc/$$/autogroup" || AUTOGROUP_NICE=
-}
-
 cleanup() {
     unmount_leftovers
-    [ -z "$AUTOGROUP_NICE" ] || echo "$AUTOGROUP_NICE" >"/proc/$$/autogroup" || true
+    restore_autogroup_nice
 }
 trap cleanup EXIT
 
