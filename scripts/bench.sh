@@ -7,6 +7,15 @@
 #   image  an ext4 disk image file (sparse, BENCH_IMAGE_GB GiB) filled to ~70% with files
 #          copied from /usr, backed up as one big file; then the image is mounted, changed a
 #          little (new files, in-place edits, appends, deletions) and backed up again.
+#   stdin  (not run by default) a multi-GB stream of real data, a tar archive of
+#          BENCH_STDIN_PATHS written once to a file, piped (`cat FILE |`) into
+#          `backtree ingest --stdin`, `restic backup --stdin` and `borg create ... -`; then "next
+#          night" the same stream slightly changed (32 edits spread over it: 16 inserts of 64 KiB
+#          of new text, 16 overwrites of 4 KiB, and BENCH_CHANGE_MB MiB appended at the end).
+#   mixed  (not run by default) small real files (BENCH_MIXED_SMALL copied, a few hundred MB)
+#          and the image dataset's disk image side by side in one directory; next night the
+#          image is changed as in `image` and the small files a little (appends, deletions,
+#          new files).
 #
 # For every dataset and tool: a fresh repository, the page cache dropped before every ingest
 # (cold reads; BENCH_CACHE=warm instead reads the data into the cache first), wall time
@@ -26,16 +35,28 @@
 #   BENCH_IMAGE_FILL percent of the image filesystem to fill [70]
 #   BENCH_IMAGE_SRC  where the image's files are copied from [/usr]
 #   BENCH_CHANGE_MB  approximate MiB changed for next night  [8]
-#   BENCH_DATASETS   datasets to run                         [usr image]
+#   BENCH_DATASETS   datasets to run (usr image stdin mixed)  [usr image]
+#   BENCH_STDIN_PATHS what the stdin dataset's tar stream holds [BENCH_USR + /usr/lib/jvm /usr/lib/llvm-14 /usr/lib/gcc]
+#   BENCH_MIXED_SMALL the mixed dataset's small files        [/usr/share/doc /etc /usr/include]
 #   BENCH_TOOLS      tools to run ("read" is the baseline)   [read backtree restic borg]
 #   BENCH_REPEAT     repeat every dataset this many times (fresh repositories, same data);
 #                    the report shows medians                [1]
 #   BENCH_CACHE      cold: drop the page cache before each ingest; warm: read the data
 #                    into the page cache before each ingest  [cold]
 #   BENCH_TIMEOUT    seconds before one ingest is killed     [1800]
+#   BENCH_NICE       run every timed command (and the cat feeding a stream) at this nice
+#                    value, e.g. -10 on a machine others keep busy: the tools then get most of
+#                    the CPU, the same share each, and their ratios mean more. With the
+#                    kernel's autogroups (sched_autogroup_enabled) nice only ranks processes of
+#                    one session, so the script also sets its session's autogroup nice to this
+#                    value for the run (and restores it at exit); '' = as is  []
 #   BENCH_DOC        markdown file to update, '' for none    [docs/benchmarks.md]
+#   BENCH_SECTION    the section of BENCH_DOC to rewrite     [BENCH_CACHE for the default
+#                    datasets, else BENCH_CACHE-DATASETS, e.g. warm-stdin-mixed]
 # `scripts/bench.sh --mount` runs the mount benchmark instead (scripts/bench-mount.sh).
 if [ "${1:-}" = "--mount" ]; then shift; exec "$(dirname "$0")/bench-mount.sh" "$@"; fi
+# `scripts/bench.sh --stream-rss` runs the stream memory benchmark (scripts/bench-stream.sh).
+if [ "${1:-}" = "--stream-rss" ]; then shift; exec "$(dirname "$0")/bench-stream.sh" "$@"; fi
 # `scripts/bench.sh --s3` runs the S3 benchmark against a local Garage (scripts/bench-s3.sh).
 if [ "${1:-}" = "--s3" ]; then shift; exec "$(dirname "$0")/bench-s3.sh" "$@"; fi
 set -euo pipefail
@@ -50,11 +71,19 @@ BENCH_IMAGE_FILL=${BENCH_IMAGE_FILL:-70}
 BENCH_IMAGE_SRC=${BENCH_IMAGE_SRC:-/usr}
 BENCH_CHANGE_MB=${BENCH_CHANGE_MB:-8}
 BENCH_DATASETS=${BENCH_DATASETS:-usr image}
+BENCH_STDIN_PATHS=${BENCH_STDIN_PATHS:-$BENCH_USR /usr/lib/jvm /usr/lib/llvm-14 /usr/lib/gcc}
+BENCH_MIXED_SMALL=${BENCH_MIXED_SMALL:-/usr/share/doc /etc /usr/include}
 BENCH_TOOLS=${BENCH_TOOLS:-read backtree restic borg}
 BENCH_CACHE=${BENCH_CACHE:-cold}
 BENCH_REPEAT=${BENCH_REPEAT:-1}
 BENCH_TIMEOUT=${BENCH_TIMEOUT:-1800}
+BENCH_NICE=${BENCH_NICE:-}
 BENCH_DOC=${BENCH_DOC-$ROOT/docs/benchmarks.md}
+if [ "$BENCH_DATASETS" = "usr image" ]; then
+    BENCH_SECTION=${BENCH_SECTION:-$BENCH_CACHE}
+else
+    BENCH_SECTION=${BENCH_SECTION:-$BENCH_CACHE-${BENCH_DATASETS// /-}}
+fi
 
 MNT=$BENCH_DIR/mnt
 RESULTS=$BENCH_DIR/results.tsv
@@ -103,6 +132,7 @@ prepare_workdir() {
 
 cleanup() {
     unmount_leftovers
+    restore_autogroup_nice
 }
 trap cleanup EXIT
 
@@ -132,7 +162,9 @@ read_all() {
 
 # measure DATASET RUN TOOL LOGICAL_BYTES REPO_DIR -- COMMAND...
 # Runs COMMAND cold, then `sync`; appends one row to $RESULTS. The command's stdout goes to
-# $LOGS/DATASET-RUN-TOOL.out, stderr to .err.
+# $LOGS/DATASET-RUN-TOOL.out, stderr to .err. With STDIN_FILE set, the command reads that file
+# through a pipe (`cat FILE | COMMAND`), as from a dump program; cat's CPU time is not the
+# tool's (it shows in "other CPU s").
 measure() {
     local ds=$1 run=$2 tool=$3 logical=$4 repo=$5
     shift 6
@@ -142,8 +174,16 @@ measure() {
     info "$tool: $*"
     b0=$(busy_ticks)
     t0=$(now)
-    /usr/bin/time -o "$base.time" -f '%U %S %M' timeout "$BENCH_TIMEOUT" "$@" \
-        >"$base.out" 2>"$base.err" || rc=$?
+    local nice=()
+    [ -z "$BENCH_NICE" ] || nice=(nice -n "$BENCH_NICE")
+    if [ -n "${STDIN_FILE:-}" ]; then
+        "${nice[@]}" cat "$STDIN_FILE" |
+            "${nice[@]}" /usr/bin/time -o "$base.time" -f '%U %S %M' timeout "$BENCH_TIMEOUT" "$@" \
+                >"$base.out" 2>"$base.err" || rc=$?
+    else
+        "${nice[@]}" /usr/bin/time -o "$base.time" -f '%U %S %M' timeout "$BENCH_TIMEOUT" "$@" \
+            >"$base.out" 2>"$base.err" || rc=$?
+    fi
     sync
     t1=$(now)
     b1=$(busy_ticks)
@@ -213,6 +253,45 @@ ingest() {
             measure "$ds" "$run" "$tool" "$logical" "$repo" -- \
                 borg create --compression zstd,3 --json --timestamp "${time%Z}" "$repo::$host-$run" "$@" ;;
     esac
+}
+
+# ingest_stream DATASET RUN TOOL HOST TIME LOGICAL FILE: FILE piped into the tool's stdin mode,
+# stored under the name "stream".
+ingest_stream() {
+    local ds=$1 run=$2 tool=$3 host=$4 time=$5 logical=$6 repo
+    STDIN_FILE=$7
+    repo=$(repo_of "$ds" "$tool")
+    WARM=("$STDIN_FILE")
+    case $tool in
+        read)
+            measure "$ds" "$run" "$tool" "$logical" "$repo" -- bash -c 'cat >/dev/null' ;;
+        backtree)
+            measure "$ds" "$run" "$tool" "$logical" "$repo" -- \
+                "$BT" ingest --repo "$repo" --host "$host" --time "$time" --json --stdin stream ;;
+        restic)
+            measure "$ds" "$run" "$tool" "$logical" "$repo" -- \
+                restic --repo "$repo" --cache-dir "$BENCH_DIR/restic-cache" backup --json --quiet \
+                --compression auto --host "$host" --time "$(date -u -d "$time" '+%Y-%m-%d %H:%M:%S')" \
+                --stdin --stdin-filename stream ;;
+        borg)
+            measure "$ds" "$run" "$tool" "$logical" "$repo" -- \
+                borg create --compression zstd,3 --json --timestamp "${time%Z}" --stdin-name stream \
+                "$repo::$host-$run" - ;;
+    esac
+    STDIN_FILE=
+}
+
+# log_text BYTES SEED: log-like text (compressible, never seen before), at least BYTES.
+log_text() {
+    awk -v n="$1" -v seed="$2" 'BEGIN {
+        srand(seed)
+        for (b = 0; b < n; ) {
+            l = sprintf("2026-01-02T01:%02d:%02d host app[%d]: request id=%d status=%d took=%dms\n",
+                int(rand() * 60), int(rand() * 60), int(rand() * 9000), int(rand() * 1e9),
+                (rand() < 0.9 ? 200 : 500), int(rand() * 2000))
+            printf "%s", l; b += length(l)
+        }
+    }'
 }
 
 # ---------------------------------------------------------------------------------------------
@@ -288,15 +367,7 @@ change_image_mounted() {
         head -c 1048576 /dev/urandom >"$MNT/nextnight/blob-$i.bin"
     done
     # New compressible log-like text (the other half).
-    awk -v n=$((BENCH_CHANGE_MB - half)) 'BEGIN {
-        srand(42)
-        for (b = 0; b < n * 1048576; ) {
-            l = sprintf("2026-01-02T01:%02d:%02d host app[%d]: request id=%d status=%d took=%dms\n",
-                int(rand() * 60), int(rand() * 60), int(rand() * 9000), int(rand() * 1e9),
-                (rand() < 0.9 ? 200 : 500), int(rand() * 2000))
-            printf "%s", l; b += length(l)
-        }
-    }' >"$MNT/nextnight/app.log"
+    log_text $(((BENCH_CHANGE_MB - half) * 1048576)) 42 >"$MNT/nextnight/app.log"
     # Existing files between 64 KiB and 16 MiB, every 97th: 4 KiB overwritten in the middle.
     (cd "$MNT" && find . -xdev -type f -size +64k -size -16M ! -path './nextnight/*' -printf '%s %p\n') |
         LC_ALL=C sort -k2 | awk 'NR % 97 == 0' >"$list"
@@ -329,13 +400,17 @@ change_image_dd() {
     IMAGE_CHANGE="dd conv=notrunc: $blocks random 4 KiB blocks overwritten"
 }
 
+# pristine_image: makes the image once ($IMG.orig, kept for later repetitions and the mixed
+# dataset); true if it made it now.
+pristine_image() {
+    [ ! -e "$IMG.orig" ] || return 1
+    make_image
+    cp --sparse=always "$IMG" "$IMG.orig"
+}
+
 run_image() {
     local tool logical
-    if [ "$REP" -eq 1 ]; then
-        make_image
-        # Later repetitions start again from this image.
-        [ "$BENCH_REPEAT" -le 1 ] || cp --sparse=always "$IMG" "$IMG.orig"
-    else
+    if ! pristine_image; then
         say "image: restoring the image of the first repetition"
         cp --sparse=always "$IMG.orig" "$IMG"
     fi
@@ -357,6 +432,117 @@ run_image() {
 }
 
 # ---------------------------------------------------------------------------------------------
+# Dataset: stdin
+# ---------------------------------------------------------------------------------------------
+
+# next_stream FIRST NEXT: FIRST slightly changed: 32 edits at evenly spread 512-byte aligned
+# offsets, alternately 64 KiB of new text inserted (the rest shifts, as when a file in a tar
+# grows) and 4 KiB overwritten with random bytes; then BENCH_CHANGE_MB MiB appended (half
+# random, half text).
+next_stream() {
+    local first=$1 size prev=0 i off half=$((BENCH_CHANGE_MB / 2))
+    size=$(stat -c %s "$first")
+    {
+        for ((i = 1; i <= 32; i++)); do
+            off=$((size * i / 33 / 512 * 512))
+            dd if="$first" iflag=skip_bytes,count_bytes skip="$prev" count=$((off - prev)) bs=1M status=none
+            if ((i % 2)); then
+                log_text 65536 "$i" >"$2.text"
+                head -c 65536 "$2.text"
+                prev=$off
+            else
+                head -c 4096 /dev/urandom
+                prev=$((off + 4096))
+            fi
+        done
+        dd if="$first" iflag=skip_bytes skip="$prev" bs=1M status=none
+        head -c $((half * 1048576)) /dev/urandom
+        log_text $(((BENCH_CHANGE_MB - half) * 1048576)) 43
+    } >"$2"
+    rm -f "$2.text"
+}
+
+run_stdin() {
+    local dir=$BENCH_DIR/stdin paths tool
+    local first=$dir/first.tar next=$dir/next.tar
+    read -r -a paths <<<"$BENCH_STDIN_PATHS"
+    if [ ! -e "$next" ]; then
+        mkdir -p "$dir"
+        say "stdin: writing a tar stream of ${paths[*]}"
+        tar -C / --atime-preserve=system -cf "$first" "${paths[@]#/}" 2>"$LOGS/stdin-tar.err" || true
+        next_stream "$first" "$next"
+        info "first stream $(stat -c %s "$first") bytes, next $(stat -c %s "$next") bytes"
+        printf 'stdin\ttar of %s: %s MiB piped to stdin; next night: 16 inserts of 64 KiB of text and 16 overwrites of 4 KiB spread over it, %s MiB appended (%s MiB)\n' \
+            "${paths[*]}" "$(($(stat -c %s "$first") / 1048576))" "$BENCH_CHANGE_MB" \
+            "$(($(stat -c %s "$next") / 1048576))" >>"$BENCH_DIR/datasets.txt"
+    fi
+    for tool in $BENCH_TOOLS; do init_repo stdin "$tool"; done
+    say "stdin: first stream"
+    for tool in $BENCH_TOOLS; do
+        ingest_stream stdin first "$tool" stdin 2026-01-01T01:00:00Z "$(stat -c %s "$first")" "$first"
+    done
+    say "stdin: next night's stream"
+    for tool in $BENCH_TOOLS; do
+        ingest_stream stdin next "$tool" stdin 2026-01-02T01:00:00Z "$(stat -c %s "$next")" "$next"
+    done
+}
+
+# ---------------------------------------------------------------------------------------------
+# Dataset: mixed
+# ---------------------------------------------------------------------------------------------
+
+# change_files DIR: next night for a tree of small files: 2 MiB of new text files, a line
+# appended to every 211th file, every 307th file deleted.
+change_files() {
+    local i list=$BENCH_DIR/mixed/files.txt
+    (cd "$1" && find . -xdev -type f -printf '%p\n') | LC_ALL=C sort >"$list"
+    awk 'NR % 211 == 5' "$list" | while read -r f; do printf 'appended next night\n' >>"$1/$f"; done
+    awk 'NR % 307 == 7' "$list" | while read -r f; do rm -f "$1/$f"; done
+    mkdir -p "$1/nextnight"
+    for ((i = 0; i < 16; i++)); do log_text 131072 $((100 + i)) >"$1/nextnight/log-$i.txt"; done
+    FILES_CHANGE="$(awk 'NR % 211 == 5' "$list" | wc -l) appends, $(awk 'NR % 307 == 7' "$list" | wc -l) deletions, 16 new text files of 128 KiB"
+}
+
+run_mixed() {
+    local base=$BENCH_DIR/mixed small tool logical
+    local src=$base/src
+    read -r -a small <<<"$BENCH_MIXED_SMALL"
+    pristine_image || true
+    if [ ! -e "$base/orig" ]; then
+        say "mixed: copying ${small[*]} and the disk image into one directory"
+        mkdir -p "$base/orig/files"
+        { tar -C / --atime-preserve=system -cf - "${small[@]#/}" 2>"$LOGS/mixed-tar.err" || true; } |
+            tar -C "$base/orig/files" -xpf -
+        cp --sparse=always "$IMG.orig" "$base/orig/disk.img"
+        printf 'mixed\t%s files, %s MiB from %s, beside the image (%s MiB allocated)\n' \
+            "$(find "$base/orig/files" -type f | wc -l)" "$(($(logical_size "$base/orig/files") / 1048576))" \
+            "${small[*]}" "$(($(du -B1 "$base/orig/disk.img" | cut -f1) / 1048576))" >>"$BENCH_DIR/datasets.txt"
+    fi
+    rm -rf "$src"
+    cp -a --sparse=always "$base/orig" "$src"
+    logical=$(logical_size "$src")
+    for tool in $BENCH_TOOLS; do init_repo mixed "$tool"; done
+    say "mixed: first ingest"
+    for tool in $BENCH_TOOLS; do
+        ingest mixed first "$tool" mixed 2026-01-01T01:00:00Z "$logical" "$src"
+    done
+    say "mixed: next night"
+    if [ "$IMAGE_MODE" = loop ] || [ -z "$IMAGE_MODE" ]; then
+        IMG=$src/disk.img change_image_mounted
+    else
+        IMG=$src/disk.img change_image_dd
+    fi
+    change_files "$src/files"
+    info "$IMAGE_CHANGE; $FILES_CHANGE"
+    [ "$REP" -gt 1 ] || printf 'mixed-next\timage %s; small files: %s\n' "$IMAGE_CHANGE" "$FILES_CHANGE" >>"$BENCH_DIR/datasets.txt"
+    logical=$(logical_size "$src")
+    for tool in $BENCH_TOOLS; do
+        ingest mixed next "$tool" mixed 2026-01-02T01:00:00Z "$logical" "$src"
+    done
+    rm -rf "$src"
+}
+
+# ---------------------------------------------------------------------------------------------
 # Report
 # ---------------------------------------------------------------------------------------------
 
@@ -370,6 +556,7 @@ machine_info() {
         *) echo "- Page cache: $BENCH_CACHE" ;;
     esac
     echo "- Load average at start $LOAD_START, at end $(cut -d' ' -f1-3 /proc/loadavg)"
+    [ -z "$BENCH_NICE" ] || echo "- Every timed command ran at nice $BENCH_NICE, and this session's autogroup too (BENCH_NICE): the machine was shared, and others' compilations got less CPU while a tool ran"
 }
 
 report() {
@@ -474,8 +661,10 @@ report_notes() {
 
 write_report() {
     local md=$BENCH_DIR/results.md
-    results_md "### Page cache $BENCH_CACHE: run of $(date -u '+%Y-%m-%d')" report_notes >"$md"
-    publish_results "$md" "<!-- bench:$BENCH_CACHE:begin -->" "<!-- bench:$BENCH_CACHE:end -->" Benchmarks
+    local what="Page cache $BENCH_CACHE"
+    [ "$BENCH_DATASETS" = "usr image" ] || what="$what, datasets $BENCH_DATASETS"
+    results_md "### $what: run of $(date -u '+%Y-%m-%d')" report_notes >"$md"
+    publish_results "$md" "<!-- bench:$BENCH_SECTION:begin -->" "<!-- bench:$BENCH_SECTION:end -->" Benchmarks
 }
 
 # ---------------------------------------------------------------------------------------------
@@ -487,12 +676,15 @@ main() {
     prerequisites
     prepare_workdir
     build_backtree
+    set_autogroup_nice
     for ((REP = 1; REP <= BENCH_REPEAT; REP++)); do
         [ "$BENCH_REPEAT" -eq 1 ] || say "repetition $REP of $BENCH_REPEAT"
         for ds in $BENCH_DATASETS; do
             case $ds in
                 usr) run_usr ;;
                 image) run_image ;;
+                stdin) run_stdin ;;
+                mixed) run_mixed ;;
                 *) die "unknown dataset $ds" ;;
             esac
         done

@@ -143,6 +143,20 @@ wait_idle() {
     IDLE_WAITED=$((IDLE_WAITED + SECONDS - start))
 }
 
+# set_autogroup_nice: with BENCH_NICE set, gives this session's autogroup that nice value (with
+# the kernel's autogroups, sched_autogroup_enabled, plain nice only ranks processes of one
+# session against each other); restore_autogroup_nice (call it at exit) puts the old one back.
+AUTOGROUP_NICE=
+set_autogroup_nice() {
+    [ -n "${BENCH_NICE:-}" ] && [ -w "/proc/$$/autogroup" ] || return 0
+    AUTOGROUP_NICE=$(sed -n 's/.* nice //p' "/proc/$$/autogroup")
+    echo "$BENCH_NICE" >"/proc/$$/autogroup" || AUTOGROUP_NICE=
+}
+
+restore_autogroup_nice() {
+    [ -z "$AUTOGROUP_NICE" ] || echo "$AUTOGROUP_NICE" >"/proc/$$/autogroup" || true
+}
+
 # ---------------------------------------------------------------------------------------------
 # Mounts and processes
 # ---------------------------------------------------------------------------------------------
