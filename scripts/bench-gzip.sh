@@ -16,6 +16,10 @@
 #   BENCH_GZIP_MB      size of one dump, MB                     [200]
 #   BENCH_GZIP_NIGHTS  nights                                   [30]
 #   BENCH_GZIP_LEVEL   gzip level                               [6]
+#   BENCH_GZIP_LAYOUT  where the changes are (gen-dump.py's GEN_DUMP_LAYOUT): middle = a hot
+#                      table first, a static one after it, so the .gz differs from a fifth of
+#                      the way in; tail = one table changing near its end, so the .gz keeps
+#                      most of its prefix                        [middle]
 #   BENCH_TOOLS        tools to run                             [backtree restic borg]
 set -euo pipefail
 
@@ -26,6 +30,7 @@ BENCH_BACKTREE=${BENCH_BACKTREE:-}
 BENCH_GZIP_MB=${BENCH_GZIP_MB:-200}
 BENCH_GZIP_NIGHTS=${BENCH_GZIP_NIGHTS:-30}
 BENCH_GZIP_LEVEL=${BENCH_GZIP_LEVEL:-6}
+BENCH_GZIP_LAYOUT=${BENCH_GZIP_LAYOUT:-middle}
 BENCH_TOOLS=${BENCH_TOOLS:-backtree restic borg}
 
 SCRIPT_NAME=bench-gzip.sh
@@ -49,7 +54,7 @@ touch "$BENCH_DIR/$WORKDIR_MARK"
 private_copy
 
 say "generating $BENCH_GZIP_NIGHTS dumps of $BENCH_GZIP_MB MB"
-python3 "$ROOT/scripts/lib/gen-dump.py" "$BENCH_DIR/dumps" "$BENCH_GZIP_NIGHTS" "$BENCH_GZIP_MB"
+GEN_DUMP_LAYOUT=$BENCH_GZIP_LAYOUT python3 "$ROOT/scripts/lib/gen-dump.py" "$BENCH_DIR/dumps" "$BENCH_GZIP_NIGHTS" "$BENCH_GZIP_MB"
 
 export RESTIC_PASSWORD=bench
 export BORG_UNKNOWN_UNENCRYPTED_REPO_ACCESS_IS_OK=yes
@@ -103,8 +108,8 @@ for n in $(seq 1 "$BENCH_GZIP_NIGHTS"); do
 done
 
 say "results"
-printf '%s nights of a %s MB dump (gzip -%s: %s bytes the first night), backtree %s\n\n' \
-    "$BENCH_GZIP_NIGHTS" "$BENCH_GZIP_MB" "$BENCH_GZIP_LEVEL" "$first_gz" "$(source_rev)"
+printf '%s nights of a %s MB dump (layout %s, gzip -%s: %s bytes the first night), backtree %s\n\n' \
+    "$BENCH_GZIP_NIGHTS" "$BENCH_GZIP_MB" "$BENCH_GZIP_LAYOUT" "$BENCH_GZIP_LEVEL" "$first_gz" "$(source_rev)"
 printf '| tool | repository bytes | x one .gz | ingest s (all nights) |\n|---|---:|---:|---:|\n'
 for t in $BENCH_TOOLS; do
     size=$(du -sb "$BENCH_DIR/repos/$t" | cut -f1)

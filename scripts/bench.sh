@@ -57,6 +57,8 @@
 if [ "${1:-}" = "--mount" ]; then shift; exec "$(dirname "$0")/bench-mount.sh" "$@"; fi
 # `scripts/bench.sh --stream-rss` runs the stream memory benchmark (scripts/bench-stream.sh).
 if [ "${1:-}" = "--stream-rss" ]; then shift; exec "$(dirname "$0")/bench-stream.sh" "$@"; fi
+# `scripts/bench.sh --gzip` runs the thirty-nights gzip benchmark (scripts/bench-gzip.sh).
+if [ "${1:-}" = "--gzip" ]; then shift; exec "$(dirname "$0")/bench-gzip.sh" "$@"; fi
 # `scripts/bench.sh --s3` runs the S3 benchmark against a local Garage (scripts/bench-s3.sh).
 if [ "${1:-}" = "--s3" ]; then shift; exec "$(dirname "$0")/bench-s3.sh" "$@"; fi
 set -euo pipefail

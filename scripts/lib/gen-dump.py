@@ -10,6 +10,13 @@ appended, half are updates of recent rows (among the last 1%: orders still being
 about that fraction of their bytes, near their end. (Updates spread uniformly over a dump would
 change every chunk of any chunking deduplicator, gzip or not.) Deterministic: the same arguments
 give the same files.
+
+GEN_DUMP_LAYOUT=middle (default: tail) writes two tables instead, as pg_dump orders them by
+name: a hot `accounts` table (a fifth of the bytes), where all of each night's changes happen
+(updates of its recent rows, new rows appended to it), then a static `order_history` table
+(the other four fifths). The changes then sit a fifth of the way into the dump, so a gzip of it
+differs from the previous night's from there to its end: what a tool that sees only the .gz
+must store again every night.
 """
 import os
 import random
@@ -55,22 +62,47 @@ COPY public.orders (id, name, email, created, amount, comment) FROM stdin;
 FOOTER = "\\.\n\n--\n-- PostgreSQL database dump complete\n--\n"
 
 
+HISTORY = """\\.
+
+CREATE TABLE public.order_history (
+    id bigint NOT NULL,
+    name text,
+    email text,
+    created date,
+    amount numeric(10,2),
+    comment text
+);
+
+COPY public.order_history (id, name, email, created, amount, comment) FROM stdin;
+"""
+
+
+def table(rng, target):
+    rows = []
+    size = 0
+    while size < target:
+        r = row(rng, len(rows) + 1)
+        rows.append(r)
+        size += len(r)
+    return rows
+
+
 def main():
     if len(sys.argv) not in (4, 5):
         sys.exit(__doc__)
     out, nights, mb = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
     change = float(sys.argv[4]) if len(sys.argv) == 5 else 1.0
+    middle = os.environ.get("GEN_DUMP_LAYOUT", "tail") == "middle"
     os.makedirs(out, exist_ok=True)
     rng = random.Random(42)
-    rows = []
-    size = len(HEADER) + len(FOOTER)
-    while size < mb * 1e6:
-        r = row(rng, len(rows) + 1)
-        rows.append(r)
-        size += len(r)
+    total = mb * 1e6 - len(HEADER) - len(FOOTER)
+    header = HEADER.replace("orders", "accounts") if middle else HEADER
+    rows = table(rng, total / 5 if middle else total)
+    history = table(rng, total * 4 / 5) if middle else []
+    all_rows = len(rows) + len(history)
     for night in range(1, nights + 1):
         if night > 1:
-            n = max(2, int(len(rows) * change / 100))
+            n = max(2, int(all_rows * change / 100))
             recent = max(1, len(rows) // 100)
             for _ in range(n // 2):
                 i = len(rows) - 1 - rng.randrange(recent)
@@ -78,8 +110,11 @@ def main():
             for _ in range(n - n // 2):
                 rows.append(row(rng, len(rows) + 1))
         with open(os.path.join(out, f"night-{night:02d}.sql"), "w") as f:
-            f.write(HEADER)
+            f.write(header)
             f.writelines(rows)
+            if middle:
+                f.write(HISTORY)
+                f.writelines(history)
             f.write(FOOTER)
 
 
