@@ -9,7 +9,8 @@
 //! are listed afresh on each opendir. The last listing that succeeded is kept: a store outage
 //! must not make the tree vanish (an `rsync --delete` mirror would delete everything), so what
 //! was listed stays listed and the rest gives EIO. A generation's manifest and hardlink table
-//! are loaded once and kept for the life of the mount ([`GenCtx`]).
+//! are loaded once ([`GenCtx`]) and kept in an LRU of [`GENERATIONS_KEPT`]; an inode that still
+//! holds an evicted one keeps it alive, and a later lookup loads it again (same inode numbers).
 
 use super::error::{lock, Failures, FsError, Result};
 use super::inodes::{hash_ino, Attr, EntryAt, FileKind, Node};
@@ -17,12 +18,19 @@ use super::SHORT_TTL;
 use backtree_core::manifest::{generation_sort_key, is_generation_name, Manifest};
 use backtree_core::Repository;
 use futures_util::StreamExt;
+use lru::LruCache;
 use std::collections::HashMap;
+use std::num::NonZeroUsize;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 /// Manifests fetched at once when a host directory is listed (latency-bound on S3).
 const MANIFEST_FETCHES: usize = 16;
+
+/// Generations whose manifest and hardlink table are kept (an LRU by host and name). A
+/// manifest with its root entry and stats is about 1–2 KB, so 4096 is a few MB, while 1 000
+/// hosts × 365 nightly generations listed once would be some 500 MB kept for the mount's life.
+const GENERATIONS_KEPT: usize = 4096;
 
 /// One generation as seen by the mount.
 #[derive(Debug)]
@@ -54,7 +62,7 @@ pub(super) struct Namespace {
     uid: u32,
     gid: u32,
     mounted: SystemTime,
-    gens: Mutex<HashMap<(String, String), Arc<GenCtx>>>,
+    gens: Mutex<LruCache<(String, String), Arc<GenCtx>>>,
     /// The last listing of hosts (key "") and of each host's generations.
     listings: Mutex<HashMap<String, Vec<String>>>,
 }
@@ -67,7 +75,9 @@ impl Namespace {
             uid,
             gid,
             mounted: SystemTime::now(),
-            gens: Mutex::new(HashMap::new()),
+            gens: Mutex::new(LruCache::new(
+                NonZeroUsize::new(GENERATIONS_KEPT).unwrap_or(NonZeroUsize::MIN),
+            )),
             listings: Mutex::new(HashMap::new()),
         }
     }
@@ -196,7 +206,7 @@ impl Namespace {
             manifest,
             links,
         });
-        lock(&self.gens).insert(key, g.clone());
+        lock(&self.gens).put(key, g.clone());
         Ok(g)
     }
 
