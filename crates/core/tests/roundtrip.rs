@@ -181,13 +181,7 @@ async fn several_sources_and_errors_before_writing() {
     o.label = Some("nightly".into());
     let r = run(&repo, o).await.unwrap();
     let root = r.manifest.root.tree.unwrap();
-    let names: Vec<_> = repo
-        .dir_entries(&root)
-        .await
-        .unwrap()
-        .into_iter()
-        .map(|e| e.name)
-        .collect();
+    let names = dir_names(&repo, &root).await;
     assert_eq!(names, [b"dump.sql".to_vec(), b"etc".to_vec()]);
     assert_eq!(r.manifest.label.as_deref(), Some("nightly"));
 
@@ -595,13 +589,7 @@ async fn stream_round_trip_alone_beside_a_directory_and_deduplicated() {
         .await
         .unwrap();
     let root3 = r3.manifest.root.tree.unwrap();
-    let names: Vec<_> = repo
-        .dir_entries(&root3)
-        .await
-        .unwrap()
-        .into_iter()
-        .map(|e| e.name)
-        .collect();
+    let names = dir_names(&repo, &root3).await;
     assert_eq!(names, [b"meta".to_vec(), b"vm42.xva".to_vec()]);
     let e = repo.resolve(&root3, b"vm42.xva").await.unwrap().unwrap();
     assert_eq!((e.mode, e.uid, e.gid), (0o640, 26, 27));
@@ -714,6 +702,16 @@ async fn stream_errors_commit_nothing() {
         .unwrap();
     assert_eq!(e.size, 0);
     assert_eq!(r.manifest.stats.files, 1);
+}
+
+/// The names in a directory, in order.
+async fn dir_names(repo: &Repository, dir: &backtree_core::id::Id) -> Vec<Vec<u8>> {
+    repo.dir_entries(dir)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|e| e.name)
+        .collect()
 }
 
 /// Tiny chunks and pages of 4 pieces, so a few hundred KB make hundreds of pages under several

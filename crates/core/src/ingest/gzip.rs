@@ -42,6 +42,7 @@
 //! read). Data that is not valid gzip is an error naming the input and the byte offset
 //! ([`GzipError`]); the caller decides (a stream fails the ingest, a file is stored as it is).
 
+use super::read::read_some;
 use crate::id::Id;
 use flate2::{Crc, Decompress, FlushDecompress, Status};
 use preflate_rs::{ExitCode, PreflateConfig, PreflateStreamProcessor, RecreateStreamProcessor};
@@ -487,14 +488,12 @@ pub fn start<'a>(
 impl Gunzip<'_> {
     fn fill(&mut self) -> io::Result<()> {
         while self.lo == self.hi && !self.eof {
-            match self.src.read(&mut self.buf) {
-                Ok(0) => self.eof = true,
-                Ok(n) => {
+            match read_some(&mut self.src, &mut self.buf)? {
+                0 => self.eof = true,
+                n => {
                     self.lo = 0;
                     self.hi = n;
                 }
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => return Err(e),
             }
         }
         Ok(())
@@ -507,11 +506,9 @@ impl Gunzip<'_> {
             self.buf.copy_within(self.lo..self.hi, 0);
             self.hi -= self.lo;
             self.lo = 0;
-            match self.src.read(&mut self.buf[self.hi..]) {
-                Ok(0) => self.eof = true,
-                Ok(k) => self.hi += k,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => return Err(e),
+            match read_some(&mut self.src, &mut self.buf[self.hi..])? {
+                0 => self.eof = true,
+                k => self.hi += k,
             }
         }
         Ok(())

@@ -391,7 +391,7 @@ fn run(
                         if let Some(s) = &stream_name {
                             taken.push(s.as_bytes());
                         }
-                        let plan = walker.plan(&taken);
+                        let plan = walker.plan(taken.iter().copied());
                         for (i, (name, path)) in items.iter().enumerate() {
                             let m = match std::fs::symlink_metadata(path) {
                                 Ok(m) => m,
@@ -790,9 +790,9 @@ fn join(rel: &[u8], name: &[u8]) -> Vec<u8> {
 
 impl Walker<'_> {
     /// Which of a directory's names are stored decompressed (none without `--gunzip`).
-    fn plan(&self, names: &[&[u8]]) -> HashMap<usize, Vec<u8>> {
+    fn plan<'n>(&self, names: impl IntoIterator<Item = &'n [u8]>) -> HashMap<usize, Vec<u8>> {
         if self.gunzip {
-            gzip::plan_names(names)
+            gzip::plan_names(&names.into_iter().collect::<Vec<_>>())
         } else {
             HashMap::new()
         }
@@ -998,7 +998,7 @@ impl Walker<'_> {
         names.sort_by(|a, b| a.as_bytes().cmp(b.as_bytes()));
         let mut prev = self.prev_entries(prev);
         self.stats.dirs.fetch_add(1, Ordering::Relaxed);
-        let plan = self.plan(&names.iter().map(|n| n.as_bytes()).collect::<Vec<_>>());
+        let plan = self.plan(names.iter().map(|n| n.as_bytes()));
 
         // lstat everything first; then read regular files in parallel; then recurse.
         let mut items = Vec::with_capacity(names.len());

@@ -115,6 +115,16 @@ pub fn is_zero(b: &[u8]) -> bool {
     b.chunks(ZERO_BLOCK).all(|c| c == &ZEROS[..c.len()])
 }
 
+/// One `read` of `r` into `buf`, retried when interrupted by a signal (`EINTR`).
+pub(crate) fn read_some<R: Read + ?Sized>(r: &mut R, buf: &mut [u8]) -> io::Result<usize> {
+    loop {
+        match r.read(buf) {
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            other => return other,
+        }
+    }
+}
+
 /// A stream split at its zero blocks. [`Read`] gives the bytes of the current data region and
 /// ends (returns 0) where an all-zero [`ZERO_BLOCK`] starts, or at the stream's end;
 /// [`ZeroSplit::next_data`] then skips the zero blocks and says where the next data region
@@ -155,11 +165,9 @@ impl<'a> ZeroSplit<'a> {
         self.end -= self.start;
         self.start = 0;
         while self.end < ZERO_BLOCK && !self.eof {
-            match self.inner.read(&mut self.buf[self.end..]) {
-                Ok(0) => self.eof = true,
-                Ok(n) => self.end += n,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => return Err(e),
+            match read_some(&mut self.inner, &mut self.buf[self.end..])? {
+                0 => self.eof = true,
+                n => self.end += n,
             }
         }
         Ok(())
@@ -275,11 +283,11 @@ struct Pieces<'a> {
 }
 
 impl<'a> Pieces<'a> {
-    fn new(file: File, size: u64, chunker: ChunkerParams, batch_bytes: usize) -> Pieces<'a> {
-        let regions = data_regions(&file, size).into_iter();
+    /// No regions and no reader yet: what every constructor starts from.
+    fn empty(chunker: ChunkerParams, batch_bytes: usize) -> Pieces<'a> {
         Pieces {
-            file: Some(file),
-            regions,
+            file: None,
+            regions: Vec::new().into_iter(),
             split: None,
             seq: None,
             current: None,
@@ -287,11 +295,20 @@ impl<'a> Pieces<'a> {
             chunker,
             // Room for at least one cut beyond the carried bytes.
             batch_bytes: batch_bytes.max(2 * chunker.max as usize),
-            size: Some(size),
+            size: None,
             pos: 0,
             read: 0,
             shrank: false,
             done: false,
+        }
+    }
+
+    fn new(file: File, size: u64, chunker: ChunkerParams, batch_bytes: usize) -> Pieces<'a> {
+        Pieces {
+            regions: data_regions(&file, size).into_iter(),
+            file: Some(file),
+            size: Some(size),
+            ..Pieces::empty(chunker, batch_bytes)
         }
     }
 
@@ -302,19 +319,8 @@ impl<'a> Pieces<'a> {
         batch_bytes: usize,
     ) -> Pieces<'a> {
         Pieces {
-            file: None,
-            regions: Vec::new().into_iter(),
-            split: None,
-            seq: None,
             current: Some((Source::Reader(reader), u64::MAX)),
-            carry: Vec::new(),
-            chunker,
-            batch_bytes: batch_bytes.max(2 * chunker.max as usize),
-            size: None,
-            pos: 0,
-            read: 0,
-            shrank: false,
-            done: false,
+            ..Pieces::empty(chunker, batch_bytes)
         }
     }
 
@@ -325,10 +331,10 @@ impl<'a> Pieces<'a> {
         chunker: ChunkerParams,
         batch_bytes: usize,
     ) -> Pieces<'a> {
-        let mut p = Pieces::stream(Box::new(io::empty()), chunker, batch_bytes);
-        p.current = None;
-        p.split = Some(ZeroSplit::new(reader));
-        p
+        Pieces {
+            split: Some(ZeroSplit::new(reader)),
+            ..Pieces::empty(chunker, batch_bytes)
+        }
     }
 
     /// Pieces of a file of `size` bytes whose data `regions` (in order, not overlapping) come
@@ -340,12 +346,12 @@ impl<'a> Pieces<'a> {
         chunker: ChunkerParams,
         batch_bytes: usize,
     ) -> Pieces<'a> {
-        let mut p = Pieces::stream(Box::new(io::empty()), chunker, batch_bytes);
-        p.current = None;
-        p.seq = Some(reader);
-        p.regions = regions.into_iter();
-        p.size = Some(size);
-        p
+        Pieces {
+            seq: Some(reader),
+            regions: regions.into_iter(),
+            size: Some(size),
+            ..Pieces::empty(chunker, batch_bytes)
+        }
     }
 
     /// The next pieces, about `batch_bytes` of data; empty at the end.

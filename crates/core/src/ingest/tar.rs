@@ -55,7 +55,7 @@
 //! - **Not supported yet**: other compressions (bzip2, lz4, lzip: decompress in the pipe), NFSv4
 //!   ACLs (bsdtar's `SCHILY.acl.ace`), file flags, multi-volume archives.
 
-use super::read::{read_mapped, read_stream};
+use super::read::{read_mapped, read_some, read_stream};
 use super::{lock, Counted, Walker};
 use crate::chunklist::WrittenList;
 use crate::error::{Error, Result};
@@ -116,11 +116,9 @@ fn read_small(data: &mut dyn Read, size: u64, fail: &dyn Fn(String) -> Error) ->
 fn read_full(r: &mut dyn Read, buf: &mut [u8]) -> io::Result<usize> {
     let mut n = 0;
     while n < buf.len() {
-        match r.read(&mut buf[n..]) {
-            Ok(0) => break,
-            Ok(k) => n += k,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
+        match read_some(r, &mut buf[n..])? {
+            0 => break,
+            k => n += k,
         }
     }
     Ok(n)
@@ -352,11 +350,9 @@ fn decompress<'a>(
     while head.len() < 6 {
         let mut b = [0u8; 6];
         let want = 6 - head.len();
-        match input.read(&mut b[..want]) {
-            Ok(0) => break,
-            Ok(n) => head.extend_from_slice(&b[..n]),
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(fail(e.to_string())),
+        match read_some(&mut input, &mut b[..want]).map_err(|e| fail(e.to_string()))? {
+            0 => break,
+            n => head.extend_from_slice(&b[..n]),
         }
     }
     if head.is_empty() {
@@ -710,11 +706,9 @@ pub(super) fn root(w: &Walker<'_>, src: TarSource<'_>, time: &DateTime<Utc>) -> 
     // compressed stream's checksum to be checked and to tell a clean end from a cut one.
     let mut buf = vec![0u8; 64 << 10];
     loop {
-        match reader.read(&mut buf) {
-            Ok(0) => break,
-            Ok(_) => ended_by_marker = first_zero,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(fail(e.to_string())),
+        match read_some(&mut reader, &mut buf).map_err(|e| fail(e.to_string()))? {
+            0 => break,
+            _ => ended_by_marker = first_zero,
         }
     }
     if !ended_by_marker {
