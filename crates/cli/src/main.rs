@@ -7,8 +7,10 @@
 
 #[macro_use]
 mod output;
+mod maintain;
 
 use anyhow::{bail, Context, Result};
+use backtree_core::index::IndexOptions;
 use backtree_core::ingest::{self, IngestOptions, Progress};
 use backtree_core::manifest::SkippedPath;
 use backtree_core::Repository;
@@ -71,6 +73,14 @@ struct RepoArg {
         value_name = "N"
     )]
     s3_attempts: u32,
+    /// Local cache directory: downloaded index objects go to DIR/<repository id>/ (and `mount`
+    /// keeps fetched file data here too) [default: $XDG_CACHE_HOME/backtree or
+    /// ~/.cache/backtree for the index; no file data cache].
+    #[arg(long, env = "BACKTREE_CACHE_DIR", value_name = "DIR")]
+    cache_dir: Option<PathBuf>,
+    /// Keep no local index cache (every run downloads what it needs).
+    #[arg(long)]
+    no_cache: bool,
 }
 
 impl RepoArg {
@@ -91,6 +101,22 @@ impl RepoArg {
             create,
         };
         Ok(rt.block_on(open_store(&self.repo, &opts))?)
+    }
+
+    /// Opens the store and the repository, with the index's local cache.
+    fn open_repo(&self, rt: &tokio::runtime::Runtime) -> Result<Repository> {
+        let store = self.open(rt, false)?;
+        let index = IndexOptions {
+            cache_dir: if self.no_cache {
+                None
+            } else {
+                self.cache_dir
+                    .clone()
+                    .or_else(backtree_core::index::cache::default_base)
+            },
+            ..IndexOptions::default()
+        };
+        Ok(rt.block_on(Repository::open_with(store, index))?)
     }
 }
 
@@ -168,9 +194,18 @@ enum Cmd {
         /// decompressed, under NAME without `.gz`, with what recreates the original).
         #[arg(long, requires = "stdin")]
         no_gunzip: bool,
+        /// Do not compact the index after the commit, even when it is due (see `backtree
+        /// maintain index`).
+        #[arg(long)]
+        no_compact: bool,
         /// Directories and files to ingest.
         #[arg(required_unless_present_any = ["stdin", "tar"], value_name = "PATH")]
         paths: Vec<PathBuf>,
+    },
+    /// Repository maintenance that runs beside ingests and mounts without blocking them.
+    Maintain {
+        #[command(subcommand)]
+        what: MaintainCmd,
     },
     /// List hosts, a host's generations, or files in a generation.
     ///
@@ -219,11 +254,29 @@ enum Cmd {
         /// cover the bytes in flight that hide the store's latency; a local disk has none.
         #[arg(long, value_parser = parse_size, value_name = "SIZE")]
         cache_size: Option<usize>,
-        /// Keep fetched file data in this directory too, for repeated restores.
-        #[arg(long, value_name = "DIR")]
-        cache_dir: Option<PathBuf>,
         /// Where to mount (an existing, empty directory).
         mountpoint: PathBuf,
+    },
+}
+
+#[derive(Subcommand)]
+enum MaintainCmd {
+    /// Compact the index: merge every ingest's delta and every run into one sharded base, and
+    /// delete what a settled earlier compaction superseded.
+    ///
+    /// Ingests compact a little by themselves when due; run this from a timer (nightly, on one
+    /// host) so the index stays one base however many hosts write. Safe beside ingests, mounts
+    /// and another compaction: it takes no lock, and nothing a reader may still use is deleted
+    /// before the settle time (BACKTREE_INDEX_SETTLE seconds, default 3600) has passed.
+    Index {
+        #[command(flatten)]
+        repo: RepoArg,
+        /// Print the plan without writing or deleting anything.
+        #[arg(long)]
+        dry_run: bool,
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -486,6 +539,7 @@ fn run(cli: Cli) -> Result<i32> {
             tar,
             gunzip,
             no_gunzip,
+            no_compact,
             paths,
         } => {
             let time = time
@@ -507,8 +561,7 @@ fn run(cli: Cli) -> Result<i32> {
                     s
                 });
             let tar = tar.map(tar_source).transpose()?;
-            let store = repo.open(&rt, false)?;
-            let r = rt.block_on(Repository::open(store))?;
+            let r = repo.open_repo(&rt)?;
             // Never back up the repository into itself.
             let skip_dirs = repo
                 .location()?
@@ -537,6 +590,7 @@ fn run(cli: Cli) -> Result<i32> {
                 gzip_segment: std::env::var("BACKTREE_GZIP_SEGMENT")
                     .ok()
                     .and_then(|v| parse_size(&v).ok()),
+                no_compact,
             };
             let input = match tar {
                 Some(t) => Input::Tar(t),
@@ -548,11 +602,10 @@ fn run(cli: Cli) -> Result<i32> {
             repo,
             allow_other,
             cache_size,
-            cache_dir,
             mountpoint,
         } => {
-            let store = repo.open(&rt, false)?;
-            let r = Arc::new(rt.block_on(Repository::open(store))?);
+            let cache_dir = repo.cache_dir.clone();
+            let r = Arc::new(repo.open_repo(&rt)?);
             let location = repo.location()?;
             let defaults = if location.is_remote() {
                 backtree_fs::FsOptions::remote()
@@ -577,13 +630,31 @@ fn run(cli: Cli) -> Result<i32> {
             original,
             what,
         } => {
-            let store = repo.open(&rt, false)?;
-            let r = rt.block_on(Repository::open(store))?;
+            let r = repo.open_repo(&rt)?;
             cat_cmd(&rt, &r, &what, original)
         }
+        Cmd::Maintain {
+            what:
+                MaintainCmd::Index {
+                    repo,
+                    dry_run,
+                    json,
+                },
+        } => {
+            let r = repo.open_repo(&rt)?;
+            let cache = r.index().cache();
+            let o = rt.block_on(backtree_core::index::compact::run(
+                r.store(),
+                &backtree_core::index::compact::Policy::from_env(),
+                backtree_core::index::compact::Mode::Full,
+                dry_run,
+                cache.as_ref(),
+            ))?;
+            maintain::print_compaction(&o, dry_run, json)?;
+            Ok(0)
+        }
         Cmd::Ls { repo, json, what } => {
-            let store = repo.open(&rt, false)?;
-            let r = rt.block_on(Repository::open(store))?;
+            let r = repo.open_repo(&rt)?;
             rt.block_on(output::ls(&r, what.as_deref(), json))?;
             Ok(0)
         }
@@ -716,6 +787,7 @@ fn mount_cmd(
 ) -> Result<i32> {
     use backtree_fs::mount::{mount, MountOptions};
     let _guard = rt.enter();
+    let index_stats = repo.index().stats_handle();
     let fs = Arc::new(backtree_fs::BacktreeFs::new(repo, fs_opts));
     let opts = MountOptions {
         allow_other,
@@ -750,6 +822,7 @@ fn mount_cmd(
     session
         .join()
         .context("the FUSE session ended with an error")?;
+    tracing::info!("{}", index_stats.summary());
     eprintln!("backtree: unmounted {}", mountpoint.display());
     Ok(0)
 }
@@ -848,6 +921,15 @@ fn ingest_cmd(
         Ok(r) => r?,
         Err(_) => bail!("the ingest crashed; nothing was committed"),
     };
+    tracing::info!("{}", report.index);
+    match &report.compaction {
+        Some(Ok(o)) if o.root.is_some() => tracing::info!("{}", maintain::compaction(o)),
+        Some(Err(e)) => tracing::warn!(
+            "index compaction after the commit failed ({e}); the generation is committed, and \
+             the next ingest or `backtree maintain index` compacts"
+        ),
+        _ => {}
+    }
     let m = &report.manifest;
     if json {
         let v = serde_json::json!({ "generation": m, "skipped": report.skipped, "seconds": report.seconds });

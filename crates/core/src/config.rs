@@ -14,8 +14,13 @@ pub const FORMAT_VERSION: u32 = 1;
 pub const CONFIG_KEY: &str = "config";
 
 /// Mandatory features this version understands (`encryption-v1` will be one):
-/// [`crate::chunklist::FEATURE`], files whose chunk lists may be paged.
-pub const KNOWN_FEATURES: &[&str] = &[crate::chunklist::FEATURE];
+/// [`crate::chunklist::FEATURE`], files whose chunk lists may be paged, and [`INDEX_FEATURE`].
+pub const KNOWN_FEATURES: &[&str] = &[crate::chunklist::FEATURE, INDEX_FEATURE];
+
+/// The index of tables, roots and filters (docs/format.md §6). Every repository this version
+/// writes lists it; one without it has the first index format, which this version no longer
+/// reads (no such repository exists outside the tests of earlier versions).
+pub const INDEX_FEATURE: &str = "index-v2";
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct Config {
@@ -126,7 +131,7 @@ impl Config {
             format: "backtree".into(),
             version: FORMAT_VERSION,
             id: hex::encode(rand::random::<[u8; 32]>()),
-            mandatory_features: vec![crate::chunklist::FEATURE.into()],
+            mandatory_features: vec![crate::chunklist::FEATURE.into(), INDEX_FEATURE.into()],
             optional_features: Vec::new(),
             chunker: ChunkerParams::default(),
             compression: Compression::default(),
@@ -189,6 +194,15 @@ impl Config {
                 });
             }
         }
+        if !probe.mandatory_features.iter().any(|f| f == INDEX_FEATURE) {
+            return Err(Error::corrupt(
+                CONFIG_KEY,
+                format!(
+                    "repository {location} has the first index format (no {INDEX_FEATURE:?} feature), \
+                     which this version of backtree does not read"
+                ),
+            ));
+        }
         let cfg: Config = serde_json::from_slice(bytes)
             .map_err(|e| Error::corrupt(CONFIG_KEY, format!("bad config: {e}")))?;
         if cfg.id_hash != "blake3" || cfg.encryption.is_some() {
@@ -228,17 +242,26 @@ mod tests {
     #[test]
     fn new_repositories_page_and_unknown_features_are_refused() {
         let c = Config::new(true);
-        assert_eq!(c.mandatory_features, vec![crate::chunklist::FEATURE]);
+        assert_eq!(
+            c.mandatory_features,
+            vec![crate::chunklist::FEATURE, INDEX_FEATURE]
+        );
         assert_eq!(c.list_page(), Some(crate::chunklist::PAGE_CHUNKS));
         let back = Config::parse("here", &c.to_json()).unwrap();
         assert_eq!(back, c);
         // A repository made before the feature: lists are written whole.
         let mut old = c.clone();
-        old.mandatory_features.clear();
+        old.mandatory_features.retain(|f| f == INDEX_FEATURE);
         assert_eq!(
             Config::parse("here", &old.to_json()).unwrap().list_page(),
             None
         );
+        // A repository with the first index format is refused with a sentence saying so.
+        old.mandatory_features.clear();
+        let err = Config::parse("here", &old.to_json())
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("first index format"), "{err}");
         // A feature this version does not know.
         let mut newer = c;
         newer.mandatory_features.push("frobnicated-v9".into());

@@ -10,7 +10,7 @@ use crate::chunklist::FileChunks;
 use crate::config::{Config, CONFIG_KEY};
 use crate::error::{Error, Result};
 use crate::id::{BlobKind, Id};
-use crate::index::{IndexSet, Location};
+use crate::index::{IndexOptions, IndexSet, Location};
 use crate::manifest::{generation_sort_key, is_generation_name, Manifest, SNAPSHOTS_PREFIX};
 use crate::tree::{decode_links, ChunkList, Entry, Kind, Tree};
 use backtree_store::DynStore;
@@ -48,8 +48,10 @@ impl Repository {
         if !created {
             return Err(Error::AlreadyInitialized { location });
         }
+        let index = IndexSet::new(store.clone());
+        index.set_repository_id(&config.id);
         Ok(Repository {
-            index: IndexSet::new(store.clone()),
+            index,
             store,
             config,
         })
@@ -57,6 +59,11 @@ impl Repository {
 
     /// Opens an existing repository, checking its format version and features.
     pub async fn open(store: DynStore) -> Result<Repository> {
+        Self::open_with(store, IndexOptions::default()).await
+    }
+
+    /// [`open`](Self::open) with the index's memory budget and local cache.
+    pub async fn open_with(store: DynStore, index: IndexOptions) -> Result<Repository> {
         let location = store.location();
         let bytes = match store.get(CONFIG_KEY).await {
             Ok(b) => b,
@@ -64,8 +71,10 @@ impl Repository {
             Err(e) => return Err(e.into()),
         };
         let config = Config::parse(&location, &bytes)?;
+        let index = IndexSet::with_options(store.clone(), index);
+        index.set_repository_id(&config.id);
         Ok(Repository {
-            index: IndexSet::new(store.clone()),
+            index,
             store,
             config,
         })

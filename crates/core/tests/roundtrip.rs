@@ -335,7 +335,7 @@ async fn writer_killed_at_any_write_leaves_no_generation() {
             }
         }
         // Every index entry that was written points at a stored pack.
-        for obj in mem.list("index/").await.unwrap() {
+        for obj in mem.list("index/deltas/").await.unwrap() {
             let bytes = mem.get(&obj.key).await.unwrap();
             for (_, loc) in backtree_core::index::parse_file(&obj.key, &bytes).unwrap() {
                 assert!(

@@ -48,6 +48,10 @@ pub struct ObjectInfo {
     pub key: String,
     /// Size in bytes.
     pub size: u64,
+    /// When the object was stored, by the store's clock (S3 `LastModified`, a file's mtime),
+    /// if the store reports it. Maintenance judges an object's age by it ("never delete what
+    /// is younger than the grace period"); `None` means unknown, which counts as young.
+    pub modified: Option<std::time::SystemTime>,
 }
 
 /// Errors of a store operation. Each names the key (or the store) it concerns.

@@ -223,6 +223,7 @@ impl Inner {
             out.push(ObjectInfo {
                 key,
                 size: meta.len(),
+                modified: meta.modified().ok(),
             });
         }
         Ok(())

@@ -6,12 +6,13 @@ use bytes::Bytes;
 use std::collections::BTreeMap;
 use std::ops::Range;
 use std::sync::Mutex;
+use std::time::SystemTime;
 
 /// A store that keeps every object in memory. Cloning the handle is not supported; share it
 /// through an `Arc`.
 #[derive(Debug, Default)]
 pub struct MemoryStore {
-    objects: Mutex<BTreeMap<String, Bytes>>,
+    objects: Mutex<BTreeMap<String, (Bytes, SystemTime)>>,
 }
 
 impl MemoryStore {
@@ -19,7 +20,7 @@ impl MemoryStore {
         Self::default()
     }
 
-    fn map(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, Bytes>> {
+    fn map(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, (Bytes, SystemTime)>> {
         // A panic while holding this lock cannot leave the map half-updated (every update is a
         // single insert or remove), so a poisoned lock is still consistent.
         self.objects.lock().unwrap_or_else(|e| e.into_inner())
@@ -27,7 +28,14 @@ impl MemoryStore {
 
     /// Replaces an object's bytes behind the repository's back (for corruption tests).
     pub fn tamper(&self, key: &str, data: Bytes) {
-        self.map().insert(key.to_owned(), data);
+        self.map().insert(key.to_owned(), (data, SystemTime::now()));
+    }
+
+    /// Sets an object's modification time (for tests of age-based maintenance rules).
+    pub fn set_modified(&self, key: &str, time: SystemTime) {
+        if let Some(o) = self.map().get_mut(key) {
+            o.1 = time;
+        }
     }
 
     /// Number of objects held.
@@ -44,7 +52,7 @@ impl MemoryStore {
 impl ObjectStore for MemoryStore {
     async fn put(&self, key: &str, data: Bytes) -> Result<()> {
         check_key(key)?;
-        self.map().insert(key.to_owned(), data);
+        self.map().insert(key.to_owned(), (data, SystemTime::now()));
         Ok(())
     }
 
@@ -54,7 +62,7 @@ impl ObjectStore for MemoryStore {
         if map.contains_key(key) {
             return Ok(false);
         }
-        map.insert(key.to_owned(), data);
+        map.insert(key.to_owned(), (data, SystemTime::now()));
         Ok(true)
     }
 
@@ -62,7 +70,7 @@ impl ObjectStore for MemoryStore {
         check_key(key)?;
         self.map()
             .get(key)
-            .cloned()
+            .map(|o| o.0.clone())
             .ok_or_else(|| StoreError::NotFound {
                 key: key.to_owned(),
             })
@@ -75,7 +83,7 @@ impl ObjectStore for MemoryStore {
 
     async fn head(&self, key: &str) -> Result<Option<u64>> {
         check_key(key)?;
-        Ok(self.map().get(key).map(|d| d.len() as u64))
+        Ok(self.map().get(key).map(|d| d.0.len() as u64))
     }
 
     async fn list(&self, prefix: &str) -> Result<Vec<ObjectInfo>> {
@@ -85,7 +93,8 @@ impl ObjectStore for MemoryStore {
             .take_while(|(k, _)| k.starts_with(prefix))
             .map(|(k, v)| ObjectInfo {
                 key: k.clone(),
-                size: v.len() as u64,
+                size: v.0.len() as u64,
+                modified: Some(v.1),
             })
             .collect())
     }

@@ -844,6 +844,9 @@ impl ObjectStore for S3Store {
                 out.push(ObjectInfo {
                     key: key.to_owned(),
                     size: obj.size().unwrap_or(0).max(0) as u64,
+                    modified: obj
+                        .last_modified()
+                        .and_then(|t| std::time::SystemTime::try_from(*t).ok()),
                 });
             }
             match resp.next_continuation_token() {

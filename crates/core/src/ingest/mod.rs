@@ -39,7 +39,11 @@ use crate::chunklist::WrittenList;
 use crate::claim;
 use crate::error::{Error, Result};
 use crate::id::Id;
-use crate::index::load_all_ids;
+use crate::index::compact::{self, Mode, Policy};
+use crate::index::dedup::Dedup;
+
+/// Bytes of index buckets an ingest keeps for confirming filter hits.
+const DEDUP_BUDGET: usize = 8 << 20;
 use crate::manifest::{
     candidate_name, check_host, generation_name, Manifest, SkippedPath, Stats, MANIFEST_VERSION,
 };
@@ -92,6 +96,8 @@ pub struct IngestOptions {
     pub gunzip: bool,
     /// Plaintext per preflate segment (default [`gzip::SEGMENT_PLAIN`]).
     pub gzip_segment: Option<usize>,
+    /// Do not compact the index after the commit, even when due (`--no-compact`).
+    pub no_compact: bool,
 }
 
 /// The default mode of a stream's file: readable by its owner only. A stream is typically a
@@ -203,6 +209,11 @@ pub struct IngestReport {
     /// Every skipped path (the manifest keeps the first 100).
     pub skipped: Vec<SkippedPath>,
     pub seconds: f64,
+    /// What deduplication downloaded of the index ([`IndexStats::summary`]).
+    pub index: String,
+    /// The index compaction run after the commit, if one was due; its error, if it failed
+    /// (the generation is committed either way).
+    pub compaction: Option<std::result::Result<compact::Outcome, String>>,
 }
 
 /// Called for each skipped path as it happens.
@@ -313,7 +324,10 @@ fn run(
     }
 
     let store = repo.store().clone();
-    let known = handle.block_on(load_all_ids(&store))?;
+    let mut dedup_opts = repo.index().options().clone();
+    dedup_opts.budget = DEDUP_BUDGET;
+    let known = handle.block_on(Dedup::load(store.clone(), dedup_opts, &repo.config().id))?;
+    let known_stats = known.index().stats_handle();
     let parent = handle.block_on(previous(repo, &opts.host));
     let cfg = repo.config();
     let w = Arc::new(
@@ -483,10 +497,26 @@ fn run(
         tool: format!("backtree {}", env!("CARGO_PKG_VERSION")),
     };
     handle.block_on(commit(repo, &mut manifest, &time))?;
+    let index = known_stats.summary();
+    // Compaction after the commit: it never delays or endangers the generation.
+    let compaction = (!opts.no_compact).then(|| {
+        let cache = repo.index().cache();
+        handle
+            .block_on(compact::run(
+                &store,
+                &Policy::from_env(),
+                Mode::Auto,
+                false,
+                cache.as_ref(),
+            ))
+            .map_err(|e| e.to_string())
+    });
     Ok(IngestReport {
         manifest,
         skipped,
         seconds: started.elapsed().as_secs_f64(),
+        index,
+        compaction,
     })
 }
 

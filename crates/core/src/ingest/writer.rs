@@ -62,12 +62,39 @@ pub struct WriterStats {
     pub new_stored_bytes: AtomicU64,
 }
 
+/// What the repository held when a session started.
+pub trait Known: Send + Sync {
+    /// The repository has a live index entry for the blob (confirmed, never a guess: the
+    /// writer skips storing what this says).
+    fn contains(&self, id: &Id) -> bool;
+    /// The repository may have the blob (no false negatives). Used for blobs that a committed
+    /// generation references (the incremental rule), where a false positive costs nothing.
+    fn maybe(&self, id: &Id) -> bool {
+        self.contains(id)
+    }
+}
+
+impl Known for HashSet<Id> {
+    fn contains(&self, id: &Id) -> bool {
+        HashSet::contains(self, id)
+    }
+}
+
+impl Known for crate::index::dedup::Dedup {
+    fn contains(&self, id: &Id) -> bool {
+        self.contains_blocking(id)
+    }
+    fn maybe(&self, id: &Id) -> bool {
+        crate::index::dedup::Dedup::maybe(self, id)
+    }
+}
+
 pub struct BlobWriter {
     store: DynStore,
     handle: Handle,
     level: i32,
     pack_size: usize,
-    known: HashSet<Id>,
+    known: Box<dyn Known>,
     claimed: Mutex<HashSet<Id>>,
     data: Mutex<PackBuilder>,
     tree: Mutex<PackBuilder>,
@@ -89,7 +116,7 @@ impl BlobWriter {
         handle: Handle,
         level: i32,
         pack_size: usize,
-        known: HashSet<Id>,
+        known: impl Known + 'static,
         checkpoint_bytes: u64,
     ) -> Self {
         BlobWriter {
@@ -97,7 +124,7 @@ impl BlobWriter {
             handle,
             level,
             pack_size,
-            known,
+            known: Box::new(known),
             claimed: Mutex::new(HashSet::new()),
             data: Mutex::new(PackBuilder::new(BlobKind::Data, pack_size + (1 << 20))),
             tree: Mutex::new(PackBuilder::new(BlobKind::Tree, 0)),
@@ -126,19 +153,22 @@ impl BlobWriter {
 
     /// Whether the repository (before this session, or through this session) has the blob.
     pub fn has(&self, id: &Id) -> bool {
-        self.known.contains(id) || lock(&self.claimed).contains(id)
+        lock(&self.claimed).contains(id) || self.known.contains(id)
     }
 
-    /// Whether the repository had the blob when this session started.
+    /// Whether the repository may have had the blob when this session started (no false
+    /// negatives; for blobs a committed generation references, see [`Known::maybe`]).
     pub fn known(&self, id: &Id) -> bool {
-        self.known.contains(id)
+        self.known.maybe(id)
     }
 
     /// Hashes a chunk and, if nobody has it yet, claims and compresses it. Thread-safe; meant to
     /// run on many threads at once.
     pub fn prepare(&self, raw: &[u8]) -> Prepared {
         let id = Id::of(raw);
-        let new = !self.known.contains(&id) && lock(&self.claimed).insert(id);
+        let new = !lock(&self.claimed).contains(&id)
+            && !self.known.contains(&id)
+            && lock(&self.claimed).insert(id);
         Prepared {
             id,
             raw_len: raw.len() as u32,

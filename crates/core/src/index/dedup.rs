@@ -1,0 +1,124 @@
+//! What an ingest knows about the repository's blobs, in memory independent of other hosts'
+//! history: the filters of the current root's base and runs (about 1.1 B per chunk), the ids of
+//! the uncovered deltas (a bounded few, see [compaction](super::compact)), and bucket reads to
+//! confirm every "maybe" (a filter never decides that a blob exists: a false positive would
+//! leave a generation pointing at a blob nobody stored).
+
+use super::filter::FilterBundle;
+use super::{IndexOptions, IndexSet, View};
+use crate::error::Result;
+use crate::id::Id;
+use backtree_store::DynStore;
+use std::sync::Arc;
+use tokio::runtime::Handle;
+
+/// The ingest's view of the index (see the module docs).
+pub struct Dedup {
+    set: IndexSet,
+    view: Arc<View>,
+    base: Option<Arc<FilterBundle>>,
+    handle: Handle,
+}
+
+impl Dedup {
+    /// Takes a view of the index and loads the base's filter. Must run inside the runtime whose
+    /// handle later confirmations use.
+    pub async fn load(store: DynStore, opts: IndexOptions, repo_id: &str) -> Result<Dedup> {
+        let set = IndexSet::with_options(store, opts);
+        set.set_repository_id(repo_id);
+        let view = set.view().await?;
+        let base = match &view.root.base {
+            Some(b) => Some(set.filter_bundle(&b.filter).await?),
+            None => None,
+        };
+        Ok(Dedup {
+            set,
+            view,
+            base,
+            handle: Handle::current(),
+        })
+    }
+
+    /// The index set used (for its statistics).
+    pub fn index(&self) -> &IndexSet {
+        &self.set
+    }
+
+    /// Memory held by filters and delta ids (bytes, approximate).
+    pub fn memory(&self) -> usize {
+        self.base.as_ref().map_or(0, |b| b.memory())
+            + self
+                .view
+                .run_filters
+                .iter()
+                .map(|f| f.memory())
+                .sum::<usize>()
+            + self.view.deltas.len() * 128
+    }
+
+    /// Whether the blob may be in the repository (no false negatives; used where a committed
+    /// generation already references the blob).
+    pub fn maybe(&self, id: &Id) -> bool {
+        self.view.deltas.get(id).is_some_and(|e| e.is_live())
+            || self.base.as_ref().is_some_and(|b| b.may_contain(id))
+            || self.view.run_filters.iter().any(|f| f.may_contain(id))
+    }
+
+    /// Whether the repository has a live entry for the blob, confirmed by reading its bucket.
+    pub async fn contains(&self, id: &Id) -> Result<bool> {
+        if let Some(e) = self.view.deltas.get(id) {
+            if e.is_live() {
+                return Ok(true);
+            }
+        }
+        if let (Some(base), Some(f)) = (&self.view.root.base, &self.base) {
+            if f.may_contain(id) {
+                let i = super::table::id_bits(id, 0, base.shard_bits) as usize;
+                if let Some(t) = base.shards.get(i) {
+                    if self
+                        .set
+                        .table_lookup(t, id)
+                        .await?
+                        .is_some_and(|e| e.is_live())
+                    {
+                        return Ok(true);
+                    }
+                }
+            }
+        }
+        for (i, r) in self.view.root.runs.iter().enumerate() {
+            if self
+                .view
+                .run_filters
+                .get(i)
+                .is_some_and(|f| f.may_contain(id))
+                && self
+                    .set
+                    .table_lookup(r, id)
+                    .await?
+                    .is_some_and(|e| e.is_live())
+            {
+                return Ok(true);
+            }
+        }
+        Ok(false)
+    }
+
+    /// [`contains`](Self::contains) from a thread outside the runtime. A failed confirmation
+    /// counts as "not known": the blob is stored again, which only costs space.
+    pub fn contains_blocking(&self, id: &Id) -> bool {
+        if !self.maybe(id) {
+            return false;
+        }
+        match self.handle.block_on(self.contains(id)) {
+            Ok(b) => b,
+            Err(e) => {
+                tracing::warn!(
+                    "index lookup of {} failed ({e}); storing it again",
+                    id.short()
+                );
+                false
+            }
+        }
+    }
+}
