@@ -66,9 +66,11 @@ impl Default for Policy {
             // 32 deltas of a few hundred KB each keep a fresh view to a few MB to download.
             deltas_due: 32,
             delta_entries_due: 128 << 10,
-            // 1 Mi entries: an 84 MB rewrite, a few seconds; beyond it runs take over.
-            full_limit: 1 << 20,
-            merge_limit: 512 << 10,
+            // 256 Ki entries: a 21 MB rewrite, under a second, about 25 MB of memory in the
+            // ingest that does it; beyond it runs take over.
+            full_limit: 256 << 10,
+            // A run merge holds its entries in memory: 256 Ki entries are about 23 MB.
+            merge_limit: 256 << 10,
             // 128 Ki entries: 10.5 MB shards, 1 024 of them at 10⁸ chunks.
             shard_target: 128 << 10,
             settle: Duration::from_secs(3600),
@@ -496,17 +498,50 @@ pub async fn run(
             Some(covering(r, &old, deltas, &listed))
         }
         Step::Full { deltas } => {
-            let mut delta_entries = Vec::new();
+            // Deltas are read whole. More than `merge_limit` entries of them (a repository that
+            // was not compacted for long) are first written as intermediate runs of at most that
+            // size, read back shard by shard like every table: memory stays bounded. The
+            // intermediate runs are used by no root and go with the next settled deletion.
+            let sizes: std::collections::HashMap<&str, u64> = listing
+                .deltas
+                .iter()
+                .map(|o| (o.key.as_str(), est_entries(o.size)))
+                .collect();
+            let mut groups: Vec<Vec<&String>> = vec![vec![]];
+            let mut acc = 0;
             for d in deltas {
-                delta_entries.extend(read_table(store, d).await?.entries);
+                let n = sizes.get(d.as_str()).copied().unwrap_or(0);
+                if acc + n > policy.merge_limit && !groups.last().is_some_and(|g| g.is_empty()) {
+                    groups.push(vec![]);
+                    acc = 0;
+                }
+                acc += n;
+                if let Some(g) = groups.last_mut() {
+                    g.push(d);
+                }
+            }
+            let mut delta_entries = Vec::new();
+            let mut staged: Vec<TableRef> = Vec::new();
+            for g in &groups {
+                let mut es = Vec::new();
+                for d in g {
+                    es.extend(read_table(store, d).await?.entries);
+                }
+                if groups.len() == 1 {
+                    delta_entries = es;
+                } else if !es.is_empty() {
+                    staged.push(w.table(TableKind::Run, 0, 0, es).await?.0);
+                }
             }
             delta_entries.sort_by_key(|e| e.id);
-            let total = old.entries() + delta_entries.len() as u64;
+            let total = old.entries()
+                + delta_entries.len() as u64
+                + staged.iter().map(|t| t.entries).sum::<u64>();
             let mut k = 0u8;
             while (total >> k) > policy.shard_target && k < table::MAX_PREFIX_BITS {
                 k += 1;
             }
-            let inputs: Vec<TableRef> = old.tables().cloned().collect();
+            let inputs: Vec<TableRef> = old.tables().cloned().chain(staged).collect();
             let mut heads = Vec::with_capacity(inputs.len());
             for t in &inputs {
                 heads.push(read_head(store, t).await?);
