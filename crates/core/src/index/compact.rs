@@ -8,14 +8,18 @@
 //! unreferenced until the root exists, so a compaction killed at any point leaves the previous
 //! root, with everything it references, intact.
 //!
-//! Deleting what a root superseded is where readers could be hurt, so it follows one rule:
-//! nothing is deleted until the current root has been current for the **settle time** (default
-//! one hour), and then only objects older than the settle time that the current root does not
-//! use (older roots, their tables and filters, deltas the current root covers). A compaction
-//! refuses to publish a root more than a quarter of the settle time after its listing, so every
-//! compaction that can still publish has seen the settled root and builds on it (its root keeps
-//! the settled root's tables or merges their entries). Readers that took their view from an
-//! older root and find an object gone take a new view (see [`IndexSet`](super::IndexSet)).
+//! Deleting what a root superseded is where readers could be hurt, so it follows one rule. The
+//! **protected roots** are every root younger than the **settle time** (default one hour) and the
+//! newest root older than it. Only objects older than the settle time are deleted, and only
+//! these: roots that are not protected, deltas that every protected root covers, and tables and
+//! filters that no protected root uses. A compaction refuses to publish a root more than a
+//! quarter of the settle time after its listing, so every compaction that can still publish
+//! listed after the newest settled root existed and builds on it or on a younger root: all of
+//! them protected, their tables kept, the deltas they do not cover kept. Readers that took their
+//! view from an older root and find an object gone take a new view (see
+//! [`IndexSet`](super::IndexSet)). Because the rule looks at the newest *settled* root, not at the
+//! current one, deletion keeps pace even when roots are published more often than the settle
+//! time (a busy repository compacting every few minutes).
 //!
 //! Two compactions at once are harmless: both publish roots built from the same current root,
 //! readers take the greater, and the deltas only the other one merged stay uncovered (and are
@@ -187,10 +191,12 @@ fn aged(o: &ObjectInfo, now: SystemTime, settle: Duration) -> bool {
 }
 
 /// Decides what to merge and what to delete (pure: no I/O).
+/// `protected` holds the bodies of [`protected_roots`] (deletions need them; the merge needs
+/// only the current root).
 pub fn plan(
     listing: &Listing,
-    root_key: Option<&str>,
     root: &Root,
+    protected: &[(String, Root)],
     now: SystemTime,
     policy: &Policy,
     mode: Mode,
@@ -267,44 +273,62 @@ pub fn plan(
     };
     Plan {
         step,
-        delete: deletions(listing, root_key, root, now, policy.settle),
+        delete: deletions(listing, protected, now, policy.settle),
         why,
     }
 }
 
-/// What the settled current root superseded (see the module docs).
+/// The roots a reader or a compaction may still use (see the module docs): every root younger
+/// than the settle time (or of unknown age), and the newest root older than it.
+pub fn protected_roots(listing: &Listing, now: SystemTime, settle: Duration) -> Vec<String> {
+    let settled = root::current(
+        listing
+            .roots
+            .iter()
+            .filter(|o| aged(o, now, settle))
+            .map(|o| o.key.as_str()),
+    );
+    listing
+        .roots
+        .iter()
+        .filter(|o| !aged(o, now, settle) || Some(o.key.as_str()) == settled)
+        .filter(|o| root::parse_key(&o.key).is_some())
+        .map(|o| o.key.clone())
+        .collect()
+}
+
+/// What no protected root uses any more, and is older than the settle time.
 fn deletions(
     listing: &Listing,
-    root_key: Option<&str>,
-    root: &Root,
+    protected: &[(String, Root)],
     now: SystemTime,
     settle: Duration,
 ) -> Vec<String> {
-    let Some(rk) = root_key else {
-        return vec![];
-    };
-    let settled = listing
-        .roots
-        .iter()
-        .find(|o| o.key == rk)
-        .is_some_and(|o| aged(o, now, settle));
-    if !settled {
+    if protected.is_empty() {
         return vec![];
     }
-    let tables: HashSet<String> = root.tables().map(TableRef::key).collect();
-    let filters: HashSet<String> = root
-        .filters()
-        .map(|f| format!("{FILTERS_PREFIX}{f}"))
+    let keep: HashSet<&str> = protected.iter().map(|(k, _)| k.as_str()).collect();
+    let tables: HashSet<String> = protected
+        .iter()
+        .flat_map(|(_, r)| r.tables().map(TableRef::key))
         .collect();
-    let covers: HashSet<&str> = root.covers.iter().map(String::as_str).collect();
+    let filters: HashSet<String> = protected
+        .iter()
+        .flat_map(|(_, r)| r.filters().map(|f| format!("{FILTERS_PREFIX}{f}")))
+        .collect();
+    let covers: Vec<HashSet<&str>> = protected
+        .iter()
+        .map(|(_, r)| r.covers.iter().map(String::as_str).collect())
+        .collect();
     let mut out = Vec::new();
     for o in &listing.roots {
-        if o.key != rk && aged(o, now, settle) {
+        if !keep.contains(o.key.as_str()) && aged(o, now, settle) {
             out.push(o.key.clone());
         }
     }
     for o in &listing.deltas {
-        if covers.contains(o.key.trim_start_matches(DELTAS_PREFIX)) && aged(o, now, settle) {
+        let name = o.key.trim_start_matches(DELTAS_PREFIX);
+        if aged(o, now, settle) && covers.iter().all(|c| c.contains(name)) {
             out.push(o.key.clone());
         }
     }
@@ -444,14 +468,21 @@ pub async fn run(
         }
         None => Root::empty(),
     };
-    let p = plan(
-        &listing,
-        root_key.as_deref(),
-        &old,
-        SystemTime::now(),
-        policy,
-        mode,
-    );
+    let now = SystemTime::now();
+    let mut protected = Vec::new();
+    for k in protected_roots(&listing, now, policy.settle) {
+        if Some(&k) == root_key.as_ref() {
+            protected.push((k, old.clone()));
+            continue;
+        }
+        match store.get(&k).await {
+            Ok(b) => protected.push((k.clone(), Root::parse(&k, &b)?)),
+            // Deleted meanwhile by another compaction: it was not needed.
+            Err(e) if e.is_not_found() => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    let p = plan(&listing, &old, &protected, now, policy, mode);
     let mut out = Outcome {
         plan: Some(p.clone()),
         runs_after: old.runs.len(),

@@ -153,7 +153,8 @@ impl BlobWriter {
 
     /// Whether the repository (before this session, or through this session) has the blob.
     pub fn has(&self, id: &Id) -> bool {
-        lock(&self.claimed).contains(id) || self.known.contains(id)
+        let claimed = lock(&self.claimed).contains(id);
+        claimed || self.known.contains(id)
     }
 
     /// Whether the repository may have had the blob when this session started (no false
@@ -166,9 +167,9 @@ impl BlobWriter {
     /// run on many threads at once.
     pub fn prepare(&self, raw: &[u8]) -> Prepared {
         let id = Id::of(raw);
-        let new = !lock(&self.claimed).contains(&id)
-            && !self.known.contains(&id)
-            && lock(&self.claimed).insert(id);
+        // The claim set is not held while the index is asked (that may read a bucket).
+        let claimed = lock(&self.claimed).contains(&id);
+        let new = !claimed && !self.known.contains(&id) && lock(&self.claimed).insert(id);
         Prepared {
             id,
             raw_len: raw.len() as u32,

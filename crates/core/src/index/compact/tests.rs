@@ -34,8 +34,8 @@ fn nothing_is_due_until_enough_deltas() {
     }
     let p = plan(
         &l,
-        None,
         &Root::empty(),
+        &[],
         SystemTime::now(),
         &policy(),
         Mode::Auto,
@@ -45,8 +45,8 @@ fn nothing_is_due_until_enough_deltas() {
         .push(obj(&format!("{DELTAS_PREFIX}{}", hex(99)), 10_000, 5));
     let p = plan(
         &l,
-        None,
         &Root::empty(),
+        &[],
         SystemTime::now(),
         &policy(),
         Mode::Auto,
@@ -61,8 +61,8 @@ fn nothing_is_due_until_enough_deltas() {
         .push(obj(&format!("{DELTAS_PREFIX}{}", hex(1)), 84 * 200_000, 5));
     let p = plan(
         &one,
-        None,
         &Root::empty(),
+        &[],
         SystemTime::now(),
         &policy(),
         Mode::Auto,
@@ -71,8 +71,8 @@ fn nothing_is_due_until_enough_deltas() {
     // `maintain index` on a repository that is one base already does nothing.
     let p = plan(
         &Listing::default(),
-        None,
         &Root::empty(),
+        &[],
         SystemTime::now(),
         &policy(),
         Mode::Full,
@@ -118,14 +118,7 @@ fn a_large_index_merges_deltas_into_size_tiered_runs() {
     // Runs of 30 000 and 70 000 join (each at most twice what was gathered so far); the run of
     // 400 000 does not (too big for this merge), nor the one of 2 000 000.
     let root = big_root(&[2_000_000, 70_000, 400_000, 30_000]);
-    let p = plan(
-        &l,
-        Some("k"),
-        &root,
-        SystemTime::now(),
-        &policy(),
-        Mode::Auto,
-    );
+    let p = plan(&l, &root, &[], SystemTime::now(), &policy(), Mode::Auto);
     assert_eq!(
         p.step,
         Step::Run {
@@ -136,83 +129,91 @@ fn a_large_index_merges_deltas_into_size_tiered_runs() {
         p.why
     );
     // `maintain index` rewrites everything.
-    let p = plan(
-        &l,
-        Some("k"),
-        &root,
-        SystemTime::now(),
-        &policy(),
-        Mode::Full,
-    );
+    let p = plan(&l, &root, &[], SystemTime::now(), &policy(), Mode::Full);
     assert!(matches!(p.step, Step::Full { .. }));
 }
 
+/// The protected roots' bodies, as `run` reads them.
+fn protected(l: &Listing, bodies: &[(&str, &Root)]) -> Vec<(String, Root)> {
+    protected_roots(l, SystemTime::now(), policy().settle)
+        .into_iter()
+        .map(|k| {
+            let r = bodies.iter().find(|(b, _)| *b == k).unwrap().1.clone();
+            (k, r)
+        })
+        .collect()
+}
+
 #[test]
-fn deletions_wait_for_a_settled_root() {
-    let mut root = big_root(&[10]);
-    root.covers = vec![hex(1)];
-    let (rk, _) = root.encode();
+fn deletions_wait_for_a_settled_root_and_keep_pace_with_new_ones() {
+    // R1 (seq 2) used table 7 and filter 9; R2 (seq 3) uses tables 200, 100 and covers delta 1.
+    let mut r1 = big_root(&[]);
+    r1.seq = 2;
+    r1.base.as_mut().unwrap().shards[0].table = hex(7);
+    r1.base.as_mut().unwrap().filter = hex(9);
+    let (k1, _) = r1.encode();
+    let mut r2 = big_root(&[10]);
+    r2.covers = vec![hex(1)];
+    let (k2, _) = r2.encode();
     let mut l = Listing {
         deltas: vec![
             obj(&format!("{DELTAS_PREFIX}{}", hex(1)), 10, 500),
             obj(&format!("{DELTAS_PREFIX}{}", hex(2)), 10, 500),
         ],
-        ..Listing::default()
+        tables: vec![
+            obj(&format!("{TABLES_PREFIX}{}", hex(200)), 10, 500),
+            obj(&format!("{TABLES_PREFIX}{}", hex(100)), 10, 500),
+            obj(&format!("{TABLES_PREFIX}{}", hex(7)), 10, 500),
+            obj(&format!("{TABLES_PREFIX}{}", hex(8)), 10, 50),
+        ],
+        filters: vec![
+            obj(&format!("{FILTERS_PREFIX}{}", hex(201)), 10, 500),
+            obj(&format!("{FILTERS_PREFIX}{}", hex(150)), 10, 500),
+            obj(&format!("{FILTERS_PREFIX}{}", hex(9)), 10, 500),
+        ],
+        roots: vec![obj(&k1, 10, 500), obj(&k2, 10, 50)],
     };
-    l.tables = vec![
-        obj(&format!("{TABLES_PREFIX}{}", hex(200)), 10, 500),
-        obj(&format!("{TABLES_PREFIX}{}", hex(100)), 10, 500),
-        obj(&format!("{TABLES_PREFIX}{}", hex(7)), 10, 500),
-        obj(&format!("{TABLES_PREFIX}{}", hex(8)), 10, 50),
-    ];
-    l.filters = vec![
-        obj(&format!("{FILTERS_PREFIX}{}", hex(201)), 10, 500),
-        obj(&format!("{FILTERS_PREFIX}{}", hex(9)), 10, 500),
-    ];
-    let old_root = format!("{ROOTS_PREFIX}{:016x}-{}", 2, hex(3));
-    l.roots = vec![obj(&old_root, 10, 500), obj(&rk, 10, 50)];
-    // The current root is 50 s old, the settle time 100 s: nothing goes.
-    let p = plan(
-        &l,
-        Some(&rk),
-        &root,
-        SystemTime::now(),
-        &policy(),
-        Mode::Auto,
-    );
-    assert!(p.delete.is_empty(), "{:?}", p.delete);
-    // Settled: the old root, the covered delta, unused old tables and filters go; the uncovered
-    // delta, the root's own objects and the young table (a compaction in flight) stay.
-    l.roots[1] = obj(&rk, 10, 150);
-    let p = plan(
-        &l,
-        Some(&rk),
-        &root,
-        SystemTime::now(),
-        &policy(),
-        Mode::Auto,
-    );
-    let mut d = p.delete.clone();
-    d.sort();
+    let bodies = [(k1.as_str(), &r1), (k2.as_str(), &r2)];
+    let del = |l: &Listing, bodies: &[(&str, &Root)], current: &Root| {
+        let mut d = plan(
+            l,
+            current,
+            &protected(l, bodies),
+            SystemTime::now(),
+            &policy(),
+            Mode::Auto,
+        )
+        .delete;
+        d.sort();
+        d
+    };
+    // R2 is 50 s old, the settle time 100 s: R1 (the newest settled root) and R2 are protected,
+    // so nothing either uses goes, and delta 1 stays (R1 does not cover it).
+    assert_eq!(del(&l, &bodies, &r2), Vec::<String>::new());
+    // R2 settled: R1, the delta R2 covers, R1's table and filter go; the uncovered delta, R2's
+    // own objects and the young table (a compaction in flight) stay.
+    l.roots[1] = obj(&k2, 10, 150);
     let mut want = vec![
-        old_root,
+        k1.clone(),
         format!("{DELTAS_PREFIX}{}", hex(1)),
         format!("{TABLES_PREFIX}{}", hex(7)),
         format!("{FILTERS_PREFIX}{}", hex(9)),
     ];
     want.sort();
-    assert_eq!(d, want);
+    assert_eq!(del(&l, &bodies, &r2), want);
+    // A root newer than R2 published 10 s ago (roots come faster than the settle time): the same
+    // deletions go ahead, and what the young root uses or does not cover stays.
+    let mut r3 = big_root(&[10, 20]);
+    r3.seq = 4;
+    r3.runs[1].table = hex(8);
+    r3.covers = vec![hex(1), hex(2)];
+    let (k3, _) = r3.encode();
+    l.roots.push(obj(&k3, 10, 10));
+    let bodies3 = [(k1.as_str(), &r1), (k2.as_str(), &r2), (k3.as_str(), &r3)];
+    assert_eq!(del(&l, &bodies3, &r3), want);
     // Objects of unknown age count as young.
     l.tables[2].modified = None;
-    let p = plan(
-        &l,
-        Some(&rk),
-        &root,
-        SystemTime::now(),
-        &policy(),
-        Mode::Auto,
-    );
-    assert!(!p.delete.iter().any(|k| k.ends_with(&hex(7))));
+    assert!(!del(&l, &bodies3, &r3).iter().any(|k| k.ends_with(&hex(7))));
 }
 
 async fn check_all(store: &DynStore, packs: &[FinishedPack]) {
