@@ -141,6 +141,19 @@ pub fn is_generation_name(s: &str) -> bool {
         && suffix.is_none_or(|n| n.parse::<u32>().is_ok_and(|n| n >= 2))
 }
 
+/// The time a generation name carries (its timestamp, to the second), or `None` if `s` is not
+/// a generation name: what a listing shows without fetching the manifest.
+pub fn generation_time(s: &str) -> Option<DateTime<Utc>> {
+    if !is_generation_name(s) {
+        return None;
+    }
+    let ts = s.split_once("Z-").map_or(s, |(ts, _)| ts);
+    let ts = ts.strip_suffix('Z').unwrap_or(ts);
+    chrono::NaiveDateTime::parse_from_str(ts, "%Y-%m-%dT%H%M%S")
+        .ok()
+        .map(|t| t.and_utc())
+}
+
 /// Checks a host name: it becomes a store key component and a directory name in the mount.
 pub fn check_host(name: &str) -> Result<()> {
     let bad = |reason| {
@@ -167,6 +180,15 @@ pub fn check_host(name: &str) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn generation_names_carry_their_time() {
+        let t = generation_time("2026-11-20T010203Z").unwrap();
+        assert_eq!(t.to_rfc3339(), "2026-11-20T01:02:03+00:00");
+        assert_eq!(generation_time("2026-11-20T010203Z-3"), Some(t));
+        assert_eq!(generation_time("2026-11-20T010203Z-1"), None);
+        assert_eq!(generation_time("latest"), None);
+    }
 
     #[test]
     fn names_sort_and_parse() {

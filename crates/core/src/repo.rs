@@ -112,6 +112,37 @@ impl Repository {
         Ok(names)
     }
 
+    /// Every host's generation names, oldest first, hosts sorted, from one flat listing of
+    /// `snapshots/`: a few requests however many hosts there are (S3 returns 1 000 keys a
+    /// page, so 1 000 hosts × 365 generations is 365 pages), where [`Repository::hosts`] and
+    /// then [`Repository::generations`] of each would be one listing per host. Hosts without
+    /// a generation (only a stale claim, say) are left out.
+    pub async fn all_generations(&self) -> Result<Vec<(String, Vec<String>)>> {
+        let mut hosts: std::collections::BTreeMap<String, Vec<String>> = Default::default();
+        for o in self.store.list(SNAPSHOTS_PREFIX).await? {
+            let Some((host, name)) = o
+                .key
+                .strip_prefix(SNAPSHOTS_PREFIX)
+                .and_then(|rest| rest.split_once('/'))
+            else {
+                continue;
+            };
+            if is_generation_name(name) {
+                match hosts.get_mut(host) {
+                    Some(names) => names.push(name.to_owned()),
+                    None => {
+                        hosts.insert(host.to_owned(), vec![name.to_owned()]);
+                    }
+                }
+            }
+        }
+        let mut out: Vec<_> = hosts.into_iter().collect();
+        for (_, names) in &mut out {
+            names.sort_by_cached_key(|n| generation_sort_key(n));
+        }
+        Ok(out)
+    }
+
     /// A host's newest generation, if any.
     pub async fn latest(&self, host: &str) -> Result<Option<String>> {
         Ok(self.generations(host).await?.pop())
@@ -347,6 +378,59 @@ impl Repository {
                     .into_iter()
                     .collect())
             }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use backtree_store::{CountingStore, MemoryStore, ObjectStore};
+
+    /// Listing every host's generations is one store listing, whatever the number of hosts.
+    #[tokio::test]
+    async fn all_generations_is_one_listing_for_any_number_of_hosts() {
+        let mem = Arc::new(MemoryStore::new());
+        let counting = Arc::new(CountingStore::new(mem.clone()));
+        let repo = Repository::init(counting.clone()).await.unwrap();
+        for h in 0..50 {
+            for name in [
+                "2026-01-02T030405Z",
+                "2026-01-01T000000Z",
+                "2026-01-02T030405Z-2",
+            ] {
+                let key = Manifest::key(&format!("host{h:02}"), name);
+                mem.put(&key, Bytes::from_static(b"{}")).await.unwrap();
+            }
+        }
+        // Neither a claim object nor a host with nothing but one is a generation.
+        let claim = crate::claim::claim_key(&Manifest::key("host00", "2026-02-01T000000Z"), "s");
+        mem.put(&claim, Bytes::new()).await.unwrap();
+        mem.put(
+            &format!("{}ghost/x.claim-s", SNAPSHOTS_PREFIX),
+            Bytes::new(),
+        )
+        .await
+        .unwrap();
+        counting.take();
+
+        let all = repo.all_generations().await.unwrap();
+        let asked = counting.take();
+        assert_eq!(asked.lists(), 1, "{asked:?}");
+        assert_eq!(asked.0.len(), 1, "{asked:?}");
+        assert_eq!(all.len(), 50);
+        assert_eq!(all[0].0, "host00");
+        assert_eq!(
+            all[0].1,
+            [
+                "2026-01-01T000000Z",
+                "2026-01-02T030405Z",
+                "2026-01-02T030405Z-2"
+            ]
+        );
+        // The same as a listing per host.
+        for (host, names) in &all {
+            assert_eq!(&repo.generations(host).await.unwrap(), names);
         }
     }
 }

@@ -8,7 +8,9 @@
 //! - [`S3Store`]: a bucket (and optional prefix) on AWS S3 or an S3-compatible store;
 //! - [`MemoryStore`]: a map in memory, for tests;
 //! - [`FaultyStore`]: a wrapper that injects failures (and can "crash" after N writes), so the
-//!   writer's crash safety and the reader's error paths can be tested without a real outage.
+//!   writer's crash safety and the reader's error paths can be tested without a real outage;
+//! - [`CountingStore`]: a wrapper that records every request, so tests can bound what an
+//!   operation costs in requests (one LIST, no manifest GET, …).
 //!
 //! [`open_store`] opens the store of a repository location as a user writes it (a local path or
 //! `s3://BUCKET[/PREFIX]`, see [`Location`]).
@@ -24,12 +26,14 @@
 //! Every error carries the key it concerns, so a log line can always name the object.
 
 pub mod conformance;
+mod counting;
 mod faulty;
 mod local;
 mod memory;
 mod open;
 pub mod s3;
 
+pub use counting::{CountingStore, Op, Requests};
 pub use faulty::{Fault, FaultyStore};
 pub use local::LocalStore;
 pub use memory::MemoryStore;

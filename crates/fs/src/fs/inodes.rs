@@ -56,6 +56,13 @@ pub enum Node {
     Root,
     Host(Arc<str>),
     Latest(Arc<str>),
+    /// A generation's root directory known by its name only: listed from its host's
+    /// directory, its manifest not loaded. Whatever needs its attributes or contents loads the
+    /// manifest and uses the [`Node::Entry`] it becomes (same inode number).
+    Generation {
+        host: Arc<str>,
+        name: Arc<str>,
+    },
     /// Anything inside a generation, including its root directory (empty path).
     Entry {
         gen: Arc<GenCtx>,
@@ -121,15 +128,18 @@ impl Inodes {
             .ok_or(FsError::NotFound)
     }
 
-    /// Records that the kernel received `ino` once more (lookup, readdirplus entry).
+    /// Records that the kernel received `ino` once more (lookup, readdirplus entry). A
+    /// generation root held by name becomes the loaded one when a lookup hands that over.
     pub(super) fn remember(&self, ino: u64, node: &Node) {
-        lock(&self.nodes)
-            .entry(ino)
-            .or_insert_with(|| NodeRec {
-                node: node.clone(),
-                lookups: 0,
-            })
-            .lookups += 1;
+        let mut nodes = lock(&self.nodes);
+        let rec = nodes.entry(ino).or_insert_with(|| NodeRec {
+            node: node.clone(),
+            lookups: 0,
+        });
+        if matches!(rec.node, Node::Generation { .. }) && matches!(node, Node::Entry { .. }) {
+            rec.node = node.clone();
+        }
+        rec.lookups += 1;
     }
 
     /// The kernel dropped `n` references to `ino`.

@@ -198,9 +198,13 @@ impl BacktreeFs {
         self.inodes.forget(ino, n)
     }
 
-    /// A node and its entry (for nodes inside a generation).
+    /// A node and its entry (for nodes inside a generation). A generation root held by name
+    /// is loaded here: whoever resolves an inode needs its attributes or contents.
     async fn resolve(&self, ino: u64) -> Result<(Node, Option<EntryRef>)> {
-        let node = self.inodes.get(ino)?;
+        let node = match self.inodes.get(ino)? {
+            Node::Generation { host, name } => self.namespace.root(&host, &name).await?,
+            node => node,
+        };
         let entry = self.dirs.entry(&node).await?;
         Ok((node, entry))
     }

@@ -8,24 +8,33 @@
 //! These directories change while the mount runs, so they get a short TTL ([`SHORT_TTL`]) and
 //! are listed afresh on each opendir. The last listing that succeeded is kept: a store outage
 //! must not make the tree vanish (an `rsync --delete` mirror would delete everything), so what
-//! was listed stays listed and the rest gives EIO. A generation's manifest and hardlink table
-//! are loaded once ([`GenCtx`]) and kept in an LRU of [`GENERATIONS_KEPT`]; an inode that still
-//! holds an evicted one keeps it alive, and a later lookup loads it again (same inode numbers).
+//! was listed stays listed and the rest gives EIO.
+//!
+//! Listing costs one store LIST and nothing else: `/` is one listing of `snapshots/` by
+//! delimiter, `/<host>/` one listing of the host's manifests, whose names are all a listing
+//! needs (inode numbers hash host and name; the name carries the time). A host with a year of
+//! nightly generations is thus listed without 365 manifest GETs. Each generation is listed as
+//! a [`Node::Generation`], by name; its manifest and hardlink table are loaded ([`GenCtx`])
+//! only when its attributes or contents are asked for (a lookup of it, a `stat`, a listing
+//! inside it), and kept in an LRU of [`GENERATIONS_KEPT`]; an inode that still holds an
+//! evicted one keeps it alive, and a later lookup loads it again (same inode numbers).
+//!
+//! The mount answers listings with readdirplus, which carries attributes with every item. A
+//! generation whose manifest is loaded is listed with its root's attributes; one that is not
+//! gets stand-ins (a read-only directory with the time of its name) valid for no time at all,
+//! so the kernel asks again (LOOKUP or GETATTR, which load the manifest) before it shows or
+//! uses them: `ls` of a host fetches no manifest, `ls -l` fetches each one it shows.
 
 use super::error::{lock, Failures, FsError, Result};
 use super::inodes::{hash_ino, Attr, EntryAt, FileKind, Node};
 use super::SHORT_TTL;
-use backtree_core::manifest::{generation_sort_key, is_generation_name, Manifest};
+use backtree_core::manifest::{generation_time, is_generation_name, Manifest};
 use backtree_core::Repository;
-use futures_util::StreamExt;
 use lru::LruCache;
 use std::collections::HashMap;
 use std::num::NonZeroUsize;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
-
-/// Manifests fetched at once when a host directory is listed (latency-bound on S3).
-const MANIFEST_FETCHES: usize = 16;
 
 /// Generations whose manifest and hardlink table are kept (an LRU by host and name). A
 /// manifest with its root entry and stats is about 1–2 KB, so 4096 is a few MB, while 1 000
@@ -82,7 +91,8 @@ impl Namespace {
         }
     }
 
-    /// Attributes of a virtual node (root, host, `latest`).
+    /// Attributes of a virtual node (root, host, `latest`), and the stand-ins of a generation
+    /// root not loaded (valid for no time: see the module docs).
     pub(super) fn attr(&self, ino: u64, node: &Node) -> (Attr, Duration) {
         let mut a = Attr {
             ino,
@@ -103,6 +113,11 @@ impl Namespace {
             a.perm = 0o777;
             a.nlink = 1;
             a.size = 18; // a generation name's length; readlink gives the truth
+        }
+        if let Node::Generation { name, .. } = node {
+            let t = generation_time(name).map_or(self.mounted, SystemTime::from);
+            (a.atime, a.mtime, a.ctime) = (t, t, t);
+            return (a, Duration::ZERO);
         }
         (a, SHORT_TTL)
     }
@@ -129,12 +144,12 @@ impl Namespace {
                 Ok((g.ino, gen_root(g)))
             }
             Node::Latest(_) => Err(FsError::NotDir),
-            Node::Entry { .. } => Err(FsError::Invalid),
+            Node::Generation { .. } | Node::Entry { .. } => Err(FsError::Invalid),
         }
     }
 
-    /// The items of a virtual directory, listed afresh: hosts, or a host's generations (oldest
-    /// first) and `latest`.
+    /// The items of a virtual directory, listed afresh (one store listing, no manifest):
+    /// hosts, or a host's generations (oldest first) and `latest`.
     pub(super) async fn list(&self, dir: &Node) -> Result<Vec<(u64, Vec<u8>, Node)>> {
         match dir {
             Node::Root => Ok(self
@@ -144,27 +159,22 @@ impl Namespace {
                 .map(|h| (host_ino(&h), h.as_bytes().to_vec(), Node::Host(h.into())))
                 .collect()),
             Node::Host(host) => {
-                let mut names = self.generations(host).await?;
-                names.sort_by_cached_key(|g| generation_sort_key(g));
-                // Generation roots need their manifest for attributes: load them here (two
-                // small GETs each, cached for the life of the mount), several at once, so that
-                // a host with a year of nightly generations lists quickly on S3 too.
-                let loaded: Vec<_> = futures_util::stream::iter(names)
-                    .map(|n| async move {
-                        let g = self.generation(host, &n).await;
-                        (n, g)
-                    })
-                    .buffered(MANIFEST_FETCHES)
-                    .collect()
-                    .await;
-                let mut out = Vec::with_capacity(loaded.len() + 1);
-                for (name, g) in loaded {
-                    match g {
-                        Ok(g) => out.push((g.ino, name.into_bytes(), gen_root(g))),
-                        Err(FsError::NotFound) => {} // forgotten meanwhile
-                        Err(e) => return Err(e),
-                    }
+                // Oldest first (the repository sorts them). Generations already loaded are
+                // listed with their root's attributes; the others by name only.
+                let names = self.generations(host).await?;
+                let mut out = Vec::with_capacity(names.len() + 1);
+                let gens = lock(&self.gens);
+                for name in names {
+                    let node = match gens.peek(&(host.to_string(), name.clone())) {
+                        Some(g) => gen_root(g.clone()),
+                        None => Node::Generation {
+                            host: host.clone(),
+                            name: name.as_str().into(),
+                        },
+                    };
+                    out.push((gen_ino(host, &name), name.into_bytes(), node));
                 }
+                drop(gens);
                 out.push((
                     latest_ino(host),
                     b"latest".to_vec(),
@@ -173,11 +183,18 @@ impl Namespace {
                 Ok(out)
             }
             Node::Latest(_) => Err(FsError::NotDir),
-            Node::Entry { .. } => Err(FsError::Invalid),
+            Node::Generation { .. } | Node::Entry { .. } => Err(FsError::Invalid),
         }
     }
 
-    /// The target of `host/latest`: the newest generation's name.
+    /// The root directory of generation `name` of `host`, its manifest loaded (a
+    /// [`Node::Generation`] becomes this when used).
+    pub(super) async fn root(&self, host: &str, name: &str) -> Result<Node> {
+        Ok(gen_root(self.generation(host, name).await?))
+    }
+
+    /// The target of `host/latest`: the newest generation's name, from a listing (no
+    /// manifest).
     pub(super) async fn latest(&self, host: &str) -> Result<Vec<u8>> {
         let gens = self.generations(host).await?;
         gens.last()
@@ -202,7 +219,7 @@ impl Namespace {
         let g = Arc::new(GenCtx {
             host: host.to_owned(),
             name: name.to_owned(),
-            ino: hash_ino(&[b"gen", host.as_bytes(), name.as_bytes()]),
+            ino: gen_ino(host, name),
             manifest,
             links,
         });
@@ -247,6 +264,11 @@ impl Namespace {
 
 fn host_ino(host: &str) -> u64 {
     hash_ino(&[b"host", host.as_bytes()])
+}
+
+/// The inode of a generation's root: from host and name, whether its manifest is loaded or not.
+fn gen_ino(host: &str, name: &str) -> u64 {
+    hash_ino(&[b"gen", host.as_bytes(), name.as_bytes()])
 }
 
 fn latest_ino(host: &str) -> u64 {

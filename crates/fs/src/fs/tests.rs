@@ -753,3 +753,150 @@ async fn paged_chunk_lists_read_seek_and_fail_alone() {
     let (small, sa) = walk(fs, &format!("h/{gen}/small.txt")).await.unwrap();
     assert_eq!(read_all(fs, small, sa.size).await.unwrap(), b"hello\n");
 }
+
+/// A repository whose host h has `n` generations (one ingested, the others copies of its
+/// manifest under other names), behind a store that counts requests; and a filesystem on it.
+async fn counted_generations(
+    n: usize,
+) -> (
+    Setup,
+    Arc<backtree_store::CountingStore>,
+    Arc<BacktreeFs>,
+    Vec<String>,
+) {
+    use backtree_core::manifest::Manifest;
+    let s = setup_with(|src| {
+        std::fs::write(src.join("small.txt"), b"hello").unwrap();
+        std::fs::set_permissions(src, std::os::unix::fs::PermissionsExt::from_mode(0o710)).unwrap();
+    })
+    .await;
+    let repo = s.fs.repo();
+    let first = repo.generations("h").await.unwrap().remove(0);
+    let m = repo.manifest("h", &first).await.unwrap();
+    let mut names = vec![first];
+    for i in 1..n {
+        let mut copy = m.clone();
+        copy.name = format!("2020-01-{:02}T000000Z", i);
+        let key = Manifest::key("h", &copy.name);
+        s.mem.put(&key, copy.to_json().into()).await.unwrap();
+        names.push(copy.name);
+    }
+    names.sort_by_cached_key(|g| backtree_core::manifest::generation_sort_key(g));
+    let counting = Arc::new(backtree_store::CountingStore::new(s.faulty.clone()));
+    let repo = Repository::open(counting.clone()).await.unwrap();
+    let fs = Arc::new(BacktreeFs::new(Arc::new(repo), FsOptions::default()));
+    counting.take();
+    (s, counting, fs, names)
+}
+
+/// Opens and lists a directory as `ls` does (readdirplus: the kernel is handed every item).
+async fn list_dir(fs: &BacktreeFs, ino: u64) -> Vec<DirItem> {
+    let fh = fs.opendir(ino).await.unwrap().0;
+    let items = fs.readdir(fh, 0, 1000).await.unwrap();
+    fs.releasedir(fh);
+    for it in &items {
+        fs.remember(it.ino, &it.node);
+    }
+    items
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn listing_hosts_and_generations_is_one_listing_and_no_manifest() {
+    let (_s, counting, fs, names) = counted_generations(20).await;
+    let is_manifest = |op: backtree_store::Op, k: &str| op.is_read() && k.starts_with("snapshots/");
+
+    // `/`: one listing.
+    let hosts = list_dir(&fs, ROOT_INO).await;
+    assert_eq!(hosts.len(), 1);
+    let asked = counting.take();
+    assert_eq!((asked.lists(), asked.0.len()), (1, 1), "{asked:?}");
+
+    // `/h/`: one listing, no manifest; generations oldest first, then `latest`.
+    let host = hosts[0].ino;
+    let items = list_dir(&fs, host).await;
+    let asked = counting.take();
+    assert_eq!((asked.lists(), asked.0.len()), (1, 1), "{asked:?}");
+    let listed: Vec<_> = items.iter().map(|i| i.name.clone()).collect();
+    let mut want: Vec<_> = names.iter().map(|n| n.as_bytes().to_vec()).collect();
+    want.push(b"latest".to_vec());
+    assert_eq!(listed, want);
+    for it in &items[..names.len()] {
+        // Stand-in attributes the kernel must not keep: a stat asks again.
+        assert_eq!(it.attr.kind, FileKind::Dir);
+        assert_eq!(it.ttl, Duration::ZERO);
+    }
+
+    // `latest` resolves from the listing, without a manifest.
+    let (latest, _, _, _) = fs.lookup(host, b"latest").await.unwrap();
+    let target = fs.readlink(latest).await.unwrap();
+    assert_eq!(target, names.last().unwrap().as_bytes());
+    let asked = counting.take();
+    assert_eq!(asked.count(is_manifest), 0, "{asked:?}");
+
+    // A lookup inside one generation, through the inode the listing handed out, reads that
+    // generation's manifest and no other.
+    let gen = &items[3];
+    let (_, _, a, _) = fs.lookup(gen.ino, b"small.txt").await.unwrap();
+    assert_eq!(a.size, 5);
+    let asked = counting.take();
+    let manifests: Vec<_> = asked
+        .0
+        .iter()
+        .filter(|(op, k)| is_manifest(*op, k))
+        .collect();
+    assert_eq!(manifests.len(), 1, "{asked:?}");
+    assert_eq!(manifests[0].1, format!("snapshots/h/{}", names[3]));
+
+    // Its real attributes, with the same inode, now without a request; and a lookup of the
+    // generation by name gives the same inode and attributes.
+    let (ga, ttl) = fs.getattr(gen.ino).await.unwrap();
+    assert_eq!((ga.ino, ga.perm, ttl), (gen.ino, 0o710, LONG_TTL));
+    let (ino, node, la, _) = fs.lookup(host, &gen.name).await.unwrap();
+    assert_eq!((ino, la), (gen.ino, ga));
+    fs.remember(ino, &node);
+    assert!(counting.take().0.is_empty());
+
+    // Listed again, the loaded generation comes with its attributes, the others still not.
+    let again = list_dir(&fs, host).await;
+    assert_eq!(
+        (again[3].ino, again[3].attr, again[3].ttl),
+        (gen.ino, ga, LONG_TTL)
+    );
+    assert_eq!(again[4].ttl, Duration::ZERO);
+    assert_eq!(counting.take().lists(), 1);
+
+    // `ls -l`: a stat of each generation loads each manifest once.
+    for it in &again[..names.len()] {
+        let (a, _) = fs.getattr(it.ino).await.unwrap();
+        assert_eq!((a.ino, a.perm), (it.ino, 0o710));
+    }
+    let asked = counting.take();
+    assert_eq!(asked.count(is_manifest), names.len() - 1, "{asked:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_store_outage_keeps_the_last_generation_listing() {
+    let (s, _counting, fs, names) = counted_generations(3).await;
+    let host = list_dir(&fs, ROOT_INO).await[0].ino;
+    let items = list_dir(&fs, host).await;
+    fs.getattr(items[0].ino).await.unwrap();
+
+    s.faulty.inject(Fault::Offline);
+    let kept = list_dir(&fs, host).await;
+    assert_eq!(kept.len(), names.len() + 1);
+    assert_eq!(list_dir(&fs, ROOT_INO).await.len(), 1);
+    // A generation loaded before still answers; one never loaded is an I/O error, not gone.
+    assert!(fs.getattr(items[0].ino).await.is_ok());
+    assert!(matches!(
+        fs.getattr(items[1].ino).await,
+        Err(FsError::Io { .. })
+    ));
+    let (latest, _, _, _) = fs.lookup(host, b"latest").await.unwrap();
+    assert_eq!(
+        fs.readlink(latest).await.unwrap(),
+        names.last().unwrap().as_bytes()
+    );
+
+    s.faulty.heal();
+    assert_eq!(fs.getattr(items[1].ino).await.unwrap().0.ino, items[1].ino);
+}
