@@ -61,6 +61,9 @@ if [ "${1:-}" = "--stream-rss" ]; then shift; exec "$(dirname "$0")/bench-stream
 if [ "${1:-}" = "--gzip" ]; then shift; exec "$(dirname "$0")/bench-gzip.sh" "$@"; fi
 # `scripts/bench.sh --s3` runs the S3 benchmark against a local Garage (scripts/bench-s3.sh).
 if [ "${1:-}" = "--s3" ]; then shift; exec "$(dirname "$0")/bench-s3.sh" "$@"; fi
+# `scripts/bench.sh --scale` runs the index scale benchmark: simulated repositories of 10^4-10^7
+# chunks, 1-1000 hosts, local and Garage, restic side by side (scripts/bench-scale.sh).
+if [ "${1:-}" = "--scale" ]; then shift; exec "$(dirname "$0")/bench-scale.sh" "$@"; fi
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)

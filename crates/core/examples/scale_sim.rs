@@ -2,8 +2,14 @@
 //!
 //! ```text
 //! cargo run --release -p backtree-core --example scale_sim -- \
-//!     --repo DIR --chunks N --hosts H --gens G [--files-per-gen F] [--jobs J] [--seed S]
+//!     --repo DIR|s3://BUCKET[/PREFIX] --chunks N --hosts H --gens G [--files-per-gen F] \
+//!     [--jobs J] [--seed S]
 //! ```
+//!
+//! `--repo` is opened as the command line opens a repository (`backtree_store::open_store`):
+//! a local directory (created if missing) or an S3 URL, with the endpoint, region and
+//! credentials from the environment (`AWS_ENDPOINT_URL`, `AWS_REGION`, `AWS_ACCESS_KEY_ID`…,
+//! as `scripts/garage.sh` writes them into its `env` file). Either must be empty.
 //!
 //! Every host gets `G` generations; each generation is one simulated ingest through the real
 //! [`BlobWriter`]: about `N / (H × G)` new unique data blobs of 16–64 pseudo-random bytes (so
@@ -21,24 +27,33 @@
 //! and `backtree ingest` work on the result as on a real repository, e.g.
 //! `cat MNT/host7/latest/d0000/f00000`.
 //!
-//! The writer is created with an empty set of known ids (payloads are unique by construction),
-//! so the simulator's memory does not grow with the repository. Ingests of different hosts run
-//! on `--jobs` threads (default: the number of cores). At the end it prints the objects, index
-//! files and bytes of the repository and the seconds taken. docs/benchmarks-index.md has the
-//! baseline measured with it.
+//! Memory stays flat as the repository grows: the writer is created with an empty set of known
+//! ids (payloads are unique by construction), chunks are prepared and appended in batches of
+//! [`BATCH`], and a host keeps between generations only its directories' entries (one per
+//! generation) and a bounded sample of its chunks ([`SAMPLE_MAX`]) for the `log` file's
+//! references to older chunks; within an ingest, only the entries of its new files (one per 8
+//! chunks) are held until their directory is written. So one host with millions of chunks
+//! (`--hosts 1`) and hundreds of generations per host (`--gens 365`) cost what their ingests
+//! cost, not more.
+//!
+//! Ingests of different hosts run on `--jobs` threads (default: the number of cores for a local
+//! repository, four times that on S3, where the threads mostly wait for the network); the
+//! generations of one host are sequential. At the end it prints the objects, index files and
+//! bytes of the repository (one listing of the store) and the seconds taken.
+//! docs/benchmarks-index.md has the baseline measured with it; scripts/bench-scale.sh
+//! (docs/benchmarks-scale.md) builds its repositories with it. Compacting the index (`backtree
+//! maintain index`) is left to the caller.
 
 use backtree_core::id::BlobKind;
 use backtree_core::ingest::writer::{BlobWriter, Prepared};
 use backtree_core::manifest::{generation_name, Manifest, Stats, MANIFEST_VERSION};
 use backtree_core::tree::{paginate, ChunkList, ChunkRef, Entry, PageRef, Time, Tree};
 use backtree_core::{Id, Repository};
-use backtree_store::{DynStore, LocalStore};
+use backtree_store::{open_store, DynStore, Location, OpenOptions, S3Options};
 use bytes::Bytes;
 use chrono::{DateTime, Duration, TimeZone, Utc};
 use std::collections::HashSet;
-use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::Arc;
 use std::time::Instant;
 
 type Res<T> = std::result::Result<T, Box<dyn std::error::Error + Send + Sync>>;
@@ -47,33 +62,40 @@ type Res<T> = std::result::Result<T, Box<dyn std::error::Error + Send + Sync>>;
 const CHUNKS_PER_FILE: usize = 8;
 /// Older chunks of the host referenced by each generation's `log` file.
 const OLD_REFS: usize = 8;
+/// Chunks prepared (hashed, compressed) and appended at a time: bounds the simulator's memory
+/// however many chunks one ingest has.
+const BATCH: usize = 8192;
+/// Chunks of each generation added to its host's sample (the candidates for `log`).
+const SAMPLE_PER_GEN: usize = 16;
+/// Bound of a host's sample: past it, every other sampled chunk is dropped.
+const SAMPLE_MAX: usize = 4096;
 
 struct Args {
-    repo: PathBuf,
+    repo: String,
     chunks: u64,
     hosts: usize,
     gens: usize,
     files_per_gen: Option<usize>,
-    jobs: usize,
+    jobs: Option<usize>,
     seed: u64,
 }
 
 fn usage() -> ! {
     eprintln!(
-        "usage: scale_sim --repo DIR --chunks N --hosts H --gens G [--files-per-gen F] \
-         [--jobs J] [--seed S]"
+        "usage: scale_sim --repo DIR|s3://BUCKET[/PREFIX] --chunks N --hosts H --gens G \
+         [--files-per-gen F] [--jobs J] [--seed S]"
     );
     std::process::exit(2)
 }
 
 fn parse_args() -> Args {
     let mut a = Args {
-        repo: PathBuf::new(),
+        repo: String::new(),
         chunks: 0,
         hosts: 1,
         gens: 1,
         files_per_gen: None,
-        jobs: std::thread::available_parallelism().map_or(2, |n| n.get()),
+        jobs: None,
         seed: 1,
     };
     let mut it = std::env::args().skip(1);
@@ -85,17 +107,17 @@ fn parse_args() -> Args {
                 .unwrap_or_else(|_| usage())
         };
         match k.as_str() {
-            "--repo" => a.repo = PathBuf::from(v),
+            "--repo" => a.repo = v,
             "--chunks" => a.chunks = num(&v),
             "--hosts" => a.hosts = num(&v) as usize,
             "--gens" => a.gens = num(&v) as usize,
             "--files-per-gen" => a.files_per_gen = Some(num(&v) as usize),
-            "--jobs" => a.jobs = num(&v) as usize,
+            "--jobs" => a.jobs = Some(num(&v) as usize),
             "--seed" => a.seed = num(&v),
             _ => usage(),
         }
     }
-    if a.repo.as_os_str().is_empty() || a.hosts == 0 || a.gens == 0 || a.jobs == 0 {
+    if a.repo.is_empty() || a.hosts == 0 || a.gens == 0 || a.jobs == Some(0) {
         usage()
     }
     a
@@ -148,16 +170,34 @@ fn file_entry(name: &[u8], refs: &[(Id, u32)], t: Time, ino: u64) -> Entry {
     e
 }
 
-/// What a host keeps between its generations.
+/// What a host keeps between its generations: O(generations + [`SAMPLE_MAX`]), whatever the
+/// number of chunks.
 #[derive(Default)]
 struct HostState {
     /// The subdirectories `d<g>` written so far (their entries are reused unchanged).
     dirs: Vec<Entry>,
-    /// Every data chunk of the host, for references from later generations.
-    chunks: Vec<(Id, u32)>,
+    /// A bounded sample of the host's data chunks, for references from later generations.
+    sample: Vec<(Id, u32)>,
+    /// Files in `dirs`.
+    files: u64,
     /// Logical bytes of the files in `dirs`.
     logical: u64,
     parent: Option<String>,
+}
+
+impl HostState {
+    /// Adds the first chunks of a generation to the sample, thinning it past [`SAMPLE_MAX`].
+    fn sample_from(&mut self, first: &[(Id, u32)]) {
+        self.sample
+            .extend(first.iter().take(SAMPLE_PER_GEN).copied());
+        if self.sample.len() > SAMPLE_MAX {
+            let mut i = 0;
+            self.sample.retain(|_| {
+                i += 1;
+                i % 2 == 1
+            });
+        }
+    }
 }
 
 struct Ctx {
@@ -186,43 +226,59 @@ fn ingest(cx: &Ctx, st: &mut HostState, host: usize, gen: usize, n: usize) -> Re
         HashSet::new(),
         u64::MAX,
     );
-    let prepared: Vec<Prepared> = (0..n)
-        .map(|i| w.prepare(&payload(cx.args.seed, host, gen, i)))
-        .collect();
-    w.append_all(BlobKind::Data, &prepared)?;
-    let new: Vec<(Id, u32)> = prepared.iter().map(|p| (p.id, p.raw_len)).collect();
-
-    // The generation's new files, in directory d<gen>.
+    // The generation's new files, in directory d<gen>, `per` chunks each; chunks are made in
+    // batches of whole files.
     let files = cx
         .args
         .files_per_gen
         .unwrap_or(n.div_ceil(CHUNKS_PER_FILE))
         .max(1);
     let per = n.div_ceil(files).max(1);
+    let batch = per * BATCH.div_ceil(per);
     let ino0 = ((host as u64) << 40) | ((gen as u64) << 20);
-    let entries: Vec<Entry> = new
-        .chunks(per)
-        .enumerate()
-        .map(|(i, c)| file_entry(format!("f{i:05}").as_bytes(), c, t, ino0 + i as u64 + 1))
-        .collect();
+    let mut entries: Vec<Entry> = Vec::with_capacity(n.div_ceil(per));
+    let mut first: Vec<(Id, u32)> = Vec::new();
+    let mut new_bytes = 0u64;
+    for start in (0..n).step_by(batch) {
+        let prepared: Vec<Prepared> = (start..n.min(start + batch))
+            .map(|i| w.prepare(&payload(cx.args.seed, host, gen, i)))
+            .collect();
+        w.append_all(BlobKind::Data, &prepared)?;
+        let new: Vec<(Id, u32)> = prepared.iter().map(|p| (p.id, p.raw_len)).collect();
+        drop(prepared);
+        if first.is_empty() {
+            first = new.iter().take(SAMPLE_PER_GEN).copied().collect();
+        }
+        new_bytes += new.iter().map(|c| c.1 as u64).sum::<u64>();
+        for c in new.chunks(per) {
+            let i = entries.len();
+            entries.push(file_entry(
+                format!("f{i:05}").as_bytes(),
+                c,
+                t,
+                ino0 + i as u64 + 1,
+            ));
+        }
+    }
+    st.files += entries.len() as u64;
     let mut dir = Entry::made_dir(format!("d{gen:04}").as_bytes(), t);
     dir.tree = Some(store_dir(&w, entries)?);
     st.dirs.push(dir);
 
     // `log`: a few older chunks of the host and one new one, as a file appended to daily.
     let mut log: Vec<(Id, u32)> = Vec::new();
-    if !st.chunks.is_empty() {
+    if !st.sample.is_empty() {
         for k in 0..OLD_REFS {
             let i = (payload(cx.args.seed ^ 0x5eed, host, gen, k)[0] as usize * 7919 + k * 104729)
-                % st.chunks.len();
-            log.push(st.chunks[i]);
+                % st.sample.len();
+            log.push(st.sample[i]);
         }
     }
-    log.extend(new.first().copied());
+    log.extend(first.first().copied());
     let mut root_entries = st.dirs.clone();
     root_entries.push(file_entry(b"log", &log, t, ino0));
-    st.chunks.extend_from_slice(&new);
-    st.logical += new.iter().map(|c| c.1 as u64).sum::<u64>();
+    st.sample_from(&first);
+    st.logical += new_bytes;
     let logical = st.logical + log.iter().map(|c| c.1 as u64).sum::<u64>();
     let mut root = Entry::made_dir(b"", t);
     root.tree = Some(store_dir(&w, root_entries)?);
@@ -244,7 +300,7 @@ fn ingest(cx: &Ctx, st: &mut HostState, host: usize, gen: usize, n: usize) -> Re
         sources: vec![format!("scale_sim:{name}")],
         parent: st.parent.replace(gen_name.clone()),
         stats: Stats {
-            files: (st.chunks.len().div_ceil(per) + 1) as u64,
+            files: st.files + 1,
             dirs: st.dirs.len() as u64 + 1,
             logical_bytes: logical,
             new_raw_bytes: ws.new_raw_bytes.load(Ordering::Relaxed),
@@ -269,51 +325,53 @@ fn ingest(cx: &Ctx, st: &mut HostState, host: usize, gen: usize, n: usize) -> Re
     Ok(())
 }
 
-/// Files and bytes under `dir`, and files directly under `dir/index`.
-fn du(dir: &Path) -> (u64, u64) {
-    let mut files = 0;
-    let mut bytes = 0;
-    let mut stack = vec![dir.to_path_buf()];
-    while let Some(d) = stack.pop() {
-        let Ok(rd) = std::fs::read_dir(&d) else {
-            continue;
-        };
-        for e in rd.flatten() {
-            match e.metadata() {
-                Ok(m) if m.is_dir() => stack.push(e.path()),
-                Ok(m) => {
-                    files += 1;
-                    bytes += m.len();
-                }
-                Err(_) => {}
-            }
+/// Objects and bytes of the whole store, and of its `index/` objects: one listing.
+async fn du(store: &DynStore) -> Res<[(u64, u64); 2]> {
+    let mut all = (0, 0);
+    let mut index = (0, 0);
+    for o in store.list("").await? {
+        all = (all.0 + 1, all.1 + o.size);
+        if o.key.starts_with("index/") {
+            index = (index.0 + 1, index.1 + o.size);
         }
     }
-    (files, bytes)
+    Ok([all, index])
 }
 
 fn main() -> Res<()> {
-    let args = parse_args();
+    let mut args = parse_args();
     let start = Instant::now();
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()?;
     let handle = rt.handle().clone();
-    let local = LocalStore::create(&args.repo)?;
-    let store: DynStore = Arc::new(local);
+    let remote = Location::parse(&args.repo)?.is_remote();
+    let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
+    let jobs = *args
+        .jobs
+        .get_or_insert(if remote { 4 * cores } else { cores });
+    // As `backtree init` opens it (crates/cli/src/main.rs, `RepoArg::open`).
+    let opts = OpenOptions {
+        s3: S3Options {
+            max_attempts: Some(6),
+            ..Default::default()
+        },
+        create: true,
+    };
+    let store = handle.block_on(open_store(&args.repo, &opts))?;
     let repo = handle.block_on(Repository::init(store.clone()))?;
     let cfg = repo.config().clone();
     let ingests = args.hosts * args.gens;
     println!(
         "scale_sim: {} chunks over {} hosts × {} generations ({} ingests, ~{} new chunks each) \
-         into {}",
+         into {} ({jobs} threads)",
         args.chunks,
         args.hosts,
         args.gens,
         ingests,
         args.chunks / ingests as u64,
-        args.repo.display()
+        args.repo
     );
     let cx = Ctx {
         store,
@@ -332,7 +390,7 @@ fn main() -> Res<()> {
     let next_host = AtomicUsize::new(0);
     let step = (ingests / 20).max(1);
     let result: Res<()> = std::thread::scope(|s| {
-        let workers: Vec<_> = (0..cx.args.jobs)
+        let workers: Vec<_> = (0..jobs)
             .map(|_| {
                 s.spawn(|| -> Res<()> {
                     loop {
@@ -366,8 +424,7 @@ fn main() -> Res<()> {
         Ok(())
     });
     result?;
-    let (objects, bytes) = du(&cx.args.repo);
-    let (index_files, index_bytes) = du(&cx.args.repo.join("index"));
+    let [(objects, bytes), (index_files, index_bytes)] = cx.handle.block_on(du(&cx.store))?;
     println!(
         "done: {} chunks, {} ingests; {objects} objects, {bytes} bytes ({} bytes of packs \
          written); {index_files} index files, {index_bytes} index bytes; {:.1} s",
