@@ -68,6 +68,10 @@
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+# The `index: fetched …` lines are backtree's info-level logs; the cache location comes from
+# XDG_CACHE_HOME per repository (below), never from the caller's BACKTREE_CACHE_DIR.
+export BACKTREE_LOG="error,backtree=info"
+unset BACKTREE_CACHE_DIR
 BENCH_DIR=${BENCH_DIR:-/tmp/backtree-bench-scale}
 BENCH_TARGET=${BENCH_TARGET:-/tmp/backtree-bench-target}
 BENCH_BACKTREE=${BENCH_BACKTREE:-}
