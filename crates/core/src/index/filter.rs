@@ -27,7 +27,8 @@
 use crate::error::{Error, Result};
 use crate::id::Id;
 use crate::index::table::id_bits;
-use xorf::{BinaryFuse8, Filter as _};
+use bytes::Bytes;
+use xorf::{BinaryFuse8, BinaryFuse8Ref, Filter as _, FilterRef as _};
 
 pub const MAGIC: &[u8; 8] = b"BTFLT001";
 const HEADER: usize = 24;
@@ -41,13 +42,26 @@ pub fn key_of(id: &Id) -> u64 {
     ])
 }
 
-/// One table's filter.
+/// One table's filter. It keeps its encoded bytes (descriptor and fingerprints, a zero-copy
+/// slice of the bundle it was read from) and looks them up in place, so a loaded filter costs
+/// its size once, not twice.
 #[derive(Debug, Clone)]
 pub struct IdFilter {
     prefix_bits: u8,
     prefix: u32,
     keys: u32,
-    inner: Option<BinaryFuse8>,
+    /// Descriptor (20 bytes) then fingerprints; `None`: no keys.
+    data: Option<Bytes>,
+}
+
+fn encode_fuse(f: &BinaryFuse8) -> Bytes {
+    let mut out = Vec::with_capacity(DESCRIPTOR + f.fingerprints.len());
+    out.extend_from_slice(&f.descriptor.seed.to_le_bytes());
+    out.extend_from_slice(&f.descriptor.segment_length.to_le_bytes());
+    out.extend_from_slice(&f.descriptor.segment_length_mask.to_le_bytes());
+    out.extend_from_slice(&f.descriptor.segment_count_length.to_le_bytes());
+    out.extend_from_slice(&f.fingerprints);
+    Bytes::from(out)
 }
 
 impl IdFilter {
@@ -56,38 +70,39 @@ impl IdFilter {
         keys.sort_unstable();
         keys.dedup();
         let n = keys.len() as u32;
-        let inner = if keys.is_empty() {
-            None
-        } else {
-            // The construction only fails for duplicate keys (removed above) or after 1 000
-            // unlucky seeds, which does not happen for distinct keys.
-            BinaryFuse8::try_from(&keys).ok()
-        };
+        // The construction only fails for duplicate keys (removed above) or after 1 000
+        // unlucky seeds, which does not happen for distinct keys.
+        let data = (!keys.is_empty())
+            .then(|| BinaryFuse8::try_from(&keys).ok())
+            .flatten()
+            .map(|f| encode_fuse(&f));
         IdFilter {
             prefix_bits,
             prefix,
-            keys: if inner.is_some() { n } else { 0 },
-            inner: if n == 0 { None } else { inner },
+            keys: if data.is_some() { n } else { 0 },
+            data,
         }
     }
 
     /// `false`: the id is certainly not in the table. `true`: it may be.
     pub fn may_contain(&self, id: &Id) -> bool {
-        match &self.inner {
-            Some(f) => f.contains(&key_of(id)),
+        match &self.data {
+            // Parsed and checked when the bundle was read: the fingerprints are exactly as long
+            // as the descriptor's lookups need.
+            Some(d) => {
+                BinaryFuse8Ref::from_dma(&d[..DESCRIPTOR], &d[DESCRIPTOR..]).contains(&key_of(id))
+            }
             None => false,
         }
     }
 
     /// Bytes held in memory.
     pub fn memory(&self) -> usize {
-        self.inner.as_ref().map_or(0, |f| f.fingerprints.len()) + 48
+        self.data.as_ref().map_or(0, |d| d.len()) + 64
     }
 
     fn encoded_len(&self) -> usize {
-        self.inner
-            .as_ref()
-            .map_or(0, |f| DESCRIPTOR + f.fingerprints.len())
+        self.data.as_ref().map_or(0, |d| d.len())
     }
 }
 
@@ -137,19 +152,17 @@ impl FilterBundle {
             out.extend_from_slice(&(f.encoded_len() as u32).to_le_bytes());
         }
         for f in &self.filters {
-            if let Some(x) = &f.inner {
-                out.extend_from_slice(&x.descriptor.seed.to_le_bytes());
-                out.extend_from_slice(&x.descriptor.segment_length.to_le_bytes());
-                out.extend_from_slice(&x.descriptor.segment_length_mask.to_le_bytes());
-                out.extend_from_slice(&x.descriptor.segment_count_length.to_le_bytes());
-                out.extend_from_slice(&x.fingerprints);
+            if let Some(d) = &f.data {
+                out.extend_from_slice(d);
             }
         }
         (Id::of(&out), out)
     }
 
-    /// Parses and verifies a bundle (`expect`: the id in its key).
-    pub fn parse(key: &str, b: &[u8], expect: Option<&Id>) -> Result<FilterBundle> {
+    /// Parses and verifies a bundle (`expect`: the id in its key). The filters keep slices of
+    /// `bytes`: nothing is copied.
+    pub fn parse(key: &str, bytes: &Bytes, expect: Option<&Id>) -> Result<FilterBundle> {
+        let b: &[u8] = bytes;
         let bad = |why: &str| Error::corrupt(key, why.to_owned());
         if b.len() < HEADER || &b[..8] != MAGIC {
             return Err(bad("not an index filter (bad magic)"));
@@ -193,13 +206,12 @@ impl FilterBundle {
                 .get(pos..pos + len)
                 .ok_or_else(|| bad("index filter shorter than its rows say"))?;
             pos += len;
-            let inner = if len == 0 {
+            let data = if len == 0 {
                 None
             } else {
                 if len < DESCRIPTOR {
                     return Err(bad("index filter too short"));
                 }
-                let seed = u64::from_le_bytes(body[..8].try_into().unwrap_or([0; 8]));
                 let seg_len = u32_at(body, 8);
                 let mask = u32_at(body, 12);
                 let seg_count_len = u32_at(body, 16);
@@ -213,21 +225,13 @@ impl FilterBundle {
                 if !ok {
                     return Err(bad("index filter parameters are inconsistent"));
                 }
-                Some(BinaryFuse8 {
-                    descriptor: xorf::Descriptor {
-                        seed,
-                        segment_length: seg_len,
-                        segment_length_mask: mask,
-                        segment_count_length: seg_count_len,
-                    },
-                    fingerprints: fp.to_vec().into_boxed_slice(),
-                })
+                Some(bytes.slice(pos - len..pos))
             };
             filters.push(IdFilter {
                 prefix_bits: pb,
                 prefix,
                 keys,
-                inner,
+                data,
             });
         }
         if pos != b.len() {
@@ -257,7 +261,7 @@ mod tests {
         let present = ids(20_000, 1);
         let f = IdFilter::build(0, 0, present.iter().map(key_of).collect());
         let (name, bytes) = FilterBundle::new(vec![f]).encode();
-        let b = FilterBundle::parse("f", &bytes, Some(&name)).unwrap();
+        let b = FilterBundle::parse("f", &Bytes::from(bytes.clone()), Some(&name)).unwrap();
         assert!(present.iter().all(|id| b.may_contain(id)));
         let fp = ids(20_000, 2).iter().filter(|id| b.may_contain(id)).count();
         assert!(fp < 200, "{fp} false positives of 20 000");
@@ -281,7 +285,7 @@ mod tests {
             filters.push(IdFilter::build(2, p, if p == 2 { vec![] } else { keys }));
         }
         let (name, bytes) = FilterBundle::new(filters).encode();
-        let b = FilterBundle::parse("f", &bytes, Some(&name)).unwrap();
+        let b = FilterBundle::parse("f", &Bytes::from(bytes.clone()), Some(&name)).unwrap();
         for id in &all {
             assert_eq!(
                 b.may_contain(id),
@@ -305,21 +309,25 @@ mod tests {
         let (name, bytes) = FilterBundle::new(vec![f]).encode();
         let mut b = bytes.clone();
         b[40] ^= 1;
-        assert!(FilterBundle::parse("f", &b, Some(&name)).is_err());
+        assert!(FilterBundle::parse("f", &Bytes::from(b), Some(&name)).is_err());
         let mut b = bytes.clone();
         b[10] = 1;
-        let err = FilterBundle::parse("f", &b, None).unwrap_err().to_string();
+        let err = FilterBundle::parse("f", &Bytes::from(b), None)
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("reserved"), "{err}");
         let mut b = bytes;
         b[8] = 1;
-        let err = FilterBundle::parse("f", &b, None).unwrap_err().to_string();
+        let err = FilterBundle::parse("f", &Bytes::from(b), None)
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("sealed"), "{err}");
     }
 
     proptest! {
         #[test]
         fn parse_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..600)) {
-            if let Ok(b) = FilterBundle::parse("x", &bytes, None) {
+            if let Ok(b) = FilterBundle::parse("x", &Bytes::from(bytes.clone()), None) {
                 let _ = b.may_contain(&Id::of(&bytes));
             }
         }

@@ -349,7 +349,7 @@ impl IndexSet {
         key: &str,
         cache_name: Option<&str>,
         range: Option<std::ops::Range<u64>>,
-        parse: impl Fn(&[u8]) -> Result<T>,
+        parse: impl Fn(&Bytes) -> Result<T>,
     ) -> Result<T> {
         let cache = if cache_name.is_some() {
             self.cache()
@@ -358,7 +358,7 @@ impl IndexSet {
         };
         if let (Some(c), Some(n)) = (&cache, cache_name) {
             if let Some(b) = c.read(n) {
-                match parse(&b) {
+                match parse(&Bytes::from(b)) {
                     Ok(v) => {
                         self.stats.cache_hits.fetch_add(1, Ordering::Relaxed);
                         return Ok(v);
