@@ -367,6 +367,23 @@ async fn read_table(store: &DynStore, key: &str) -> Result<Table> {
     Table::parse(key, &b, name_of(key).as_ref())
 }
 
+/// Deltas read at once (on S3 each GET is a round trip).
+const READS_IN_FLIGHT: usize = 16;
+
+/// The entries of several tables, read [`READS_IN_FLIGHT`] at a time.
+async fn read_entries(store: &DynStore, keys: &[&String]) -> Result<Vec<TableEntry>> {
+    let tables: Vec<Result<Table>> =
+        futures_util::stream::iter(keys.iter().map(|k| read_table(store, k)))
+            .buffer_unordered(READS_IN_FLIGHT)
+            .collect()
+            .await;
+    let mut es = Vec::new();
+    for t in tables {
+        es.extend(t?.entries);
+    }
+    Ok(es)
+}
+
 async fn read_head(store: &DynStore, t: &TableRef) -> Result<Head> {
     let key = t.key();
     let b = store
@@ -504,10 +521,7 @@ pub async fn run(
     let new_root = match &p.step {
         Step::Nothing => None,
         Step::Run { deltas, runs } => {
-            let mut es = Vec::new();
-            for d in deltas {
-                es.extend(read_table(store, d).await?.entries);
-            }
+            let mut es = read_entries(store, &deltas.iter().collect::<Vec<_>>()).await?;
             for &i in runs {
                 es.extend(read_table(store, &old.runs[i].key()).await?.entries);
             }
@@ -554,10 +568,7 @@ pub async fn run(
             let mut delta_entries = Vec::new();
             let mut staged: Vec<TableRef> = Vec::new();
             for g in &groups {
-                let mut es = Vec::new();
-                for d in g {
-                    es.extend(read_table(store, d).await?.entries);
-                }
+                let es = read_entries(store, g).await?;
                 if groups.len() == 1 {
                     delta_entries = es;
                 } else if !es.is_empty() {
