@@ -214,6 +214,56 @@ impl Trailer {
     }
 }
 
+/// The blob area of a pack of `pack_len` bytes with `count` trailer records (as
+/// [`Trailer::blob_area`], for a reader that keeps only the footer's numbers).
+pub fn blob_area(pack_len: u64, count: u32) -> Range<u64> {
+    HEADER_LEN as u64..pack_len - FOOTER_LEN as u64 - count as u64 * RECORD_LEN as u64
+}
+
+/// Fetches a pack's size and footer: `(pack_len, count)`, the number of its trailer records
+/// (two requests). A reader of a pack with a very large trailer (a 16 MiB pack of tiny blobs has
+/// hundreds of thousands of records) then reads only the records it needs with
+/// [`read_records`]. Errors as [`read_trailer`].
+pub async fn read_footer(store: &DynStore, key: &str) -> Result<(u64, u32)> {
+    let pack_len = store.head(key).await?.ok_or_else(|| Error::NotFound {
+        what: format!("pack {key}"),
+    })?;
+    if pack_len < (HEADER_LEN + FOOTER_LEN) as u64 {
+        return Err(Error::corrupt(key, "too short to be a pack"));
+    }
+    let foot_at = pack_len - FOOTER_LEN as u64;
+    let footer = store.get_range(key, foot_at..pack_len).await?;
+    let count = parse_footer(key, &footer)?;
+    trailer_range(key, pack_len, count)?;
+    Ok((pack_len, count))
+}
+
+/// Records `records` (indices, clamped to `count`) of the trailer of the pack at `key`, of
+/// `pack_len` bytes with `count` records: one ranged read, checked as [`parse_trailer`] checks a
+/// whole trailer.
+pub async fn read_records(
+    store: &DynStore,
+    key: &str,
+    pack_len: u64,
+    count: u32,
+    records: Range<u32>,
+) -> Result<Vec<PackEntry>> {
+    let all = trailer_range(key, pack_len, count)?;
+    let (a, b) = (records.start.min(count), records.end.min(count));
+    if a >= b {
+        return Ok(Vec::new());
+    }
+    let at = |i: u32| all.start + i as u64 * RECORD_LEN as u64;
+    let bytes = store.get_range(key, at(a)..at(b)).await?;
+    if bytes.len() as u64 != at(b) - at(a) {
+        return Err(Error::corrupt(key, "pack trailer cut short"));
+    }
+    // parse_trailer places the blob area's end before the records it is given: tell it the
+    // length the whole trailer has.
+    let others = (count - (b - a)) as u64 * RECORD_LEN as u64;
+    parse_trailer(key, &bytes, pack_len - others)
+}
+
 /// Fetches and parses the trailer of the pack at `key` in `store`: its size, then its footer,
 /// then the records the footer announces (three requests; the pack's first bytes are not read,
 /// so its magic is not checked). A missing pack is [`Error::NotFound`]; a pack too short to
@@ -314,6 +364,27 @@ mod tests {
         assert_eq!(last.offset as u64 + last.stored_len as u64, t.data_end());
         let sized = read_trailer_sized(&store, "packs/data/aa/p", len).await;
         assert_eq!(sized.unwrap(), t);
+    }
+
+    #[tokio::test]
+    async fn footer_and_records_read_any_slice_of_a_trailer() {
+        let blobs: Vec<Vec<u8>> = (0..10u8).map(|i| vec![i; i as usize + 1]).collect();
+        let refs: Vec<&[u8]> = blobs.iter().map(|b| b.as_slice()).collect();
+        let p = pack_of(&refs);
+        let len = p.bytes.len() as u64;
+        let store = store_with("packs/data/aa/p", p.bytes).await;
+        let (pack_len, count) = read_footer(&store, "packs/data/aa/p").await.unwrap();
+        assert_eq!((pack_len, count), (len, 10));
+        let whole = read_trailer(&store, "packs/data/aa/p").await.unwrap();
+        assert_eq!(blob_area(pack_len, count), whole.blob_area());
+        for (a, b) in [(0, 10), (0, 1), (3, 7), (9, 10), (5, 20), (7, 7), (12, 15)] {
+            let got = read_records(&store, "packs/data/aa/p", pack_len, count, a..b).await;
+            let want =
+                &p.entries[(a as usize).min(10)..(b as usize).min(10).max(a.min(10) as usize)];
+            assert_eq!(got.unwrap(), want, "{a}..{b}");
+        }
+        let missing = read_footer(&store, "packs/data/aa/q").await.unwrap_err();
+        assert!(matches!(missing, Error::NotFound { .. }), "{missing}");
     }
 
     #[tokio::test]

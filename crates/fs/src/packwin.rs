@@ -9,9 +9,13 @@
 //! stored (compressed) form. The next small files of the directory are then decoded from memory,
 //! synchronously, on the FUSE thread.
 //!
-//! Which blobs lie in a window is known from the pack's trailer, read once per pack with
-//! [`pack::read_trailer`] and kept in a small LRU; core owns the pack layout, so windows are
-//! placed within the trailer's [`Trailer::blob_area`] without offsets of their own. Tree packs hold only trees and are
+//! Which blobs lie in a window is known from the pack's trailer, read once per pack (its footer
+//! with [`pack::read_footer`], its records with [`pack::read_records`]) and kept in an LRU
+//! bounded by bytes ([`TRAILER_BYTES`]); core owns the pack layout, so windows are placed within
+//! the pack's [`pack::blob_area`] without offsets of their own. A trailer of many records (a
+//! 16 MiB pack of tiny files has hundreds of thousands, 46 bytes each; the scale simulator's
+//! packs of 10⁷ chunks two million) is not kept whole: only one record's offset in
+//! [`SPARSE_STEP`], and a window reads the records it spans with one more ranged read. Tree packs hold only trees and are
 //! read as a whole (or [`TREE_WINDOW`] around the blob); data packs in aligned windows of
 //! [`DATA_WINDOW`]. Windows are evicted whole, so the bytes counted are the bytes held.
 //!
@@ -24,15 +28,15 @@
 //! verified against its id like any other ([`StoredBlob::decode`]); a blob read on its own is
 //! read with [`blob::fetch`], as the repository reads it.
 
+use crate::cache::SizedLru;
 use backtree_core::blob::{self, StoredBlob};
 use backtree_core::index::Location;
-use backtree_core::pack::{self, PackEntry, Trailer};
+use backtree_core::pack::{self, PackEntry};
 use backtree_core::{BlobKind, Error, Id, Repository};
 use bytes::Bytes;
 use futures_util::stream::{self, StreamExt};
 use lru::LruCache;
 use std::collections::HashMap;
-use std::num::NonZeroUsize;
 use std::sync::{Arc, Mutex};
 
 /// Largest read of a tree pack at once. Tree packs are small (a 54 k-entry generation has about
@@ -46,8 +50,29 @@ pub const DATA_WINDOW: u64 = 2 << 20;
 pub const SMALL_BLOB: u32 = 256 << 10;
 /// Reads of one read-ahead in flight at once: the blobs of a directory lie in several places.
 const GATHER_READS: usize = 8;
-/// Pack trailers kept (a 16 MiB pack of small files has a few hundred 46-byte records).
-const TRAILERS: usize = 64;
+/// Blobs a window holds at most. Each takes a slot (about [`SLOT_BYTES`]), counted with the
+/// window's bytes: a 2 MiB window of 50-byte blobs would hold 40 000 slots (4 MB, twice its
+/// bytes, and 18 MB of uncounted slots in all before 2026-12-02), so a window of tiny blobs is
+/// cut to the blob asked for and the blobs after it, this many in all.
+const WINDOW_BLOBS: usize = 4096;
+/// Memory one blob of a window takes besides its bytes: its id in the window's list, its slot
+/// and the hash table's overhead.
+pub(crate) const SLOT_BYTES: usize =
+    2 * std::mem::size_of::<Id>() + std::mem::size_of::<Slot>() + 16;
+/// Bytes of pack trailers kept ([`PackMap::mem_size`], an LRU). They were 64 trailers whatever
+/// their size until 2026-12-02: a pack of tiny blobs has a trailer of megabytes (2 M records,
+/// 96 MB parsed, in the scale simulator's packs of 10⁷ chunks), and random reads across five
+/// such packs took the mount to 750 MB. A pack of 16 MiB of 4 KiB files has 4096 records
+/// (200 KB), so this keeps about 40 of those whole.
+const TRAILER_BYTES: usize = 8 << 20;
+/// A trailer of more records than this (768 KiB parsed) is kept sparse.
+const FULL_RECORDS: u32 = 16 << 10;
+/// A sparse trailer keeps the offset of one record in this many: a window then reads the
+/// records it spans plus at most this many on each side.
+const SPARSE_STEP: u32 = 64;
+/// Records read at once when a large trailer is first read (3 MB; a multiple of
+/// [`SPARSE_STEP`]), so that reading it never holds all of it.
+const RECORDS_READ: u32 = 64 << 10;
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
@@ -56,6 +81,8 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 struct Window {
     bytes: Bytes,
     ids: Vec<Id>,
+    /// Bytes counted: the window's and its slots' ([`SLOT_BYTES`] each).
+    cost: usize,
 }
 
 struct Slot {
@@ -66,7 +93,8 @@ struct Slot {
     raw_len: u32,
 }
 
-/// Windows of stored blobs of one kind, bounded by bytes, evicted least recently used first.
+/// Windows of stored blobs of one kind, bounded by bytes (theirs and their slots'), evicted
+/// least recently used first.
 pub struct Windows {
     limit: usize,
     inner: Mutex<WindowsInner>,
@@ -109,18 +137,23 @@ impl Windows {
     /// Keeps `bytes` (read at pack offset `start`) with the blobs of `entries` that lie wholly
     /// inside it.
     fn insert(&self, bytes: Bytes, start: u64, entries: &[&PackEntry]) {
-        if bytes.len() > self.limit {
+        let end = start + bytes.len() as u64;
+        let inside = |e: &PackEntry| {
+            let (a, b) = (e.offset as u64, e.offset as u64 + e.stored_len as u64);
+            a >= start && b <= end
+        };
+        let cost = bytes.len() + entries.iter().filter(|e| inside(e)).count() * SLOT_BYTES;
+        if cost > self.limit {
             return;
         }
-        let end = start + bytes.len() as u64;
         let mut g = lock(&self.inner);
         let inner = &mut *g;
         let no = inner.next;
         inner.next += 1;
         let mut ids = Vec::with_capacity(entries.len());
         for e in entries {
-            let (a, b) = (e.offset as u64, e.offset as u64 + e.stored_len as u64);
-            if a >= start && b <= end {
+            let a = e.offset as u64;
+            if inside(e) {
                 inner.slots.insert(
                     e.id,
                     Slot {
@@ -134,13 +167,13 @@ impl Windows {
                 ids.push(e.id);
             }
         }
-        inner.bytes += bytes.len();
-        inner.windows.put(no, Window { bytes, ids });
+        inner.bytes += cost;
+        inner.windows.put(no, Window { bytes, ids, cost });
         while inner.bytes > self.limit {
             let Some((old, w)) = inner.windows.pop_lru() else {
                 break;
             };
-            inner.bytes -= w.bytes.len();
+            inner.bytes -= w.cost;
             for id in w.ids {
                 if inner.slots.get(&id).is_some_and(|s| s.window == old) {
                     inner.slots.remove(&id);
@@ -154,9 +187,40 @@ impl Windows {
         lock(&self.inner).slots.contains_key(id)
     }
 
-    /// Bytes held.
+    /// Blobs held (tests).
+    #[cfg(test)]
+    pub fn blobs(&self) -> usize {
+        lock(&self.inner).slots.len()
+    }
+
+    /// Bytes held, with their slots'.
     pub fn bytes(&self) -> usize {
         lock(&self.inner).bytes
+    }
+}
+
+/// What the mount keeps of a pack's trailer.
+struct PackMap {
+    pack_len: u64,
+    count: u32,
+    records: Records,
+}
+
+enum Records {
+    /// Every record (at most [`FULL_RECORDS`]).
+    Full(Vec<PackEntry>),
+    /// The offsets of records 0, [`SPARSE_STEP`], 2 × [`SPARSE_STEP`], …
+    Sparse(Vec<u32>),
+}
+
+impl PackMap {
+    /// Bytes this takes in memory, about: what the trailer LRU counts.
+    fn mem_size(&self) -> usize {
+        std::mem::size_of::<Self>()
+            + match &self.records {
+                Records::Full(v) => v.capacity() * std::mem::size_of::<PackEntry>(),
+                Records::Sparse(v) => v.capacity() * std::mem::size_of::<u32>(),
+            }
     }
 }
 
@@ -166,7 +230,7 @@ type WindowRead = Arc<tokio::sync::OnceCell<Bytes>>;
 /// Reads blobs through windows of their packs (see the module docs).
 pub struct PackReader {
     repo: Arc<Repository>,
-    trailers: Mutex<LruCache<Id, Arc<Trailer>>>,
+    trailers: Mutex<SizedLru<Arc<PackMap>>>,
     /// Window reads in flight, by pack and start.
     inflight: Mutex<HashMap<(Id, u64), WindowRead>>,
     /// Read-ahead reads in flight ([`PackReader::gather`]), by the blobs they will hold.
@@ -180,9 +244,7 @@ impl PackReader {
     pub fn new(repo: Arc<Repository>, tree_bytes: usize, data_bytes: usize) -> Self {
         PackReader {
             repo,
-            trailers: Mutex::new(LruCache::new(
-                NonZeroUsize::new(TRAILERS).unwrap_or(NonZeroUsize::MIN),
-            )),
+            trailers: Mutex::new(SizedLru::new(TRAILER_BYTES)),
             inflight: Mutex::new(HashMap::new()),
             gathering: Mutex::new(HashMap::new()),
             trees: Windows::new(tree_bytes),
@@ -320,19 +382,74 @@ impl PackReader {
         Ok(other)
     }
 
-    async fn trailer(&self, loc: &Location) -> backtree_core::Result<Arc<Trailer>> {
-        if let Some(t) = lock(&self.trailers).get(&loc.pack).cloned() {
+    /// Bytes of pack trailers kept.
+    pub fn trailer_bytes(&self) -> usize {
+        lock(&self.trailers).bytes()
+    }
+
+    /// What is kept of the trailer of `loc`'s pack, read on a miss: whole if it is small, else
+    /// sparse (see the module docs), read in pieces of [`RECORDS_READ`].
+    async fn trailer(&self, loc: &Location) -> backtree_core::Result<Arc<PackMap>> {
+        if let Some(t) = lock(&self.trailers).get(&loc.pack) {
             return Ok(t);
         }
-        let t = Arc::new(pack::read_trailer(self.repo.store(), &loc.pack_key()).await?);
-        lock(&self.trailers).put(loc.pack, t.clone());
+        let (store, key) = (self.repo.store(), loc.pack_key());
+        let (pack_len, count) = pack::read_footer(store, &key).await?;
+        let records = if count <= FULL_RECORDS {
+            Records::Full(pack::read_records(store, &key, pack_len, count, 0..count).await?)
+        } else {
+            let mut offsets = Vec::with_capacity(count.div_ceil(SPARSE_STEP) as usize);
+            let mut at = 0;
+            while at < count {
+                let end = at.saturating_add(RECORDS_READ).min(count);
+                let part = pack::read_records(store, &key, pack_len, count, at..end).await?;
+                offsets.extend(part.iter().step_by(SPARSE_STEP as usize).map(|e| e.offset));
+                at = end;
+            }
+            Records::Sparse(offsets)
+        };
+        let t = Arc::new(PackMap {
+            pack_len,
+            count,
+            records,
+        });
+        lock(&self.trailers).put(loc.pack, t.clone(), t.mem_size());
         Ok(t)
+    }
+
+    /// The records of `loc`'s pack (of kind `loc.kind`) whose blobs may lie in `start..end`:
+    /// filtered from a whole trailer, or read (one ranged read) around them for a sparse one.
+    /// Records are in stored order, so the sparse offsets are sorted; a pack whose records are
+    /// not only gets fewer blobs in its windows (each blob is still read and verified alone).
+    async fn records_in(
+        &self,
+        t: &PackMap,
+        loc: &Location,
+        start: u64,
+        end: u64,
+    ) -> backtree_core::Result<Vec<PackEntry>> {
+        let inside = |e: &PackEntry| {
+            e.kind == loc.kind && e.offset as u64 >= start && (e.offset as u64) < end
+        };
+        match &t.records {
+            Records::Full(v) => Ok(v.iter().filter(|e| inside(e)).copied().collect()),
+            Records::Sparse(offsets) => {
+                let first = offsets.partition_point(|&o| (o as u64) < start);
+                let last = offsets.partition_point(|&o| (o as u64) < end);
+                let a = first.saturating_sub(1) as u32 * SPARSE_STEP;
+                let b = (last as u32).saturating_mul(SPARSE_STEP).min(t.count);
+                let (store, key) = (self.repo.store(), loc.pack_key());
+                let mut v = pack::read_records(store, &key, t.pack_len, t.count, a..b).await?;
+                v.retain(inside);
+                Ok(v)
+            }
+        }
     }
 
     async fn read_window(&self, id: &Id, loc: &Location) -> backtree_core::Result<StoredBlob> {
         let trailer = self.trailer(loc).await?;
         let key = loc.pack_key();
-        let area = trailer.blob_area();
+        let area = pack::blob_area(trailer.pack_len, trailer.count);
         let (lo, hi) = (loc.offset as u64, loc.offset as u64 + loc.stored_len as u64);
         let (start, end) = match loc.kind {
             // The whole blob area if it fits, else a window centred on the blob.
@@ -350,6 +467,18 @@ impl PackReader {
                 (start, (start + DATA_WINDOW).min(area.end).max(hi))
             }
         };
+        let mut records = self.records_in(&trailer, loc, start, end).await?;
+        let (start, end) = if records.len() > WINDOW_BLOBS {
+            // Tiny blobs: the blob and those after it, WINDOW_BLOBS in all.
+            records.retain(|e| e.offset as u64 >= lo);
+            records.truncate(WINDOW_BLOBS);
+            let last = records
+                .last()
+                .map(|e| e.offset as u64 + e.stored_len as u64);
+            (lo, last.unwrap_or(hi).max(hi))
+        } else {
+            (start, end)
+        };
         // Concurrent misses in one window (a read and the directory read-ahead, or parallel
         // readers of one directory) share one read.
         let cell = lock(&self.inflight)
@@ -359,11 +488,7 @@ impl PackReader {
         let res = cell
             .get_or_try_init(|| async {
                 let bytes = self.repo.store().get_range(&key, start..end).await?;
-                let same_kind: Vec<&PackEntry> = trailer
-                    .entries
-                    .iter()
-                    .filter(|e| e.kind == loc.kind)
-                    .collect();
+                let same_kind: Vec<&PackEntry> = records.iter().collect();
                 self.windows(loc.kind)
                     .insert(bytes.clone(), start, &same_kind);
                 Ok::<_, Error>(bytes)

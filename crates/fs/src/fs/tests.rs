@@ -900,3 +900,41 @@ async fn a_store_outage_keeps_the_last_generation_listing() {
     s.faulty.heal();
     assert_eq!(fs.getattr(items[1].ino).await.unwrap().0.ino, items[1].ino);
 }
+
+/// A pack of tiny blobs has a trailer of many records (one per file here, 46 bytes each on
+/// disk, 48 parsed): the mount keeps only a sample of it, so its trailer budget is not spent
+/// on one pack (5 such packs took the mount to 750 MB), and a window counts its blobs' slots
+/// with its bytes, so a window of tiny blobs is not mostly uncounted slots. Reads stay right.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tiny_blobs_keep_pack_trailers_and_window_slots_within_budget() {
+    const N: usize = 20_000;
+    let s = setup_with(|src| {
+        let d = src.join("many");
+        std::fs::create_dir_all(&d).unwrap();
+        for i in 0..N {
+            std::fs::write(d.join(format!("f{i:05}")), format!("tiny file {i}")).unwrap();
+        }
+    })
+    .await;
+    let gen = latest_gen(&s.fs).await;
+    for i in [0, 7, 4321, 12_345, 19_999, 10_000, 8] {
+        let (ino, attr) = walk(&s.fs, &format!("h/{gen}/many/f{i:05}")).await.unwrap();
+        let got = read_all(&s.fs, ino, attr.size).await.unwrap();
+        assert_eq!(got, format!("tiny file {i}").into_bytes());
+    }
+    let packs = &s.fs.chunks.packs;
+    // Whole, the data pack's trailer alone would take N × 48 bytes (960 KB).
+    assert!(
+        packs.trailer_bytes() < 64 << 10,
+        "{}",
+        packs.trailer_bytes()
+    );
+    // Windows were read (the files came from them), and their slots are counted.
+    assert!(packs.data.blobs() > 0);
+    let slots = packs.data.blobs() * crate::packwin::SLOT_BYTES;
+    assert!(
+        slots <= packs.data.bytes(),
+        "{slots} > {}",
+        packs.data.bytes()
+    );
+}
