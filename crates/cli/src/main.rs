@@ -7,6 +7,7 @@
 
 #[macro_use]
 mod output;
+mod forget;
 mod maintain;
 
 use anyhow::{bail, Context, Result};
@@ -201,6 +202,29 @@ enum Cmd {
         /// Directories and files to ingest.
         #[arg(required_unless_present_any = ["stdin", "tar"], value_name = "PATH")]
         paths: Vec<PathBuf>,
+    },
+    /// Remove generations by a retention policy (per host; protected generations stay).
+    ///
+    /// Rules add up, as in restic: a generation is kept if any rule keeps it. Periods are
+    /// those of the calendar in --time-zone (default UTC); weeks are ISO weeks. Only manifests
+    /// are deleted: the data stays until a prune removes what no generation references.
+    /// `--dry-run` prints every generation with keep/remove and the rules that keep it.
+    Forget {
+        #[command(flatten)]
+        repo: RepoArg,
+        #[command(flatten)]
+        policy: forget::PolicyArgs,
+    },
+    /// Protect a generation from every forget policy (or lift it with --remove).
+    Protect {
+        #[command(flatten)]
+        repo: RepoArg,
+        /// Lift the protection.
+        #[arg(long)]
+        remove: bool,
+        /// HOST/GENERATION (GENERATION may be `latest`).
+        #[arg(value_name = "HOST/GENERATION")]
+        what: String,
     },
     /// Repository maintenance that runs beside ingests and mounts without blocking them.
     Maintain {
@@ -652,6 +676,14 @@ fn run(cli: Cli) -> Result<i32> {
             ))?;
             maintain::print_compaction(&o, dry_run, json)?;
             Ok(0)
+        }
+        Cmd::Forget { repo, policy } => {
+            let r = repo.open_repo(&rt)?;
+            rt.block_on(forget::run(&r, &policy))
+        }
+        Cmd::Protect { repo, remove, what } => {
+            let r = repo.open_repo(&rt)?;
+            rt.block_on(forget::protect(&r, &what, remove))
         }
         Cmd::Ls { repo, json, what } => {
             let r = repo.open_repo(&rt)?;

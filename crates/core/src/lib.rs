@@ -19,6 +19,7 @@ pub mod chunklist;
 pub mod claim;
 pub mod config;
 pub mod error;
+pub mod forget;
 pub mod id;
 pub mod index;
 pub mod ingest;

@@ -143,6 +143,50 @@ impl Repository {
         Ok(out)
     }
 
+    /// A host's protected generations (`backtree protect`): names with a marker object.
+    pub async fn protected(&self, host: &str) -> Result<std::collections::HashSet<String>> {
+        let prefix = format!("{SNAPSHOTS_PREFIX}{host}/");
+        Ok(self
+            .store
+            .list(&prefix)
+            .await?
+            .into_iter()
+            .filter_map(|o| {
+                o.key
+                    .strip_prefix(&prefix)?
+                    .strip_suffix(crate::forget::PROTECT_SUFFIX)
+                    .filter(|n| is_generation_name(n))
+                    .map(str::to_owned)
+            })
+            .collect())
+    }
+
+    /// Protects a generation from every retention policy, or lifts the protection.
+    pub async fn set_protected(&self, host: &str, name: &str, on: bool) -> Result<()> {
+        // The generation must exist to be protected (a typo must not protect nothing).
+        if on {
+            self.manifest(host, name).await?;
+        }
+        let key = format!(
+            "{}{}",
+            Manifest::key(host, name),
+            crate::forget::PROTECT_SUFFIX
+        );
+        if on {
+            self.store.put(&key, Bytes::new()).await?;
+        } else {
+            self.store.delete(&key).await?;
+        }
+        Ok(())
+    }
+
+    /// Forgets a generation: deletes its manifest. Its data
+    /// stays until a prune removes what no generation references.
+    pub async fn forget(&self, host: &str, name: &str) -> Result<()> {
+        self.store.delete(&Manifest::key(host, name)).await?;
+        Ok(())
+    }
+
     /// A host's newest generation, if any.
     pub async fn latest(&self, host: &str) -> Result<Option<String>> {
         Ok(self.generations(host).await?.pop())
