@@ -615,6 +615,12 @@ fn run(cli: Cli) -> Result<i32> {
                     .ok()
                     .and_then(|v| parse_size(&v).ok()),
                 no_compact,
+                // Tuning (docs/cli.md): the session's lease time, in seconds.
+                lease_time: std::env::var("BACKTREE_LEASE_SECS")
+                    .ok()
+                    .and_then(|v| v.parse::<f64>().ok())
+                    .filter(|v| *v > 0.0)
+                    .map(Duration::from_secs_f64),
             };
             let input = match tar {
                 Some(t) => Input::Tar(t),

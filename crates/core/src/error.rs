@@ -174,6 +174,16 @@ pub enum Error {
     #[error("no free generation name for {base}")]
     NoFreeName { base: String },
 
+    /// The ingest's lease was not renewed in time (the process was paused or cut off from the
+    /// store for longer than the lease): a garbage collection may have deleted data it relies
+    /// on, so it commits nothing.
+    #[error("ingest session {session}: its lease {key} lapsed {late:.0?} ago (the process was paused or could not reach the store); nothing was committed, run the ingest again")]
+    LeaseLapsed {
+        session: String,
+        key: String,
+        late: std::time::Duration,
+    },
+
     #[error("offset {offset} past end ({size} bytes)")]
     OffsetPastEnd { offset: u64, size: u64 },
 
@@ -237,6 +247,7 @@ impl Error {
             | Error::TarUnsupported { .. }
             | Error::SourceUnnamed { .. }
             | Error::NoFreeName { .. }
+            | Error::LeaseLapsed { .. }
             | Error::OffsetPastEnd { .. }
             | Error::ThreadPool(_)
             | Error::TaskFailed { .. } => ErrorKind::Other,

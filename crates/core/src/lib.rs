@@ -23,6 +23,7 @@ pub mod forget;
 pub mod id;
 pub mod index;
 pub mod ingest;
+pub mod lease;
 pub mod manifest;
 pub mod pack;
 pub mod repo;

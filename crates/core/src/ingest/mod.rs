@@ -98,6 +98,8 @@ pub struct IngestOptions {
     pub gzip_segment: Option<usize>,
     /// Do not compact the index after the commit, even when due (`--no-compact`).
     pub no_compact: bool,
+    /// Lease time of the session (default [`crate::lease::LEASE_TIME`]; tests shorten it).
+    pub lease_time: Option<std::time::Duration>,
 }
 
 /// The default mode of a stream's file: readable by its owner only. A stream is typically a
@@ -324,6 +326,16 @@ fn run(
     }
 
     let store = repo.store().clone();
+    // The session's lease, held until the commit (docs/concurrency.md): taken before anything
+    // is stored, so a garbage collection sees this writer from its first pack on.
+    let session = hex::encode(rand::random::<[u8; 16]>());
+    let lease = handle.block_on(crate::lease::Lease::take(
+        store.clone(),
+        &session,
+        &opts.host,
+        opts.lease_time.unwrap_or(crate::lease::LEASE_TIME),
+        handle,
+    ))?;
     let mut dedup_opts = repo.index().options().clone();
     dedup_opts.budget = DEDUP_BUDGET;
     let known = handle.block_on(Dedup::load(store.clone(), dedup_opts, &repo.config().id))?;
@@ -493,10 +505,13 @@ fn run(
         parent: parent.map(|m| m.name),
         stats,
         errors: skipped.iter().take(100).cloned().collect(),
-        session: hex::encode(rand::random::<[u8; 16]>()),
+        session: session.clone(),
         tool: format!("backtree {}", env!("CARGO_PKG_VERSION")),
     };
+    // A writer paused past its lease commits nothing: data it relies on may be gone.
+    lease.check()?;
     handle.block_on(commit(repo, &mut manifest, &time))?;
+    handle.block_on(lease.release());
     let index = known_stats.summary();
     // Compaction after the commit: it never delays or endangers the generation.
     let compaction = (!opts.no_compact).then(|| {
