@@ -146,6 +146,35 @@ impl Drop for Lease {
     }
 }
 
+/// Releases a lease when dropped, from synchronous code outside the runtime (the ingest): a
+/// failed ingest removes its lease as a committed one does.
+pub struct LeaseGuard {
+    lease: Option<Lease>,
+    handle: Handle,
+}
+
+impl LeaseGuard {
+    pub fn new(lease: Lease, handle: Handle) -> LeaseGuard {
+        LeaseGuard {
+            lease: Some(lease),
+            handle,
+        }
+    }
+
+    /// See [`Lease::check`].
+    pub fn check(&self) -> Result<()> {
+        self.lease.as_ref().map_or(Ok(()), Lease::check)
+    }
+}
+
+impl Drop for LeaseGuard {
+    fn drop(&mut self) {
+        if let Some(l) = self.lease.take() {
+            self.handle.block_on(l.release());
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -329,13 +329,16 @@ fn run(
     // The session's lease, held until the commit (docs/concurrency.md): taken before anything
     // is stored, so a garbage collection sees this writer from its first pack on.
     let session = hex::encode(rand::random::<[u8; 16]>());
-    let lease = handle.block_on(crate::lease::Lease::take(
-        store.clone(),
-        &session,
-        &opts.host,
-        opts.lease_time.unwrap_or(crate::lease::LEASE_TIME),
-        handle,
-    ))?;
+    let lease = crate::lease::LeaseGuard::new(
+        handle.block_on(crate::lease::Lease::take(
+            store.clone(),
+            &session,
+            &opts.host,
+            opts.lease_time.unwrap_or(crate::lease::LEASE_TIME),
+            handle,
+        ))?,
+        handle.clone(),
+    );
     let mut dedup_opts = repo.index().options().clone();
     dedup_opts.budget = DEDUP_BUDGET;
     let known = handle.block_on(Dedup::load(store.clone(), dedup_opts, &repo.config().id))?;
@@ -511,7 +514,7 @@ fn run(
     // A writer paused past its lease commits nothing: data it relies on may be gone.
     lease.check()?;
     handle.block_on(commit(repo, &mut manifest, &time))?;
-    handle.block_on(lease.release());
+    drop(lease);
     let index = known_stats.summary();
     // Compaction after the commit: it never delays or endangers the generation.
     let compaction = (!opts.no_compact).then(|| {
