@@ -26,6 +26,8 @@ if [ "$demo" = 0 ]; then
   command -v bsdtar >/dev/null 2>&1 || need+=(libarchive-tools)
   # xz: `tar -J` in the --tar tests (backtree itself decodes xz with liblzma built from source).
   command -v xz >/dev/null 2>&1 || need+=(xz-utils)
+  # restic: `forget` is checked against restic's forget on the same generation times.
+  command -v restic >/dev/null 2>&1 || need+=(restic)
   [ -e /usr/include/fuse3/fuse.h ] || need+=(libfuse3-dev)
   command -v pkg-config >/dev/null 2>&1 || need+=(pkg-config)
 fi
