@@ -112,10 +112,6 @@ impl Lease {
         })
     }
 
-    pub fn key(&self) -> &str {
-        &self.key
-    }
-
     /// `Ok` while the lease holds; [`Error::LeaseLapsed`] once it lapsed.
     pub fn check(&self) -> Result<()> {
         let deadline = *self.deadline.lock().unwrap_or_else(|e| e.into_inner());

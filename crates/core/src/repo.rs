@@ -23,7 +23,7 @@ use std::sync::Arc;
 pub struct Repository {
     store: DynStore,
     config: Config,
-    index: IndexSet,
+    index: Arc<IndexSet>,
 }
 
 impl Repository {
@@ -48,7 +48,7 @@ impl Repository {
         if !created {
             return Err(Error::AlreadyInitialized { location });
         }
-        let index = IndexSet::new(store.clone());
+        let index = Arc::new(IndexSet::new(store.clone()));
         index.set_repository_id(&config.id);
         Ok(Repository {
             index,
@@ -71,7 +71,7 @@ impl Repository {
             Err(e) => return Err(e.into()),
         };
         let config = Config::parse(&location, &bytes)?;
-        let index = IndexSet::with_options(store.clone(), index);
+        let index = Arc::new(IndexSet::with_options(store.clone(), index));
         index.set_repository_id(&config.id);
         Ok(Repository {
             index,
@@ -90,6 +90,11 @@ impl Repository {
 
     pub fn index(&self) -> &IndexSet {
         &self.index
+    }
+
+    /// The index, shared (an ingest deduplicates through the same view and buckets).
+    pub fn index_handle(&self) -> Arc<IndexSet> {
+        self.index.clone()
     }
 
     /// Hosts with at least one generation, sorted.

@@ -434,9 +434,8 @@ impl Writer<'_> {
             .map(|e| key_of(&e.id))
             .collect();
         let (name, bytes) = table::encode(kind, p, prefix, es);
-        let f = bytes[11];
-        let entries = u32::from_le_bytes([bytes[16], bytes[17], bytes[18], bytes[19]]) as u64;
         let key = format!("{TABLES_PREFIX}{}", name.to_hex());
+        let (_, _, f, _, entries) = Head::fixed(&key, &bytes)?;
         self.bytes += bytes.len() as u64;
         self.tables += 1;
         self.store.put(&key, Bytes::from(bytes)).await?;
@@ -444,7 +443,7 @@ impl Writer<'_> {
             TableRef {
                 table: name.to_hex(),
                 fanout_bits: f,
-                entries,
+                entries: entries as u64,
                 filter: None,
             },
             IdFilter::build(p, prefix, live),

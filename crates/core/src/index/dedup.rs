@@ -5,27 +5,25 @@
 //! leave a generation pointing at a blob nobody stored).
 
 use super::filter::FilterBundle;
-use super::{IndexOptions, IndexSet, View};
+use super::{IndexSet, View};
 use crate::error::Result;
 use crate::id::Id;
-use backtree_store::DynStore;
 use std::sync::Arc;
 use tokio::runtime::Handle;
 
 /// The ingest's view of the index (see the module docs).
 pub struct Dedup {
-    set: IndexSet,
+    set: Arc<IndexSet>,
     view: Arc<View>,
     base: Option<Arc<FilterBundle>>,
     handle: Handle,
 }
 
 impl Dedup {
-    /// Takes a view of the index and loads the base's filter. Must run inside the runtime whose
-    /// handle later confirmations use.
-    pub async fn load(store: DynStore, opts: IndexOptions, repo_id: &str) -> Result<Dedup> {
-        let set = IndexSet::with_options(store, opts);
-        set.set_repository_id(repo_id);
+    /// Takes a view of the index (the repository's own, so the ingest lists and loads it once)
+    /// and loads the base's filter. Must run inside the runtime whose handle later
+    /// confirmations use.
+    pub async fn load(set: Arc<IndexSet>) -> Result<Dedup> {
         let view = set.view().await?;
         let base = match &view.root.base {
             Some(b) => Some(set.filter_bundle(&b.filter).await?),
@@ -66,42 +64,9 @@ impl Dedup {
 
     /// Whether the repository has a live entry for the blob, confirmed by reading its bucket.
     pub async fn contains(&self, id: &Id) -> Result<bool> {
-        if let Some(e) = self.view.deltas.get(id) {
-            if e.is_live() {
-                return Ok(true);
-            }
-        }
-        if let (Some(base), Some(f)) = (&self.view.root.base, &self.base) {
-            if f.may_contain(id) {
-                let i = super::table::id_bits(id, 0, base.shard_bits) as usize;
-                if let Some(t) = base.shards.get(i) {
-                    if self
-                        .set
-                        .table_lookup(t, id)
-                        .await?
-                        .is_some_and(|e| e.is_live())
-                    {
-                        return Ok(true);
-                    }
-                }
-            }
-        }
-        for (i, r) in self.view.root.runs.iter().enumerate() {
-            if self
-                .view
-                .run_filters
-                .get(i)
-                .is_some_and(|f| f.may_contain(id))
-                && self
-                    .set
-                    .table_lookup(r, id)
-                    .await?
-                    .is_some_and(|e| e.is_live())
-            {
-                return Ok(true);
-            }
-        }
-        Ok(false)
+        let base = self.base.as_deref();
+        let found = self.set.find_in(&self.view, id, base, |e| e.is_live());
+        Ok(found.await?.is_some())
     }
 
     /// [`contains`](Self::contains) from a thread outside the runtime. A failed confirmation

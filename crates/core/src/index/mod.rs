@@ -191,8 +191,6 @@ pub struct View {
     deltas: HashMap<Id, TableEntry>,
     /// Keys of the uncovered deltas.
     delta_keys: HashSet<String>,
-    /// Every delta listed (covered or not).
-    listed_deltas: usize,
     /// Filter bundle of each run (same order as `root.runs`).
     run_filters: Vec<Arc<FilterBundle>>,
     /// When its listing was started.
@@ -203,10 +201,6 @@ impl View {
     /// Number of uncovered deltas and their entries.
     pub fn uncovered(&self) -> (usize, usize) {
         (self.delta_keys.len(), self.deltas.len())
-    }
-
-    pub fn listed_deltas(&self) -> usize {
-        self.listed_deltas
     }
 }
 
@@ -254,7 +248,8 @@ impl Budgeted {
 pub struct IndexSet {
     store: DynStore,
     opts: IndexOptions,
-    cache: Mutex<Option<Option<LocalCache>>>,
+    /// Set once the repository's id is known ([`IndexSet::set_repository_id`]).
+    cache: Mutex<Option<LocalCache>>,
     view: Mutex<Option<Arc<View>>>,
     /// Serializes view refreshes; holds when the last one finished.
     refresh: tokio::sync::Mutex<Option<Instant>>,
@@ -301,10 +296,6 @@ impl IndexSet {
         }
     }
 
-    pub fn store(&self) -> &DynStore {
-        &self.store
-    }
-
     pub fn options(&self) -> &IndexOptions {
         &self.opts
     }
@@ -320,27 +311,20 @@ impl IndexSet {
 
     /// Enables the local cache for repository `repo_id` (called by `Repository::open`).
     pub fn set_repository_id(&self, repo_id: &str) {
-        let c = self
+        *lock(&self.cache) = self
             .opts
             .cache_dir
             .as_deref()
             .and_then(|d| LocalCache::open(d, repo_id));
-        *lock(&self.cache) = Some(c);
     }
 
     pub fn cache(&self) -> Option<LocalCache> {
-        lock(&self.cache).clone().flatten()
+        lock(&self.cache).clone()
     }
 
     /// Bytes of buckets and heads held in memory.
     pub fn loaded_bytes(&self) -> usize {
         lock(&self.lru).bytes
-    }
-
-    /// Number of entries loaded into memory (buckets and uncovered deltas).
-    pub async fn loaded_entries(&self) -> usize {
-        let b: usize = lock(&self.lru).buckets.iter().map(|(_, v)| v.len()).sum();
-        b + lock(&self.view).as_ref().map_or(0, |v| v.deltas.len())
     }
 
     /// Fetches an object (or a range of it) through the local cache, verified by `parse`.
@@ -430,7 +414,6 @@ impl IndexSet {
         let mut view = View {
             root_key: root_key.clone(),
             root: root.clone(),
-            listed_deltas: deltas.len(),
             taken: Some(taken),
             ..View::default()
         };
@@ -568,16 +551,26 @@ impl IndexSet {
             .map(|i| bucket[i]))
     }
 
-    /// Finds `id` in one view: uncovered deltas, the base shard, then runs whose filter admits
-    /// it.
-    pub async fn find_in(&self, view: &View, id: &Id) -> Result<Option<TableEntry>> {
-        if let Some(e) = view.deltas.get(id) {
+    /// Finds `id` in one view: uncovered deltas, the base shard (skipped when `base_filter`
+    /// rules the id out), then runs whose filter admits it; the first entry `accept` takes.
+    pub async fn find_in(
+        &self,
+        view: &View,
+        id: &Id,
+        base_filter: Option<&FilterBundle>,
+        accept: impl Fn(&TableEntry) -> bool,
+    ) -> Result<Option<TableEntry>> {
+        if let Some(e) = view.deltas.get(id).filter(|e| accept(e)) {
             return Ok(Some(*e));
         }
         if let Some(base) = &view.root.base {
             let i = table::id_bits(id, 0, base.shard_bits) as usize;
-            if let Some(t) = base.shards.get(i) {
-                if let Some(e) = self.table_lookup(t, id).await? {
+            if let Some(t) = base
+                .shards
+                .get(i)
+                .filter(|_| base_filter.is_none_or(|f| f.may_contain(id)))
+            {
+                if let Some(e) = self.table_lookup(t, id).await?.filter(|e| accept(e)) {
                     return Ok(Some(e));
                 }
             }
@@ -586,7 +579,7 @@ impl IndexSet {
             if view.run_filters.get(i).is_some_and(|f| !f.may_contain(id)) {
                 continue;
             }
-            if let Some(e) = self.table_lookup(r, id).await? {
+            if let Some(e) = self.table_lookup(r, id).await?.filter(|e| accept(e)) {
                 return Ok(Some(e));
             }
         }
@@ -598,7 +591,7 @@ impl IndexSet {
         let start = Instant::now();
         let mut view = self.view().await?;
         for _ in 0..4 {
-            match self.find_in(&view, id).await {
+            match self.find_in(&view, id, None, |_| true).await {
                 Ok(Some(e)) => return Ok(Location::from(&e)),
                 Ok(None) => match self.after_miss(&view, start).await? {
                     Some(v) => view = v,
@@ -648,12 +641,6 @@ impl IndexSet {
             return Ok(c);
         }
         self.take_view(&mut last).await
-    }
-
-    /// Drops the current view so the next use lists the index again (after a compaction in
-    /// this process).
-    pub fn invalidate(&self) {
-        *lock(&self.view) = None;
     }
 }
 

@@ -201,7 +201,7 @@ async fn dedup_confirms_filter_hits() {
         .await
         .unwrap();
     packs.push(delta(&store, 20, 77).await);
-    let d = Dedup::load(store.clone(), IndexOptions::default(), "r")
+    let d = Dedup::load(Arc::new(IndexSet::new(store.clone())))
         .await
         .unwrap();
     for p in &packs {
@@ -247,7 +247,7 @@ async fn tombstones_are_not_known_to_writers() {
         )
         .await
         .unwrap();
-    let d = Dedup::load(store.clone(), IndexOptions::default(), "r")
+    let d = Dedup::load(Arc::new(IndexSet::new(store.clone())))
         .await
         .unwrap();
     assert!(!d.contains(&p.entries[0].id).await.unwrap());

@@ -42,8 +42,6 @@ use crate::id::Id;
 use crate::index::compact::{self, Mode, Policy};
 use crate::index::dedup::Dedup;
 
-/// Bytes of index buckets an ingest keeps for confirming filter hits.
-const DEDUP_BUDGET: usize = 8 << 20;
 use crate::manifest::{
     candidate_name, check_host, generation_name, Manifest, SkippedPath, Stats, MANIFEST_VERSION,
 };
@@ -339,9 +337,7 @@ fn run(
         ))?,
         handle.clone(),
     );
-    let mut dedup_opts = repo.index().options().clone();
-    dedup_opts.budget = DEDUP_BUDGET;
-    let known = handle.block_on(Dedup::load(store.clone(), dedup_opts, &repo.config().id))?;
+    let known = handle.block_on(Dedup::load(repo.index_handle()))?;
     let known_stats = known.index().stats_handle();
     let parent = handle.block_on(previous(repo, &opts.host));
     let cfg = repo.config();

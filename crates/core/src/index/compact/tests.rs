@@ -18,6 +18,11 @@ fn hex(n: u8) -> String {
     crate::id::Id::of(&[n]).to_hex()
 }
 
+/// The plan for a listing and root without protected roots (no deletions), now.
+fn plan_now(l: &Listing, root: &Root, mode: Mode) -> Plan {
+    plan(l, root, &[], SystemTime::now(), &policy(), mode)
+}
+
 fn policy() -> Policy {
     Policy {
         settle: Duration::from_secs(100),
@@ -32,25 +37,11 @@ fn nothing_is_due_until_enough_deltas() {
         l.deltas
             .push(obj(&format!("{DELTAS_PREFIX}{}", hex(i)), 10_000, 5));
     }
-    let p = plan(
-        &l,
-        &Root::empty(),
-        &[],
-        SystemTime::now(),
-        &policy(),
-        Mode::Auto,
-    );
+    let p = plan_now(&l, &Root::empty(), Mode::Auto);
     assert_eq!(p.step, Step::Nothing);
     l.deltas
         .push(obj(&format!("{DELTAS_PREFIX}{}", hex(99)), 10_000, 5));
-    let p = plan(
-        &l,
-        &Root::empty(),
-        &[],
-        SystemTime::now(),
-        &policy(),
-        Mode::Auto,
-    );
+    let p = plan_now(&l, &Root::empty(), Mode::Auto);
     assert!(
         matches!(&p.step, Step::Full { deltas } if deltas.len() == 32),
         "{p:?}"
@@ -59,24 +50,10 @@ fn nothing_is_due_until_enough_deltas() {
     let mut one = Listing::default();
     one.deltas
         .push(obj(&format!("{DELTAS_PREFIX}{}", hex(1)), 84 * 200_000, 5));
-    let p = plan(
-        &one,
-        &Root::empty(),
-        &[],
-        SystemTime::now(),
-        &policy(),
-        Mode::Auto,
-    );
+    let p = plan_now(&one, &Root::empty(), Mode::Auto);
     assert!(matches!(p.step, Step::Full { .. }));
     // `maintain index` on a repository that is one base already does nothing.
-    let p = plan(
-        &Listing::default(),
-        &Root::empty(),
-        &[],
-        SystemTime::now(),
-        &policy(),
-        Mode::Full,
-    );
+    let p = plan_now(&Listing::default(), &Root::empty(), Mode::Full);
     assert_eq!(p.step, Step::Nothing);
 }
 
@@ -118,7 +95,7 @@ fn a_large_index_merges_deltas_into_size_tiered_runs() {
     // Runs of 30 000 and 70 000 join (each at most twice what was gathered so far); the run of
     // 400 000 does not (too big for this merge), nor the one of 2 000 000.
     let root = big_root(&[2_000_000, 70_000, 400_000, 30_000]);
-    let p = plan(&l, &root, &[], SystemTime::now(), &policy(), Mode::Auto);
+    let p = plan_now(&l, &root, Mode::Auto);
     assert_eq!(
         p.step,
         Step::Run {
@@ -129,7 +106,7 @@ fn a_large_index_merges_deltas_into_size_tiered_runs() {
         p.why
     );
     // `maintain index` rewrites everything.
-    let p = plan(&l, &root, &[], SystemTime::now(), &policy(), Mode::Full);
+    let p = plan_now(&l, &root, Mode::Full);
     assert!(matches!(p.step, Step::Full { .. }));
 }
 
