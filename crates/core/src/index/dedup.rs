@@ -24,7 +24,7 @@ impl Dedup {
     /// and loads the base's filter. Must run inside the runtime whose handle later
     /// confirmations use.
     pub async fn load(set: Arc<IndexSet>) -> Result<Dedup> {
-        let view = set.view().await?;
+        let view = set.fresh_view().await?;
         let base = match &view.root.base {
             Some(b) => Some(set.filter_bundle(&b.filter).await?),
             None => None,

@@ -378,6 +378,13 @@ impl IndexSet {
         self.take_view(&mut last).await
     }
 
+    /// A view listed now (what an ingest starts from: the view a long-lived repository handle
+    /// holds may predate generations committed since), reusing what the old view loaded.
+    pub async fn fresh_view(&self) -> Result<Arc<View>> {
+        let mut last = self.refresh.lock().await;
+        self.take_view(&mut last).await
+    }
+
     /// Lists the index and builds a new view (under the refresh lock), reusing what the old
     /// view loaded. An object that vanishes meanwhile (compaction) makes it list again.
     async fn take_view(&self, last: &mut Option<Instant>) -> Result<Arc<View>> {
