@@ -9,6 +9,7 @@
 mod output;
 mod forget;
 mod maintain;
+mod prune;
 
 use anyhow::{bail, Context, Result};
 use backtree_core::index::IndexOptions;
@@ -214,6 +215,19 @@ enum Cmd {
         repo: RepoArg,
         #[command(flatten)]
         policy: forget::PolicyArgs,
+    },
+    /// Delete data no generation references, and repack packs that are mostly unreferenced.
+    ///
+    /// Runs beside ingests and mounts: one prune at a time (a maintenance lease in the store),
+    /// packs younger than the grace period are never touched, doomed blobs are marked in the
+    /// index before anything is deleted, and it waits for the ingests running at that moment
+    /// to finish before it deletes (docs/concurrency.md). Refuses to delete anything if a
+    /// generation references data that cannot be read (run `backtree verify`).
+    Prune {
+        #[command(flatten)]
+        repo: RepoArg,
+        #[command(flatten)]
+        args: prune::PruneArgs,
     },
     /// Protect a generation from every forget policy (or lift it with --remove).
     Protect {
@@ -679,6 +693,7 @@ fn run(cli: Cli) -> Result<i32> {
                 backtree_core::index::compact::Mode::Full,
                 dry_run,
                 cache.as_ref(),
+                None,
             ))?;
             maintain::print_compaction(&o, dry_run, json)?;
             Ok(0)
@@ -686,6 +701,10 @@ fn run(cli: Cli) -> Result<i32> {
         Cmd::Forget { repo, policy } => {
             let r = repo.open_repo(&rt)?;
             rt.block_on(forget::run(&r, &policy))
+        }
+        Cmd::Prune { repo, args } => {
+            let r = repo.open_repo(&rt)?;
+            rt.block_on(prune::run(&r, &args))
         }
         Cmd::Protect { repo, remove, what } => {
             let r = repo.open_repo(&rt)?;

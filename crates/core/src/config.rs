@@ -14,8 +14,16 @@ pub const FORMAT_VERSION: u32 = 1;
 pub const CONFIG_KEY: &str = "config";
 
 /// Mandatory features this version understands (`encryption-v1` will be one):
-/// [`crate::chunklist::FEATURE`], files whose chunk lists may be paged, and [`INDEX_FEATURE`].
-pub const KNOWN_FEATURES: &[&str] = &[crate::chunklist::FEATURE, INDEX_FEATURE];
+/// [`crate::chunklist::FEATURE`], files whose chunk lists may be paged, [`INDEX_FEATURE`] and
+/// [`GC_FEATURE`].
+pub const KNOWN_FEATURES: &[&str] = &[crate::chunklist::FEATURE, INDEX_FEATURE, GC_FEATURE];
+
+/// Garbage collection (docs/format.md §6.6, docs/concurrency.md): the index may hold
+/// *tombstones* (entries a prune is deleting, in deltas of their own) and several copies of a
+/// blob in different packs. A backtree that did not know them would deduplicate against a copy
+/// being deleted, so every repository `init` writes lists it, and `prune` refuses a repository
+/// without it (made before garbage collection existed).
+pub const GC_FEATURE: &str = "gc-v1";
 
 /// The index of tables, roots and filters (docs/format.md §6). Every repository this version
 /// writes lists it; one without it has the first index format, which this version no longer
@@ -131,7 +139,11 @@ impl Config {
             format: "backtree".into(),
             version: FORMAT_VERSION,
             id: hex::encode(rand::random::<[u8; 32]>()),
-            mandatory_features: vec![crate::chunklist::FEATURE.into(), INDEX_FEATURE.into()],
+            mandatory_features: vec![
+                crate::chunklist::FEATURE.into(),
+                INDEX_FEATURE.into(),
+                GC_FEATURE.into(),
+            ],
             optional_features: Vec::new(),
             chunker: ChunkerParams::default(),
             compression: Compression::default(),
@@ -156,6 +168,11 @@ impl Config {
                 .map_or(crate::chunklist::PAGE_CHUNKS, |p| p as usize)
                 .max(2)
         })
+    }
+
+    /// Whether garbage collection may run on this repository ([`GC_FEATURE`]).
+    pub fn collectable(&self) -> bool {
+        self.mandatory_features.iter().any(|f| f == GC_FEATURE)
     }
 
     /// Parses and checks a config object read from `location`.
@@ -244,7 +261,7 @@ mod tests {
         let c = Config::new(true);
         assert_eq!(
             c.mandatory_features,
-            vec![crate::chunklist::FEATURE, INDEX_FEATURE]
+            vec![crate::chunklist::FEATURE, INDEX_FEATURE, GC_FEATURE]
         );
         assert_eq!(c.list_page(), Some(crate::chunklist::PAGE_CHUNKS));
         let back = Config::parse("here", &c.to_json()).unwrap();

@@ -184,6 +184,27 @@ pub enum Error {
         late: std::time::Duration,
     },
 
+    /// Another maintenance job holds the maintenance lease.
+    #[error("another maintenance job is running: {key} (host {host}, since {started}, until {expires} unless renewed); try again when it has finished")]
+    MaintenanceBusy {
+        key: String,
+        host: String,
+        started: String,
+        expires: String,
+    },
+
+    /// A prune's own maintenance lease lapsed: it stops before deleting anything more.
+    #[error("prune session {session}: its maintenance lease {key} lapsed {late:.0?} ago (the process was paused or could not reach the store); it stopped before deleting anything more, run it again")]
+    MaintenanceLapsed {
+        session: String,
+        key: String,
+        late: std::time::Duration,
+    },
+
+    /// Garbage collection found a problem that makes deleting unsafe.
+    #[error("prune stopped before deleting anything: {reason}")]
+    PruneRefused { reason: String },
+
     #[error("offset {offset} past end ({size} bytes)")]
     OffsetPastEnd { offset: u64, size: u64 },
 
@@ -248,6 +269,9 @@ impl Error {
             | Error::SourceUnnamed { .. }
             | Error::NoFreeName { .. }
             | Error::LeaseLapsed { .. }
+            | Error::MaintenanceBusy { .. }
+            | Error::MaintenanceLapsed { .. }
+            | Error::PruneRefused { .. }
             | Error::OffsetPastEnd { .. }
             | Error::ThreadPool(_)
             | Error::TaskFailed { .. } => ErrorKind::Other,

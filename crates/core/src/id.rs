@@ -123,3 +123,15 @@ pub fn pack_key(kind: BlobKind, pack: &Id) -> String {
     let hex = pack.to_hex();
     format!("{}/{}/{}", kind.pack_dir(), &hex[..2], hex)
 }
+
+/// The kind and id of the pack stored at `key`, if `key` is a pack key ([`pack_key`]).
+pub fn parse_pack_key(key: &str) -> Option<(BlobKind, Id)> {
+    let (kind, rest) = if let Some(r) = key.strip_prefix("packs/data/") {
+        (BlobKind::Data, r)
+    } else {
+        (BlobKind::Tree, key.strip_prefix("packs/tree/")?)
+    };
+    let (dir, hex) = rest.split_once('/')?;
+    let id = Id::from_hex(hex)?;
+    (hex.len() == 64 && dir == &hex[..2]).then_some((kind, id))
+}

@@ -72,6 +72,19 @@ impl Lease {
         handle: &Handle,
     ) -> Result<Lease> {
         let key = format!("{LEASES_PREFIX}{session}");
+        Lease::take_at(store, key, session, host, time, handle).await
+    }
+
+    /// [`take`](Self::take) with the lease object at `key` (the maintenance lease lives under
+    /// `locks/`, see [`crate::prune`]).
+    pub async fn take_at(
+        store: DynStore,
+        key: String,
+        session: &str,
+        host: &str,
+        time: Duration,
+        handle: &Handle,
+    ) -> Result<Lease> {
         let started = chrono::Utc::now().to_rfc3339();
         let sent = Instant::now();
         store.put(&key, body(session, host, &started, time)).await?;
@@ -87,9 +100,7 @@ impl Lease {
                     if sent >= old {
                         // Lapsed (the process was stopped, or renewals failed): a lapsed lease
                         // is never renewed, since others may already have treated it as gone.
-                        tracing::warn!(
-                            "the ingest lease {key} lapsed; this ingest will not commit"
-                        );
+                        tracing::warn!("the lease {key} lapsed; its holder will stop");
                         return;
                     }
                     match store.put(&key, body(&session, &host, &started, time)).await {
@@ -98,7 +109,7 @@ impl Lease {
                             *d.lock().unwrap_or_else(|e| e.into_inner()) = sent + time;
                         }
                         Ok(()) => {}
-                        Err(e) => tracing::warn!("cannot renew the ingest lease {key}: {e}"),
+                        Err(e) => tracing::warn!("cannot renew the lease {key}: {e}"),
                     }
                 }
             })
@@ -110,6 +121,11 @@ impl Lease {
             deadline,
             renewer,
         })
+    }
+
+    /// The lease object's key.
+    pub fn key(&self) -> &str {
+        &self.key
     }
 
     /// `Ok` while the lease holds; [`Error::LeaseLapsed`] once it lapsed.
@@ -131,7 +147,7 @@ impl Lease {
     pub async fn release(self) {
         self.renewer.abort();
         if let Err(e) = self.store.delete(&self.key).await {
-            tracing::warn!("cannot remove the ingest lease {}: {e}", self.key);
+            tracing::warn!("cannot remove the lease {}: {e}", self.key);
         }
     }
 }

@@ -219,7 +219,15 @@ impl Repository {
     /// Reads, decompresses and verifies one blob.
     pub async fn read_blob(&self, id: &Id) -> Result<Vec<u8>> {
         let loc = self.locate(id).await?;
-        self.read_blob_at(id, &loc).await
+        match self.read_blob_at(id, &loc).await {
+            Err(e) if e.kind() == crate::ErrorKind::NotFound => {
+                match self.index.relocate(id, &loc).await? {
+                    Some(l) => self.read_blob_at(id, &l).await,
+                    None => Err(e),
+                }
+            }
+            r => r,
+        }
     }
 
     /// Reads a blob whose location is already known ([`blob::fetch`], then
@@ -239,7 +247,7 @@ impl Repository {
                 "indexed as a data blob",
             ));
         }
-        let raw = self.read_blob_at(id, &loc).await?;
+        let raw = self.read_blob(id).await?;
         Tree::decode(&format!("tree {id}"), &raw)
     }
 

@@ -259,13 +259,38 @@ impl PackReader {
         }
     }
 
-    /// A stored blob of `kind`: from a window, or by reading a new window around it.
+    /// A stored blob of `kind`: from a window, or by reading a new window around it. If its
+    /// pack has vanished (a prune repacked it), the index is asked again for another copy.
     pub async fn stored(
         &self,
         id: &Id,
         kind: BlobKind,
     ) -> backtree_core::Result<(StoredBlob, Location)> {
         let loc = self.repo.locate(id).await?;
+        match self.stored_at(id, kind, loc).await {
+            Err(e) if e.kind() == backtree_core::ErrorKind::NotFound => {
+                match self.repo.index().relocate(id, &loc).await? {
+                    Some(l) => {
+                        tracing::debug!(
+                            "blob {id}: {} is gone, reading it from {}",
+                            loc.pack_key(),
+                            l.pack_key()
+                        );
+                        self.stored_at(id, kind, l).await
+                    }
+                    None => Err(e),
+                }
+            }
+            r => r,
+        }
+    }
+
+    async fn stored_at(
+        &self,
+        id: &Id,
+        kind: BlobKind,
+        loc: Location,
+    ) -> backtree_core::Result<(StoredBlob, Location)> {
         if loc.kind != kind {
             return Err(Error::corrupt(
                 format!("blob {id}"),

@@ -370,18 +370,47 @@ async fn read_table(store: &DynStore, key: &str) -> Result<Table> {
 /// Deltas read at once (on S3 each GET is a round trip).
 const READS_IN_FLIGHT: usize = 16;
 
-/// The entries of several tables, read [`READS_IN_FLIGHT`] at a time.
-async fn read_entries(store: &DynStore, keys: &[&String]) -> Result<Vec<TableEntry>> {
-    let tables: Vec<Result<Table>> =
-        futures_util::stream::iter(keys.iter().map(|k| read_table(store, k)))
-            .buffer_unordered(READS_IN_FLIGHT)
-            .collect()
-            .await;
-    let mut es = Vec::new();
-    for t in tables {
-        es.extend(t?.entries);
+/// What a prune's index rewrite removes (docs/concurrency.md, "Garbage collection").
+#[derive(Debug, Clone, Default)]
+pub struct Rewrite {
+    /// Packs being deleted: every entry naming one is left out.
+    pub drop_packs: HashSet<crate::id::Id>,
+}
+
+impl Rewrite {
+    fn keeps(&self, e: &TableEntry) -> bool {
+        e.is_live() && !self.drop_packs.contains(&e.pack)
     }
-    Ok(es)
+}
+
+/// The entries of several deltas, read [`READS_IN_FLIGHT`] at a time, and the keys of those
+/// merged. Deltas holding tombstones are a prune's: an ordinary compaction leaves them
+/// uncovered (every view must keep seeing them) and only a prune's `rewrite` merges them,
+/// dropping the tombstones and the entries of the packs it deletes.
+async fn read_entries(
+    store: &DynStore,
+    keys: &[&String],
+    rewrite: Option<&Rewrite>,
+) -> Result<(Vec<TableEntry>, Vec<String>)> {
+    let tables: Vec<Result<(String, Table)>> = futures_util::stream::iter(
+        keys.iter()
+            .map(|k| async move { Ok(((*k).clone(), read_table(store, k).await?)) }),
+    )
+    .buffer_unordered(READS_IN_FLIGHT)
+    .collect()
+    .await;
+    let mut es = Vec::new();
+    let mut merged = Vec::new();
+    for t in tables {
+        let (k, t) = t?;
+        match rewrite {
+            None if t.entries.iter().any(|e| !e.is_live()) => continue,
+            None => es.extend(t.entries),
+            Some(r) => es.extend(t.entries.into_iter().filter(|e| r.keeps(e))),
+        }
+        merged.push(k);
+    }
+    Ok((es, merged))
 }
 
 async fn read_head(store: &DynStore, t: &TableRef) -> Result<Head> {
@@ -467,12 +496,14 @@ impl Writer<'_> {
 const SHARDS_IN_FLIGHT: usize = 4;
 
 /// Lists, plans and (unless `dry_run`) executes one compaction, then deletes what is settled.
+/// With `rewrite` (a prune), everything is rewritten into a new base without what it drops.
 pub async fn run(
     store: &DynStore,
     policy: &Policy,
     mode: Mode,
     dry_run: bool,
     cache: Option<&LocalCache>,
+    rewrite: Option<&Rewrite>,
 ) -> Result<Outcome> {
     let started = Instant::now();
     let listing = Listing::take(store).await?;
@@ -498,7 +529,11 @@ pub async fn run(
             Err(e) => return Err(e.into()),
         }
     }
-    let p = plan(&listing, &old, &protected, now, policy, mode);
+    let mut p = plan(&listing, &old, &protected, now, policy, mode);
+    if rewrite.is_some() && p.step == Step::Nothing {
+        p.step = Step::Full { deltas: vec![] };
+        p.why = "rewrite the base without what the prune deletes".into();
+    }
     let mut out = Outcome {
         plan: Some(p.clone()),
         runs_after: old.runs.len(),
@@ -520,9 +555,15 @@ pub async fn run(
     let new_root = match &p.step {
         Step::Nothing => None,
         Step::Run { deltas, runs } => {
-            let mut es = read_entries(store, &deltas.iter().collect::<Vec<_>>()).await?;
+            let (mut es, deltas) =
+                read_entries(store, &deltas.iter().collect::<Vec<_>>(), rewrite).await?;
             for &i in runs {
-                es.extend(read_table(store, &old.runs[i].key()).await?.entries);
+                let t = read_table(store, &old.runs[i].key()).await?;
+                es.extend(
+                    t.entries
+                        .into_iter()
+                        .filter(|e| rewrite.is_none_or(|r| r.keeps(e))),
+                );
             }
             out.entries = es.len() as u64;
             let (mut tref, f) = w.table(TableKind::Run, 0, 0, es).await?;
@@ -539,7 +580,7 @@ pub async fn run(
                 .collect();
             out.merged_deltas = deltas.len();
             out.merged_runs = runs.len();
-            Some(covering(r, &old, deltas, &listed))
+            Some(covering(r, &old, &deltas, &listed))
         }
         Step::Full { deltas } => {
             // Deltas are read whole. More than `merge_limit` entries of them (a repository that
@@ -566,8 +607,10 @@ pub async fn run(
             }
             let mut delta_entries = Vec::new();
             let mut staged: Vec<TableRef> = Vec::new();
+            let mut merged = Vec::new();
             for g in &groups {
-                let es = read_entries(store, g).await?;
+                let (es, m) = read_entries(store, g, rewrite).await?;
+                merged.extend(m);
                 if groups.len() == 1 {
                     delta_entries = es;
                 } else if !es.is_empty() {
@@ -610,11 +653,9 @@ pub async fn run(
                             }
                             let key = t.key();
                             let b = store.get_range(&key, range).await?;
-                            es.extend(
-                                h.decode_buckets(&key, lo, hi, &b)?
-                                    .into_iter()
-                                    .filter(|e| id_bits(&e.id, 0, k) == i),
-                            );
+                            es.extend(h.decode_buckets(&key, lo, hi, &b)?.into_iter().filter(
+                                |e| id_bits(&e.id, 0, k) == i && rewrite.is_none_or(|r| r.keeps(e)),
+                            ));
                         }
                         Ok((i, es))
                     }
@@ -642,9 +683,9 @@ pub async fn run(
                 entries,
             });
             r.runs.clear();
-            out.merged_deltas = deltas.len();
+            out.merged_deltas = merged.len();
             out.merged_runs = old.runs.len();
-            Some(covering(r, &old, deltas, &listed))
+            Some(covering(r, &old, &merged, &listed))
         }
     };
     out.tables_written = w.tables;

@@ -56,16 +56,24 @@ impl Dedup {
 
     /// Whether the blob may be in the repository (no false negatives; used where a committed
     /// generation already references the blob).
+    /// A blob with a tombstone (a prune is deleting a copy of it) counts as unknown, unless an
+    /// uncovered delta has a copy that is not doomed: it is stored again rather than trusted.
     pub fn maybe(&self, id: &Id) -> bool {
-        self.view.deltas.get(id).is_some_and(|e| e.is_live())
+        let v = &self.view;
+        if v.has_tombstone(id) {
+            return v.deltas.get(id).is_some_and(|e| !v.doomed(e));
+        }
+        v.deltas.contains_key(id)
             || self.base.as_ref().is_some_and(|b| b.may_contain(id))
-            || self.view.run_filters.iter().any(|f| f.may_contain(id))
+            || v.run_filters.iter().any(|f| f.may_contain(id))
     }
 
-    /// Whether the repository has a live entry for the blob, confirmed by reading its bucket.
+    /// Whether the repository has a live entry for the blob that no prune is deleting,
+    /// confirmed by reading its bucket.
     pub async fn contains(&self, id: &Id) -> Result<bool> {
         let base = self.base.as_deref();
-        let found = self.set.find_in(&self.view, id, base, |e| e.is_live());
+        let v = &self.view;
+        let found = self.set.find_in(v, id, base, |e| !v.doomed(e));
         Ok(found.await?.is_some())
     }
 

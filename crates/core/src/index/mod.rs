@@ -187,8 +187,13 @@ impl IndexStats {
 pub struct View {
     pub root_key: Option<String>,
     pub root: Arc<Root>,
-    /// Entries of the uncovered deltas.
+    /// Live entries of the uncovered deltas (one per id, one whose pack is not doomed where
+    /// there is a choice).
     deltas: HashMap<Id, TableEntry>,
+    /// Tombstones of the uncovered deltas: id → packs whose copy of it a prune is deleting.
+    /// Only prune writes tombstones, always in deltas of their own that ordinary compactions
+    /// never merge (docs/concurrency.md "Garbage collection"), so every view sees all of them.
+    tombstones: HashMap<Id, Vec<Id>>,
     /// Keys of the uncovered deltas.
     delta_keys: HashSet<String>,
     /// Filter bundle of each run (same order as `root.runs`).
@@ -198,6 +203,40 @@ pub struct View {
 }
 
 impl View {
+    /// Whether a prune has scheduled this entry's copy of its blob for deletion (a tombstone
+    /// for the same id and pack), or the entry is itself a tombstone. Writers must not
+    /// reference such a copy; readers may still read it while its pack exists.
+    pub fn doomed(&self, e: &TableEntry) -> bool {
+        !e.is_live()
+            || self
+                .tombstones
+                .get(&e.id)
+                .is_some_and(|ps| ps.contains(&e.pack))
+    }
+
+    /// Whether any copy of `id` is doomed.
+    pub fn has_tombstone(&self, id: &Id) -> bool {
+        self.tombstones.contains_key(id)
+    }
+
+    /// Tombstones in the uncovered deltas.
+    pub fn tombstone_count(&self) -> usize {
+        self.tombstones.values().map(Vec::len).sum()
+    }
+
+    /// Keys of the uncovered deltas.
+    pub fn delta_keys(&self) -> impl Iterator<Item = &String> {
+        self.delta_keys.iter()
+    }
+
+    /// Keys of every table of the view: the uncovered deltas, the base's shards and the runs.
+    pub fn table_keys(&self) -> Vec<String> {
+        let mut keys: Vec<String> = self.delta_keys.iter().cloned().collect();
+        keys.sort();
+        keys.extend(self.root.tables().map(TableRef::key));
+        keys
+    }
+
     /// Number of uncovered deltas and their entries.
     pub fn uncovered(&self) -> (usize, usize) {
         (self.delta_keys.len(), self.deltas.len())
@@ -440,12 +479,11 @@ impl IndexSet {
             todo.push(o.key.clone());
         }
         if let Some(o) = old {
-            for (id, e) in &o.deltas {
+            if o.root_key == root_key {
                 // Entries of deltas still uncovered; a covered one's entries are in the tables.
-                view.deltas.insert(*id, *e);
-            }
-            if o.root_key != root_key {
-                view.deltas.clear();
+                view.deltas = o.deltas.clone();
+                view.tombstones = o.tombstones.clone();
+            } else {
                 todo = view.delta_keys.iter().cloned().collect();
             }
         }
@@ -459,16 +497,28 @@ impl IndexSet {
             .buffer_unordered(16)
             .collect()
             .await;
-        for t in loaded {
-            for e in t?.entries {
-                view.deltas
-                    .entry(e.id)
-                    .and_modify(|x| {
-                        if !x.is_live() && e.is_live() {
-                            *x = e
-                        }
-                    })
-                    .or_insert(e);
+        let loaded = loaded.into_iter().collect::<Result<Vec<Table>>>()?;
+        // Tombstones first, so that a live entry can be chosen over a doomed copy.
+        for e in loaded
+            .iter()
+            .flat_map(|t| &t.entries)
+            .filter(|e| !e.is_live())
+        {
+            let packs = view.tombstones.entry(e.id).or_default();
+            if !packs.contains(&e.pack) {
+                packs.push(e.pack);
+            }
+        }
+        for e in loaded.into_iter().flat_map(|t| t.entries) {
+            if !e.is_live() {
+                continue;
+            }
+            let doomed = view.doomed(&e);
+            match view.deltas.get(&e.id) {
+                Some(x) if doomed || !view.doomed(x) => {}
+                _ => {
+                    view.deltas.insert(e.id, e);
+                }
             }
         }
         // Run filters (kept from the old view when the root did not change).
@@ -521,8 +571,14 @@ impl IndexSet {
         Ok(h)
     }
 
-    /// The entry of `id` in table `t`, if any.
-    pub async fn table_lookup(&self, t: &TableRef, id: &Id) -> Result<Option<TableEntry>> {
+    /// The first entry of `id` in table `t` that `accept` takes, if any (a table may hold
+    /// several copies of a blob, in different packs).
+    pub async fn table_lookup(
+        &self,
+        t: &TableRef,
+        id: &Id,
+        accept: impl Fn(&TableEntry) -> bool,
+    ) -> Result<Option<TableEntry>> {
         let head = self.head(t).await?;
         if !head.covers(id) {
             return Ok(None);
@@ -552,10 +608,12 @@ impl IndexSet {
                 v
             }
         };
-        Ok(bucket
-            .binary_search_by(|e| e.id.cmp(id))
-            .ok()
-            .map(|i| bucket[i]))
+        let first = bucket.partition_point(|e| e.id < *id);
+        Ok(bucket[first..]
+            .iter()
+            .take_while(|e| e.id == *id)
+            .find(|e| accept(e))
+            .copied())
     }
 
     /// Finds `id` in one view: uncovered deltas, the base shard (skipped when `base_filter`
@@ -577,7 +635,7 @@ impl IndexSet {
                 .get(i)
                 .filter(|_| base_filter.is_none_or(|f| f.may_contain(id)))
             {
-                if let Some(e) = self.table_lookup(t, id).await?.filter(|e| accept(e)) {
+                if let Some(e) = self.table_lookup(t, id, &accept).await? {
                     return Ok(Some(e));
                 }
             }
@@ -586,7 +644,7 @@ impl IndexSet {
             if view.run_filters.get(i).is_some_and(|f| !f.may_contain(id)) {
                 continue;
             }
-            if let Some(e) = self.table_lookup(r, id).await?.filter(|e| accept(e)) {
+            if let Some(e) = self.table_lookup(r, id, &accept).await? {
                 return Ok(Some(e));
             }
         }
@@ -598,7 +656,12 @@ impl IndexSet {
         let start = Instant::now();
         let mut view = self.view().await?;
         for _ in 0..4 {
-            match self.find_in(&view, id, None, |_| true).await {
+            // A copy no prune is deleting; else any (its pack may still be there).
+            let found = match self.find_in(&view, id, None, |e| !view.doomed(e)).await {
+                Ok(None) => self.find_in(&view, id, None, |_| true).await,
+                r => r,
+            };
+            match found {
                 Ok(Some(e)) => return Ok(Location::from(&e)),
                 Ok(None) => match self.after_miss(&view, start).await? {
                     Some(v) => view = v,
@@ -612,6 +675,18 @@ impl IndexSet {
             }
         }
         Err(Error::BlobNotIndexed { id: *id })
+    }
+
+    /// Where `id` lives now, when the pack of `was` has vanished (a prune repacked or deleted
+    /// it): a new view is taken (shared with other tasks that noticed the same), and the blob's
+    /// new location returned if it differs; `None` if it has none other (it was pruned).
+    pub async fn relocate(&self, id: &Id, was: &Location) -> Result<Option<Location>> {
+        let seen = self.view().await?;
+        let view = self.refresh_now(&seen).await?;
+        let found = self
+            .find_in(&view, id, None, |e| e.pack != was.pack && !view.doomed(e))
+            .await?;
+        Ok(found.map(|e| Location::from(&e)))
     }
 
     /// After a miss in `seen` by a lookup that started at `start`: a view to try next, or

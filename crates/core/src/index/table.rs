@@ -364,8 +364,10 @@ impl Table {
     }
 }
 
-/// Encodes a table. `entries` must all lie under the prefix; they are sorted and duplicates
-/// (same id) are reduced to one, a live entry preferred over a tombstone. Returns the head's
+/// Encodes a table. `entries` must all lie under the prefix; they are sorted by id and pack,
+/// and duplicates (same id and pack) are reduced to one, a tombstone preferred over a live entry
+/// (it says the copy is being deleted). Copies of one blob in different packs are all kept:
+/// each is a fact, and a reader may need the one a prune is not deleting. Returns the head's
 /// BLAKE3 (the table's name) and the bytes.
 pub fn encode(
     kind: TableKind,
@@ -373,8 +375,12 @@ pub fn encode(
     prefix: u32,
     mut entries: Vec<TableEntry>,
 ) -> (Id, Vec<u8>) {
-    entries.sort_by(|a, b| a.id.cmp(&b.id).then(a.deleted.cmp(&b.deleted)));
-    entries.dedup_by(|a, b| a.id == b.id);
+    entries.sort_by(|a, b| {
+        (a.id, a.pack)
+            .cmp(&(b.id, b.pack))
+            .then(b.deleted.cmp(&a.deleted))
+    });
+    entries.dedup_by(|a, b| a.id == b.id && a.pack == b.pack);
     let f = fanout_for(entries.len() as u64, prefix_bits);
     let nb = 1usize << f;
     let mut body = Vec::with_capacity(entries.len() * ENTRY_LEN);

@@ -106,7 +106,7 @@ async fn compacted_base_and_runs_find_everything_within_the_budget() {
         packs.push(delta(&store, 400, i).await);
     }
     let pol = small_policy();
-    let o = compact::run(&store, &pol, Mode::Full, false, None)
+    let o = compact::run(&store, &pol, Mode::Full, false, None, None)
         .await
         .unwrap();
     assert_eq!(o.merged_deltas, 6);
@@ -115,7 +115,7 @@ async fn compacted_base_and_runs_find_everything_within_the_budget() {
     for i in 6..10 {
         packs.push(delta(&store, 400, i).await);
     }
-    let o = compact::run(&store, &pol, Mode::Auto, false, None)
+    let o = compact::run(&store, &pol, Mode::Auto, false, None, None)
         .await
         .unwrap();
     assert_eq!((o.merged_deltas, o.runs_after), (4, 1), "{o:?}");
@@ -123,7 +123,7 @@ async fn compacted_base_and_runs_find_everything_within_the_budget() {
     for i in 10..14 {
         packs.push(delta(&store, 100, i).await);
     }
-    let o = compact::run(&store, &pol, Mode::Auto, false, None)
+    let o = compact::run(&store, &pol, Mode::Auto, false, None, None)
         .await
         .unwrap();
     assert!(o.deleted > 0, "{o:?}");
@@ -139,14 +139,14 @@ async fn compacted_base_and_runs_find_everything_within_the_budget() {
         set.loaded_bytes()
     );
     // Every compaction published a root; the full rewrite joins all of them into one base.
-    let o = compact::run(&store, &pol, Mode::Full, false, None)
+    let o = compact::run(&store, &pol, Mode::Full, false, None, None)
         .await
         .unwrap();
     assert_eq!(o.runs_after, 0);
     let fresh = IndexSet::with_options(store.clone(), quick());
     all_found(&fresh, &packs).await;
     // The old reader's objects are gone (settle 0): it takes a new view and still finds all.
-    let o = compact::run(&store, &pol, Mode::Full, false, None)
+    let o = compact::run(&store, &pol, Mode::Full, false, None, None)
         .await
         .unwrap();
     assert!(o.deleted > 0, "{o:?}");
@@ -160,7 +160,7 @@ async fn a_second_reader_starts_from_the_local_cache() {
     for i in 0..5 {
         packs.push(delta(&store, 200, i).await);
     }
-    compact::run(&store, &small_policy(), Mode::Full, false, None)
+    compact::run(&store, &small_policy(), Mode::Full, false, None, None)
         .await
         .unwrap();
     packs.push(delta(&store, 50, 99).await);
@@ -197,7 +197,7 @@ async fn dedup_confirms_filter_hits() {
     for i in 0..5 {
         packs.push(delta(&store, 300, i).await);
     }
-    compact::run(&store, &small_policy(), Mode::Full, false, None)
+    compact::run(&store, &small_policy(), Mode::Full, false, None, None)
         .await
         .unwrap();
     packs.push(delta(&store, 20, 77).await);

@@ -522,6 +522,7 @@ fn run(
                 Mode::Auto,
                 false,
                 cache.as_ref(),
+                None,
             ))
             .map_err(|e| e.to_string())
     });

@@ -231,7 +231,7 @@ async fn a_crash_at_every_write_leaves_a_valid_index() {
         let faulty = Arc::new(FaultyStore::new(mem.clone()));
         faulty.inject(Fault::FailWritesAfter(n));
         let store: DynStore = faulty.clone();
-        let res = run(&store, &pol, Mode::Full, false, None).await;
+        let res = run(&store, &pol, Mode::Full, false, None, None).await;
         check_all(&mem, &packs).await;
         if !faulty.tripped() {
             res.unwrap();
@@ -261,14 +261,18 @@ async fn a_full_rewrite_stages_many_deltas_as_runs() {
         merge_limit: 700,
         ..small_policy()
     };
-    let o = run(&store, &pol, Mode::Full, false, None).await.unwrap();
+    let o = run(&store, &pol, Mode::Full, false, None, None)
+        .await
+        .unwrap();
     // 7 deltas of 300 in groups of at most 700 entries: 4 staged runs, then the shards.
     let shards = 1u64 << 3; // 2 100 entries, 500 per shard at most: 8 shards
     assert_eq!(o.tables_written as u64, 4 + shards, "{o:?}");
     assert_eq!(o.entries, 2_100);
     check_all(&store, &packs).await;
     // The staged runs are used by no root: the next settled deletion removes them.
-    let o = run(&store, &pol, Mode::Full, false, None).await.unwrap();
+    let o = run(&store, &pol, Mode::Full, false, None, None)
+        .await
+        .unwrap();
     assert!(o.deleted >= 4 + 7, "{o:?}");
     check_all(&store, &packs).await;
 }

@@ -1,0 +1,851 @@
+//! Garbage collection (`backtree prune`): deletes packs that no generation references and
+//! repacks packs that are mostly unreferenced, while ingests and mounts go on
+//! (docs/concurrency.md, "Garbage collection", has the argument and the locking table).
+//!
+//! A prune runs in phases; only the last two delete anything:
+//!
+//! 1. **Lease.** It takes the *maintenance lease*: a renewed [`Lease`] object
+//!    `locks/maintenance.claim-<session>`, stored before it lists the other claims; if another
+//!    claim that has not expired is listed, it withdraws ([`Error::MaintenanceBusy`]). That is
+//!    the claim protocol of [`crate::claim`], with expiry, so it needs no conditional write and a
+//!    killed prune's claim simply expires. Its own lease is checked before every step that
+//!    writes or deletes ([`Error::MaintenanceLapsed`]).
+//! 2. **Mark.** Every generation is walked ([`crate::walk`]) into [`Marks`] (8 B per blob). A
+//!    generation that cannot be walked whole (a missing or damaged tree or chunk list) stops
+//!    the prune before anything is written: what lies below is unknown, so nothing may go.
+//! 3. **Sweep and plan.** Every table of the index is read once (one at a time, so memory is
+//!    the marks plus one table) to sum each pack's referenced and unreferenced bytes; with the
+//!    store's listing of `packs/` (sizes and LastModified) the pure [`plan`] decides.
+//!    `--dry-run` stops here.
+//! 4. **Repack.** The referenced blobs of packs to repack are copied (verified) into new packs,
+//!    indexed by a new delta, before anything is marked for deletion.
+//! 5. **Tombstones.** For every index entry of a pack to delete, a tombstone (the entry with
+//!    its `deleted` time) goes into deltas of their own. From then on every view of the index
+//!    sees them (ordinary compactions never merge such deltas), so an ingest that starts now
+//!    stores those blobs again instead of referencing the doomed copies.
+//! 6. **Wait.** The leases (`leases/`) listed *after* the tombstones were stored are those of
+//!    ingests that may have looked at the index before; the prune waits until each has ended
+//!    or expired (an ingest whose lease lapsed never commits).
+//! 7. **Re-check.** Generations committed meanwhile are walked (only what is new to the marks),
+//!    and index deltas written meanwhile are read: a pack one of them needs is kept.
+//! 8. **Delete.** A fresh listing of `packs/` drops every pack that became young (re-uploaded
+//!    with identical bytes); the index is rewritten without the entries of the packs to delete
+//!    and without tombstones ([`compact::Rewrite`]); then the packs are deleted. Expired leases
+//!    and name claims older than the grace period are tidied.
+//!
+//! A prune killed at any point leaves a valid repository: before phase 8 it only added packs,
+//! deltas and tombstones (blobs shadowed by a tombstone are merely stored again by ingests until
+//! the next prune's rewrite revives or drops them); in phase 8 the index no longer names what
+//! is deleted.
+
+pub mod marks;
+pub mod plan;
+
+use crate::blob;
+use crate::claim::{claims_prefix, session_id};
+use crate::error::{Error, Result};
+use crate::id::{parse_pack_key, BlobKind, Id};
+use crate::index::compact::{self, Mode, Policy, Rewrite};
+use crate::index::table::{Table, TableEntry, TableKind};
+use crate::index::IndexBuilder;
+use crate::lease::{Lease, LeaseBody, LEASES_PREFIX};
+use crate::manifest::{Manifest, SNAPSHOTS_PREFIX};
+use crate::pack::{self, PackBuilder};
+use crate::repo::Repository;
+use crate::walk::{self, Problem, Reference, Visitor};
+use backtree_store::{DynStore, ObjectInfo};
+use bytes::Bytes;
+use futures_util::StreamExt;
+pub use marks::Marks;
+pub use plan::{plan, Action, Decision, Options, PackUse, Plan};
+use serde::Serialize;
+use std::collections::{HashMap, HashSet};
+use std::time::{Duration, Instant, SystemTime};
+use tokio::runtime::Handle;
+
+/// The key the maintenance lease's claims are made on.
+pub const MAINTENANCE_KEY: &str = "locks/maintenance";
+
+/// Default grace period: no pack younger than this is deleted. Longer than any lease (15 min)
+/// plus the longest time an ingest may hold a pack before indexing it (a checkpoint every
+/// 256 MiB of new packs), with a wide margin for clock skew.
+pub const DEFAULT_GRACE: Duration = Duration::from_secs(24 * 3600);
+
+/// Default repack threshold: a pack at least half unreferenced is rewritten.
+pub const DEFAULT_REPACK_THRESHOLD: f64 = 0.5;
+
+/// Tombstones per delta (about 5.5 MB).
+const TOMBSTONES_PER_DELTA: usize = 64 << 10;
+
+/// Store reads and deletions in flight.
+const IN_FLIGHT: usize = 16;
+
+/// Settings of a prune.
+#[derive(Debug, Clone)]
+pub struct PruneOptions {
+    pub plan: Options,
+    pub dry_run: bool,
+    /// How long the maintenance lease lasts without renewal.
+    pub lease_time: Duration,
+    /// Added to a writer lease's expiry before it counts as expired (clock skew between hosts).
+    pub lease_margin: Duration,
+    /// How often leases are looked at while waiting.
+    pub poll: Duration,
+    /// The index compaction policy of the final rewrite (its settle time).
+    pub policy: Policy,
+    /// Host name recorded in the maintenance lease.
+    pub host: String,
+}
+
+impl Default for PruneOptions {
+    fn default() -> Self {
+        PruneOptions {
+            plan: Options {
+                grace: DEFAULT_GRACE,
+                repack_threshold: DEFAULT_REPACK_THRESHOLD,
+            },
+            dry_run: false,
+            lease_time: crate::lease::LEASE_TIME,
+            lease_margin: Duration::from_secs(60),
+            poll: Duration::from_secs(5),
+            policy: Policy::default(),
+            host: String::new(),
+        }
+    }
+}
+
+/// What a prune found and did.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Report {
+    pub dry_run: bool,
+    pub generations: usize,
+    /// Distinct blobs referenced.
+    pub referenced: usize,
+    /// Live index entries swept.
+    pub index_entries: u64,
+    pub plan: Plan,
+    /// Packs written by the repack and blobs copied.
+    pub new_packs: usize,
+    pub copied_blobs: u64,
+    pub tombstones: u64,
+    /// Leases waited for, and how long.
+    pub waited_for: Vec<String>,
+    pub waited_secs: f64,
+    /// Generations committed while the prune ran, walked in the re-check.
+    pub new_generations: usize,
+    /// Packs kept after all because the re-check found them needed (or they became young).
+    pub rescued: Vec<String>,
+    pub deleted_packs: usize,
+    pub deleted_bytes: u64,
+    /// Packs whose deletion failed (key, error); the next prune tries again.
+    pub failed: Vec<(String, String)>,
+    pub tidied: usize,
+    /// Bytes read from the store (manifests, trees, index, repacked packs).
+    pub bytes_read: u64,
+    /// Peak bytes held by the marks and the pack table.
+    pub memory: usize,
+    pub secs: f64,
+}
+
+/// Per-pack sums of the sweep.
+#[derive(Debug, Clone, Copy, Default)]
+struct Acc {
+    entries: u64,
+    blob_bytes: u64,
+    used: u64,
+    used_bytes: u64,
+    /// Referenced entries that no tombstone dooms.
+    used_undoomed: u64,
+    kind: Option<BlobKind>,
+}
+
+/// Walks generations into the marks; collects problems and the blobs first referenced (for
+/// the re-check).
+struct Marker<'a> {
+    generation: String,
+    problems: &'a mut Vec<String>,
+    fresh: Option<&'a mut Vec<Id>>,
+}
+
+impl Visitor for Marker<'_> {
+    fn reference(&mut self, r: &Reference<'_>) {
+        if r.first {
+            if let Some(f) = self.fresh.as_mut() {
+                f.push(*r.id);
+            }
+        }
+    }
+
+    fn problem(&mut self, p: Problem) {
+        if self.problems.len() < 20 {
+            self.problems.push(format!(
+                "{}: {} ({} {}): {}",
+                self.generation, p.path, p.kind, p.id, p.error
+            ));
+        } else if self.problems.len() == 20 {
+            self.problems.push("…".into());
+        }
+    }
+}
+
+impl walk::Seen for Marks {
+    fn first_visit(&mut self, id: &Id) -> bool {
+        Marks::first_visit(self, id)
+    }
+}
+
+/// Holds the maintenance lease.
+struct Maintenance {
+    lease: Lease,
+    session: String,
+}
+
+impl Maintenance {
+    fn check(&self) -> Result<()> {
+        self.lease.check().map_err(|e| match e {
+            Error::LeaseLapsed { key, late, .. } => Error::MaintenanceLapsed {
+                session: self.session.clone(),
+                key,
+                late,
+            },
+            e => e,
+        })
+    }
+}
+
+/// When a lease object stops counting: its stated expiry, or (unreadable) its LastModified plus
+/// the default lease time, plus `margin`.
+fn lease_end(body: Option<&LeaseBody>, o: &ObjectInfo, margin: Duration) -> Option<SystemTime> {
+    let stated = body
+        .and_then(|b| chrono::DateTime::parse_from_rfc3339(&b.expires).ok())
+        .map(|t| SystemTime::from(t.with_timezone(&chrono::Utc)));
+    let end = stated.or_else(|| o.modified.map(|m| m + crate::lease::LEASE_TIME))?;
+    Some(end + margin)
+}
+
+async fn read_lease(store: &DynStore, key: &str) -> Result<Option<LeaseBody>> {
+    match store.get(key).await {
+        Ok(b) => Ok(serde_json::from_slice(&b).ok()),
+        Err(e) if e.is_not_found() => Ok(None),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Takes the maintenance lease (see the module docs).
+async fn take_maintenance(store: &DynStore, opts: &PruneOptions) -> Result<Maintenance> {
+    let session = session_id();
+    let key = format!("{}{session}", claims_prefix(MAINTENANCE_KEY));
+    let lease = Lease::take_at(
+        store.clone(),
+        key.clone(),
+        &session,
+        &opts.host,
+        opts.lease_time,
+        &Handle::current(),
+    )
+    .await?;
+    let now = SystemTime::now();
+    for o in store.list(&claims_prefix(MAINTENANCE_KEY)).await? {
+        if o.key == key {
+            continue;
+        }
+        let body = read_lease(store, &o.key).await?;
+        let live = lease_end(body.as_ref(), &o, opts.lease_margin).is_none_or(|end| end > now);
+        if live {
+            lease.release().await;
+            let b = body.unwrap_or(LeaseBody {
+                session: String::new(),
+                host: "?".into(),
+                started: "?".into(),
+                expires: "?".into(),
+                tool: String::new(),
+            });
+            return Err(Error::MaintenanceBusy {
+                key: o.key,
+                host: b.host,
+                started: b.started,
+                expires: b.expires,
+            });
+        }
+        // A killed prune's claim: expired, so it no longer counts; tidy it.
+        let _ = store.delete(&o.key).await;
+    }
+    Ok(Maintenance { lease, session })
+}
+
+/// Reads one index table whole.
+async fn read_table(store: &DynStore, key: &str) -> Result<Table> {
+    let b = store.get(key).await?;
+    Table::parse(key, &b, crate::index::root::name_of(key).as_ref())
+}
+
+/// Calls `f` on every entry of every table in `keys`, one table at a time; returns bytes read.
+async fn sweep(store: &DynStore, keys: &[String], mut f: impl FnMut(&TableEntry)) -> Result<u64> {
+    let mut tables = futures_util::stream::iter(keys.iter().map(|k| async move {
+        match read_table(store, k).await {
+            Ok(t) => Ok(Some(t)),
+            // A delta covered and deleted by a compaction meanwhile: its entries are in the
+            // tables of a newer root, which hold nothing this sweep needs that it did not see.
+            Err(e) if e.kind() == crate::error::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(e),
+        }
+    }))
+    .buffered(4);
+    let mut bytes = 0u64;
+    while let Some(t) = tables.next().await {
+        if let Some(t) = t? {
+            bytes += (t.entries.len() * crate::index::table::ENTRY_LEN) as u64;
+            t.entries.iter().for_each(&mut f);
+        }
+    }
+    Ok(bytes)
+}
+
+/// Every generation's manifest key, with the manifest.
+async fn manifests(repo: &Repository, skip: &HashSet<String>) -> Result<Vec<(String, Manifest)>> {
+    let mut keys = Vec::new();
+    for (host, names) in repo.all_generations().await? {
+        for n in names {
+            let k = Manifest::key(&host, &n);
+            if !skip.contains(&k) {
+                keys.push((host.clone(), n, k));
+            }
+        }
+    }
+    let got: Vec<Result<Option<(String, Manifest)>>> =
+        futures_util::stream::iter(keys.into_iter().map(|(h, n, k)| async move {
+            match repo.manifest(&h, &n).await {
+                Ok(m) => Ok(Some((k, m))),
+                // Forgotten since the listing.
+                Err(e) if e.kind() == crate::error::ErrorKind::NotFound => Ok(None),
+                Err(e) => Err(e),
+            }
+        }))
+        .buffered(IN_FLIGHT)
+        .collect()
+        .await;
+    let mut out = Vec::new();
+    for g in got {
+        match g {
+            Ok(Some(x)) => out.push(x),
+            Ok(None) => {}
+            // A manifest that cannot be parsed: what it references is unknown.
+            Err(e) => {
+                return Err(Error::PruneRefused {
+                    reason: format!("{e}; run `backtree verify`"),
+                })
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// Walks `ms` into `marks`; the ids walked for the first time go to `fresh`. Fails on any
+/// problem (nothing may be deleted while what a generation references is unknown).
+async fn mark(
+    repo: &Repository,
+    ms: &[(String, Manifest)],
+    marks: &mut Marks,
+    mut fresh: Option<&mut Vec<Id>>,
+) -> Result<()> {
+    let mut problems = Vec::new();
+    for (_, m) in ms {
+        let mut v = Marker {
+            generation: format!("{}/{}", m.host, m.name),
+            problems: &mut problems,
+            fresh: fresh.as_deref_mut(),
+        };
+        walk::walk_generation(repo, m, marks, &mut v).await;
+    }
+    if problems.is_empty() {
+        Ok(())
+    } else {
+        Err(Error::PruneRefused {
+            reason: format!(
+                "generations reference data that cannot be read, run `backtree verify`:\n  {}",
+                problems.join("\n  ")
+            ),
+        })
+    }
+}
+
+/// Runs a prune (see the module docs). `progress` receives one line per phase.
+pub async fn run(
+    repo: &Repository,
+    opts: &PruneOptions,
+    progress: &(dyn Fn(&str) + Sync),
+) -> Result<Report> {
+    let started = Instant::now();
+    let store = repo.store().clone();
+    if !repo.config().collectable() {
+        return Err(Error::PruneRefused {
+            reason: format!(
+                "the repository was created before garbage collection existed (its config does \
+                 not list the {:?} feature), and older backtree versions reading it would \
+                 misread what a prune writes",
+                crate::config::GC_FEATURE
+            ),
+        });
+    }
+    let mut report = Report {
+        dry_run: opts.dry_run,
+        ..Report::default()
+    };
+    let maint = if opts.dry_run {
+        None
+    } else {
+        Some(take_maintenance(&store, opts).await?)
+    };
+    let check = |m: &Option<Maintenance>| m.as_ref().map_or(Ok(()), Maintenance::check);
+    let res = run_held(repo, opts, progress, &maint, &check, &mut report).await;
+    if let Some(m) = maint {
+        m.lease.release().await;
+    }
+    res?;
+    report.secs = started.elapsed().as_secs_f64();
+    Ok(report)
+}
+
+async fn run_held(
+    repo: &Repository,
+    opts: &PruneOptions,
+    progress: &(dyn Fn(&str) + Sync),
+    maint: &Option<Maintenance>,
+    check: &dyn Fn(&Option<Maintenance>) -> Result<()>,
+    report: &mut Report,
+) -> Result<()> {
+    let store = repo.store().clone();
+    let stats = repo.index().stats_handle();
+    let fetched0 = stats
+        .fetched_bytes
+        .load(std::sync::atomic::Ordering::Relaxed);
+
+    // 2. Mark.
+    let view = repo.index().fresh_view().await?;
+    let tables = view.table_keys();
+    let capacity = view.root.entries() as usize + view.uncovered().1 + 1024;
+    let mut marks = Marks::with_capacity(capacity);
+    let ms = manifests(repo, &HashSet::new()).await?;
+    report.generations = ms.len();
+    progress(&format!("marking {} generations", ms.len()));
+    let manifest_bytes: u64 = ms.iter().map(|(_, m)| m.to_json().len() as u64).sum();
+    mark(repo, &ms, &mut marks, None).await?;
+    let marked: HashSet<String> = ms.into_iter().map(|(k, _)| k).collect();
+    marks.sort();
+    report.referenced = marks.len();
+
+    // 3. Sweep and plan.
+    progress(&format!(
+        "sweeping {} index tables ({} blobs referenced)",
+        tables.len(),
+        marks.len()
+    ));
+    let mut accs: HashMap<Id, Acc> = HashMap::new();
+    let mut entries = 0u64;
+    let mut index_bytes = sweep(&store, &tables, |e| {
+        // Tombstones left by an earlier prune that stopped are not copies; the copies they
+        // doom still are (their packs exist until a prune deletes them), and count.
+        if !e.is_live() {
+            return;
+        }
+        entries += 1;
+        let a = accs.entry(e.pack).or_default();
+        a.kind = Some(e.kind);
+        a.entries += 1;
+        a.blob_bytes += e.stored_len as u64;
+        if marks.contains(&e.id) {
+            a.used += 1;
+            a.used_bytes += e.stored_len as u64;
+            if !view.doomed(e) {
+                a.used_undoomed += 1;
+            }
+        }
+    })
+    .await?;
+    report.index_entries = entries;
+    let listing = store.list("packs/").await?;
+    let listed: HashSet<Id> = listing
+        .iter()
+        .filter_map(|o| parse_pack_key(&o.key).map(|(_, id)| id))
+        .collect();
+    let mut uses = Vec::with_capacity(listing.len());
+    for o in &listing {
+        let Some((kind, id)) = parse_pack_key(&o.key) else {
+            continue;
+        };
+        let a = accs.get(&id).copied().unwrap_or_default();
+        uses.push(PackUse {
+            key: o.key.clone(),
+            kind,
+            id,
+            size: o.size,
+            modified: o.modified,
+            entries: a.entries,
+            blob_bytes: a.blob_bytes,
+            used: a.used,
+            used_bytes: a.used_bytes,
+        });
+    }
+    // Packs the index names that are not in the store: harmless if nothing they hold is
+    // referenced (their entries go with the rewrite), else the repository is damaged.
+    let mut missing_unused = HashSet::new();
+    let mut missing_used = Vec::new();
+    for (id, a) in &accs {
+        if !listed.contains(id) {
+            // (A copy an earlier prune doomed and deleted, still named by a root that a
+            // concurrent compaction published, is not damage.)
+            if a.used_undoomed > 0 {
+                missing_used.push(crate::id::pack_key(a.kind.unwrap_or(BlobKind::Data), id));
+            } else {
+                missing_unused.insert(*id);
+            }
+        }
+    }
+    if !missing_used.is_empty() {
+        missing_used.sort();
+        return Err(Error::PruneRefused {
+            reason: format!(
+                "{} packs holding referenced blobs are missing (first: {}); run `backtree verify`",
+                missing_used.len(),
+                missing_used[0]
+            ),
+        });
+    }
+    report.memory = marks.memory() + accs.capacity() * (32 + std::mem::size_of::<Acc>() + 8);
+    drop(accs);
+    let now = SystemTime::now();
+    let p = plan(&uses, now, &opts.plan);
+    drop(uses);
+    report.plan = p.clone();
+    if opts.dry_run {
+        report.bytes_read = manifest_bytes
+            + stats
+                .fetched_bytes
+                .load(std::sync::atomic::Ordering::Relaxed)
+            - fetched0
+            + index_bytes;
+        return Ok(());
+    }
+    let t = &p.totals;
+    progress(&format!(
+        "plan: delete {} unused and {} orphaned packs, repack {}, keep {} ({} younger than the grace period)",
+        t.delete_unused, t.delete_orphan, t.repack, t.kept, t.kept_young
+    ));
+
+    // 4. Repack.
+    check(maint)?;
+    let mut repacked_bytes = 0u64;
+    let repack: Vec<&Decision> = p
+        .packs
+        .iter()
+        .filter(|d| d.action == Action::Repack)
+        .collect();
+    let mut kept_anyway: HashSet<Id> = HashSet::new();
+    if !repack.is_empty() {
+        progress(&format!("repacking {} packs", repack.len()));
+        let pack_size = repo.config().pack_size as usize;
+        let mut index = IndexBuilder::new();
+        let mut builders: HashMap<BlobKind, PackBuilder> = HashMap::new();
+        let mut reads = futures_util::stream::iter(repack.iter().map(|d| {
+            let store = store.clone();
+            async move { (d, store.get(&d.key).await) }
+        }))
+        .buffered(4);
+        while let Some((d, got)) = reads.next().await {
+            let bytes = match got {
+                Ok(b) => b,
+                Err(e) => {
+                    tracing::warn!("prune: cannot read {} to repack it ({e}); kept", d.key);
+                    kept_anyway.insert(d.id);
+                    continue;
+                }
+            };
+            repacked_bytes += bytes.len() as u64;
+            let es = match pack::parse_pack(&d.key, &bytes) {
+                Ok(es) => es,
+                Err(e) => {
+                    tracing::warn!("prune: {e}; {} kept", d.key);
+                    kept_anyway.insert(d.id);
+                    continue;
+                }
+            };
+            let mut ok = true;
+            let mut copies = Vec::new();
+            for e in es.iter().filter(|e| marks.contains(&e.id)) {
+                let stored = &bytes[e.offset as usize..(e.offset + e.stored_len) as usize];
+                let what = format!("blob {} in {}", e.id, d.key);
+                if let Err(err) = blob::decode(&e.id, stored, e.flags, e.raw_len, &what) {
+                    tracing::warn!("prune: {err}; {} kept, run `backtree verify`", d.key);
+                    ok = false;
+                    break;
+                }
+                copies.push((e, stored));
+            }
+            if !ok {
+                kept_anyway.insert(d.id);
+                continue;
+            }
+            for (e, stored) in copies {
+                let b = builders
+                    .entry(e.kind)
+                    .or_insert_with(|| PackBuilder::new(e.kind, pack_size + (1 << 20)));
+                b.add(e.id, e.flags, stored, e.raw_len);
+                report.copied_blobs += 1;
+                if b.len() >= pack_size {
+                    let full =
+                        std::mem::replace(b, PackBuilder::new(e.kind, pack_size + (1 << 20)));
+                    write_pack(&store, full, &mut index).await?;
+                    report.new_packs += 1;
+                }
+            }
+        }
+        for (_, b) in builders {
+            if !b.is_empty() {
+                write_pack(&store, b, &mut index).await?;
+                report.new_packs += 1;
+            }
+        }
+        if !index.is_empty() {
+            check(maint)?;
+            let (key, bytes) = index.encode();
+            store.put(&key, Bytes::from(bytes)).await?;
+        }
+    }
+
+    // 5. Tombstones.
+    check(maint)?;
+    let doomed: HashMap<Id, u32> = p
+        .deletions()
+        .filter(|d| d.action != Action::DeleteOrphan && !kept_anyway.contains(&d.id))
+        .enumerate()
+        .map(|(i, d)| (d.id, i as u32))
+        .collect();
+    let doomed_keys: Vec<&Decision> = p
+        .deletions()
+        .filter(|d| d.action != Action::DeleteOrphan && !kept_anyway.contains(&d.id))
+        .collect();
+    // (id prefix, index into doomed_keys) of every doomed copy: what the re-check looks up.
+    let mut doomed_ids: Vec<(u64, u32)> = Vec::new();
+    let minutes = (now
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_secs()
+        / 60)
+        .max(1) as u32;
+    let mut batch: Vec<TableEntry> = Vec::new();
+    let mut batches: Vec<Vec<TableEntry>> = Vec::new();
+    if !doomed.is_empty() {
+        progress(&format!(
+            "marking {} packs for deletion in the index",
+            doomed.len()
+        ));
+        index_bytes += sweep(&store, &tables, |e| {
+            if let Some(&i) = doomed.get(&e.pack).filter(|_| e.is_live()) {
+                doomed_ids.push((marks::key(&e.id), i));
+                batch.push(TableEntry {
+                    deleted: minutes,
+                    ..*e
+                });
+                if batch.len() >= TOMBSTONES_PER_DELTA {
+                    batches.push(std::mem::take(&mut batch));
+                }
+            }
+        })
+        .await?;
+        batches.push(batch);
+        for b in batches {
+            if b.is_empty() {
+                continue;
+            }
+            report.tombstones += b.len() as u64;
+            check(maint)?;
+            let (name, bytes) = crate::index::table::encode(TableKind::Delta, 0, 0, b);
+            store
+                .put(
+                    &format!("{}{}", crate::index::root::DELTAS_PREFIX, name.to_hex()),
+                    Bytes::from(bytes),
+                )
+                .await?;
+        }
+        doomed_ids.sort_unstable();
+        doomed_ids.dedup();
+    }
+    report.memory = report
+        .memory
+        .max(marks.memory() + doomed_ids.capacity() * 16);
+
+    // 6. Wait for the ingests that may have looked at the index before the tombstones.
+    let waited = Instant::now();
+    let leases = store.list(LEASES_PREFIX).await?;
+    if !leases.is_empty() {
+        progress(&format!(
+            "waiting for {} running ingests to finish (or their leases to expire)",
+            leases.len()
+        ));
+    }
+    for o in &leases {
+        report.waited_for.push(o.key.clone());
+        loop {
+            check(maint)?;
+            if store.head(&o.key).await?.is_none() {
+                break;
+            }
+            let body = read_lease(&store, &o.key).await?;
+            let end = lease_end(body.as_ref(), o, opts.lease_margin);
+            if end.is_some_and(|end| end <= SystemTime::now()) {
+                break;
+            }
+            tokio::time::sleep(opts.poll).await;
+        }
+    }
+    report.waited_secs = waited.elapsed().as_secs_f64();
+
+    // 7. Re-check: generations and index deltas that appeared meanwhile.
+    let mut rescued: HashSet<Id> = HashSet::new();
+    let new_ms = manifests(repo, &marked).await?;
+    report.new_generations = new_ms.len();
+    if !new_ms.is_empty() {
+        progress(&format!("re-checking {} new generations", new_ms.len()));
+        let mut fresh = Vec::new();
+        mark(repo, &new_ms, &mut marks, Some(&mut fresh)).await?;
+        for id in fresh {
+            let k = marks::key(&id);
+            let lo = doomed_ids.partition_point(|&(x, _)| x < k);
+            for &(_, i) in doomed_ids[lo..].iter().take_while(|&&(x, _)| x == k) {
+                rescued.insert(doomed_keys[i as usize].id);
+            }
+        }
+    }
+    drop(marks);
+    let seen_deltas: HashSet<&String> = view.delta_keys().collect();
+    let deltas_now = store.list(crate::index::root::DELTAS_PREFIX).await?;
+    let new_deltas: Vec<String> = deltas_now
+        .into_iter()
+        .map(|o| o.key)
+        .filter(|k| !seen_deltas.contains(k))
+        .collect();
+    let deleting: HashSet<Id> = p.deletions().map(|d| d.id).collect();
+    index_bytes += sweep(&store, &new_deltas, |e| {
+        if e.is_live() && deleting.contains(&e.pack) {
+            rescued.insert(e.pack);
+        }
+    })
+    .await?;
+
+    // 8. Delete: the packs still old enough, index entries first.
+    let fresh: HashMap<Id, ObjectInfo> = store
+        .list("packs/")
+        .await?
+        .into_iter()
+        .filter_map(|o| parse_pack_key(&o.key).map(|(_, id)| (id, o)))
+        .collect();
+    let now = SystemTime::now();
+    let mut delete: Vec<&Decision> = Vec::new();
+    for d in p.deletions() {
+        let old_enough = fresh.get(&d.id).is_some_and(|o| {
+            o.modified
+                .and_then(|m| now.duration_since(m).ok())
+                .is_some_and(|age| age >= opts.plan.grace)
+        });
+        if kept_anyway.contains(&d.id) {
+            continue;
+        }
+        if rescued.contains(&d.id) || !old_enough {
+            report.rescued.push(d.key.clone());
+            continue;
+        }
+        delete.push(d);
+    }
+    report.rescued.sort();
+    let mut drop_packs: HashSet<Id> = delete.iter().map(|d| d.id).collect();
+    drop_packs.extend(missing_unused.iter().copied());
+    check(maint)?;
+    progress(&format!(
+        "rewriting the index without {} packs",
+        drop_packs.len()
+    ));
+    let rewrite = Rewrite { drop_packs };
+    let cache = repo.index().cache();
+    compact::run(
+        &store,
+        &opts.policy,
+        Mode::Full,
+        false,
+        cache.as_ref(),
+        Some(&rewrite),
+    )
+    .await?;
+    check(maint)?;
+    progress(&format!("deleting {} packs", delete.len()));
+    let results: Vec<(
+        &Decision,
+        std::result::Result<(), backtree_store::StoreError>,
+    )> = futures_util::stream::iter(delete.iter().map(|d| {
+        let store = store.clone();
+        async move { (*d, store.delete(&d.key).await) }
+    }))
+    .buffer_unordered(IN_FLIGHT)
+    .collect()
+    .await;
+    for (d, r) in results {
+        match r {
+            Ok(()) => {
+                report.deleted_packs += 1;
+                report.deleted_bytes += d.size;
+            }
+            Err(e) => report.failed.push((d.key.clone(), e.to_string())),
+        }
+    }
+    report.tidied = tidy(&store, opts).await?;
+    report.bytes_read = manifest_bytes
+        + stats
+            .fetched_bytes
+            .load(std::sync::atomic::Ordering::Relaxed)
+        - fetched0
+        + index_bytes
+        + repacked_bytes;
+    Ok(())
+}
+
+async fn write_pack(store: &DynStore, b: PackBuilder, index: &mut IndexBuilder) -> Result<()> {
+    let f = b.finish();
+    index.add_pack(f.kind, f.id, &f.entries);
+    store
+        .put(&crate::id::pack_key(f.kind, &f.id), Bytes::from(f.bytes))
+        .await?;
+    Ok(())
+}
+
+/// Deletes writer leases long expired and generation-name claims older than the grace period
+/// (left by killed writers; a live writer holds a claim for milliseconds).
+async fn tidy(store: &DynStore, opts: &PruneOptions) -> Result<usize> {
+    let now = SystemTime::now();
+    let mut gone = Vec::new();
+    for o in store.list(LEASES_PREFIX).await? {
+        let body = read_lease(store, &o.key).await?;
+        if lease_end(body.as_ref(), &o, opts.lease_margin)
+            .is_some_and(|end| end + opts.lease_time <= now)
+        {
+            gone.push(o.key);
+        }
+    }
+    for o in store.list(SNAPSHOTS_PREFIX).await? {
+        let old = o
+            .modified
+            .and_then(|m| now.duration_since(m).ok())
+            .is_some_and(|age| age >= opts.plan.grace);
+        if old && o.key.contains(crate::claim::CLAIM_MARK) {
+            gone.push(o.key);
+        }
+    }
+    let mut n = 0;
+    for k in gone {
+        if store.delete(&k).await.is_ok() {
+            n += 1;
+        }
+    }
+    Ok(n)
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,1 @@
+//! Prune tests: the whole run on a memory store.
