@@ -193,7 +193,7 @@ pub struct View {
     /// Tombstones of the uncovered deltas: id → packs whose copy of it a prune is deleting.
     /// Only prune writes tombstones, always in deltas of their own that ordinary compactions
     /// never merge (docs/concurrency.md "Garbage collection"), so every view sees all of them.
-    tombstones: HashMap<Id, Vec<Id>>,
+    tombstones: HashMap<Id, Vec<TableEntry>>,
     /// Keys of the uncovered deltas.
     delta_keys: HashSet<String>,
     /// Filter bundle of each run (same order as `root.runs`).
@@ -211,7 +211,7 @@ impl View {
             || self
                 .tombstones
                 .get(&e.id)
-                .is_some_and(|ps| ps.contains(&e.pack))
+                .is_some_and(|ts| ts.iter().any(|t| t.pack == e.pack))
     }
 
     /// Whether any copy of `id` is doomed.
@@ -504,9 +504,9 @@ impl IndexSet {
             .flat_map(|t| &t.entries)
             .filter(|e| !e.is_live())
         {
-            let packs = view.tombstones.entry(e.id).or_default();
-            if !packs.contains(&e.pack) {
-                packs.push(e.pack);
+            let ts = view.tombstones.entry(e.id).or_default();
+            if !ts.iter().any(|t| t.pack == e.pack) {
+                ts.push(*e);
             }
         }
         for e in loaded.into_iter().flat_map(|t| t.entries) {
@@ -658,7 +658,10 @@ impl IndexSet {
         for _ in 0..4 {
             // A copy no prune is deleting; else any (its pack may still be there).
             let found = match self.find_in(&view, id, None, |e| !view.doomed(e)).await {
-                Ok(None) => self.find_in(&view, id, None, |_| true).await,
+                Ok(None) => match self.find_in(&view, id, None, |_| true).await {
+                    Ok(None) => Ok(view.tombstones.get(id).and_then(|ts| ts.first().copied())),
+                    r => r,
+                },
                 r => r,
             };
             match found {

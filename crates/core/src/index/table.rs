@@ -15,7 +15,7 @@
 //!  32  buckets: 2^f × (end u32, check [16])
 //!                       end: entries in buckets 0..=b; check: first 16 bytes of BLAKE3 of
 //!                       the bucket's entry bytes
-//! entries: entry_count × ENTRY_LEN, sorted by id, no id twice
+//! entries: entry_count × ENTRY_LEN, sorted by (id, pack), no (id, pack) twice
 //! ```
 //!
 //! Why this shape: a reader that needs one id reads the head (verified against the key,
@@ -303,16 +303,16 @@ impl Head {
             ));
         }
         let mut out = Vec::with_capacity((hi - lo) as usize);
-        let mut prev: Option<Id> = None;
+        let mut prev: Option<(Id, Id)> = None;
         for r in bytes.chunks_exact(ENTRY_LEN) {
             let e = TableEntry::decode(key, r)?;
             if !self.covers(&e.id) || self.bucket_of(&e.id) != b {
                 return Err(Error::corrupt(key, "index entry in the wrong bucket"));
             }
-            if prev.is_some_and(|p| p >= e.id) {
+            if prev.is_some_and(|p| p >= (e.id, e.pack)) {
                 return Err(Error::corrupt(key, "index entries out of order"));
             }
-            prev = Some(e.id);
+            prev = Some((e.id, e.pack));
             out.push(e);
         }
         Ok(out)
@@ -503,13 +503,17 @@ mod tests {
     }
 
     #[test]
-    fn duplicates_prefer_live_entries() {
+    fn copies_in_other_packs_stay_and_a_tombstone_wins_in_its_pack() {
         let mut dead = entry(1);
         dead.deleted = 5;
         let live = entry(1);
-        let (_, bytes) = encode(TableKind::Run, 0, 0, vec![dead, live]);
+        let mut elsewhere = entry(1);
+        elsewhere.pack = Id::of(b"another pack");
+        let (_, bytes) = encode(TableKind::Run, 0, 0, vec![live, elsewhere, dead, live]);
         let t = Table::parse("r", &bytes, None).unwrap();
-        assert_eq!(t.entries, vec![live]);
+        let mut want = vec![dead, elsewhere];
+        want.sort_by_key(|e| e.pack);
+        assert_eq!(t.entries, want);
     }
 
     proptest! {

@@ -48,7 +48,7 @@ impl Marks {
             self.sort();
             if self.v.len() * 10 > self.v.capacity() * 9 {
                 // Still nearly full: more distinct blobs than expected. Grow by half.
-                self.v.reserve(self.v.capacity() / 2);
+                self.v.reserve_exact(self.v.capacity() / 2);
             }
         }
         self.v.push(k);

@@ -193,7 +193,7 @@ mod tests {
             kind: BlobKind::Data,
             id: Id::of(&[n]),
             size: 1000 + 24,
-            modified: age_h.map(|h| now - h * HOUR),
+            modified: age_h.map(|h| now - HOUR * h as u32),
             entries,
             blob_bytes: if entries > 0 { 1000 } else { 0 },
             used,

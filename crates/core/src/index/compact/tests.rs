@@ -224,7 +224,9 @@ async fn a_crash_at_every_write_leaves_a_valid_index() {
             packs.push(delta(&mem, 200, i).await);
         }
         let pol = small_policy();
-        run(&mem, &pol, Mode::Full, false, None).await.unwrap();
+        run(&mem, &pol, Mode::Full, false, None, None)
+            .await
+            .unwrap();
         for i in 5..10 {
             packs.push(delta(&mem, 200, i).await);
         }
@@ -242,7 +244,9 @@ async fn a_crash_at_every_write_leaves_a_valid_index() {
         // retried by the next compaction) it published its root.
         assert!(res.is_err() || res.is_ok_and(|o| o.root.is_some()));
         // The next compaction completes and the index is still whole.
-        run(&mem, &pol, Mode::Full, false, None).await.unwrap();
+        run(&mem, &pol, Mode::Full, false, None, None)
+            .await
+            .unwrap();
         check_all(&mem, &packs).await;
         n += 1;
     }
