@@ -33,7 +33,7 @@ fn source(dir: &Path, i: u64) -> std::path::PathBuf {
     std::fs::write(s.join("shared.bin"), random_bytes(1, 20_000)).unwrap();
     std::fs::write(s.join("d/changing.bin"), random_bytes(100 + i, 10_000)).unwrap();
     std::fs::write(s.join("parity.bin"), random_bytes(i % 2, 5_000)).unwrap();
-    if i % 3 == 0 {
+    if i.is_multiple_of(3) {
         std::fs::create_dir_all(s.join("sometimes")).unwrap();
         std::fs::write(s.join("sometimes/x"), random_bytes(50 + i, 3_000)).unwrap();
     }
