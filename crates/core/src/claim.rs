@@ -30,9 +30,9 @@
 //! **Users.** The ingest claims a generation's manifest key `snapshots/<host>/<name>` when the
 //! store has not proven create-if-absent (`ingest::commit`); the six-way race of
 //! `same_second_ingests_on_a_store_ignoring_conditions_all_commit` loses generations without it.
-//! The planned garbage collector takes its exclusive *maintenance lease* the same way
-//! (`locks/maintenance.claim-SESSION`, list, go on only if alone; docs/concurrency.md), so this
-//! module knows nothing about manifests.
+//! Garbage collection takes its exclusive *maintenance lease* the same way, with an expiry
+//! (`locks/maintenance.claim-SESSION`, a renewed lease object; list; go on only if no other
+//! unexpired claim is listed: [`crate::prune`]), so this module knows nothing about manifests.
 
 use crate::error::Result;
 use backtree_store::DynStore;

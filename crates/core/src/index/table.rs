@@ -71,9 +71,10 @@ pub struct TableEntry {
     pub stored_len: u32,
     pub raw_len: u32,
     pub flags: u8,
-    /// 0: live. Otherwise the entry is a tombstone: garbage collection (a later version)
-    /// scheduled the blob for deletion at this time, in minutes since the Unix epoch. Readers
-    /// may still read through it (the pack may be gone); writers must not reference it.
+    /// 0: live. Otherwise the entry is a tombstone: a prune scheduled this copy (this id in
+    /// this pack) for deletion at this time, in minutes since the Unix epoch; it dooms every
+    /// live entry of the same id and pack (docs/format.md §6.1). Readers may still read through
+    /// it (the pack may be gone); writers must not reference it.
     pub deleted: u32,
 }
 

@@ -29,7 +29,8 @@
 //! 7. **Re-check.** Generations committed meanwhile are walked (only what is new to the marks),
 //!    and index deltas written meanwhile are read: a pack one of them needs is kept.
 //! 8. **Delete.** A fresh listing of `packs/` drops every pack that became young (re-uploaded
-//!    with identical bytes); the index is rewritten without the entries of the packs to delete
+//!    with identical bytes), and every unindexed pack stored after a writer that is still
+//!    running started (it may be that writer's, not yet indexed); the index is rewritten without the entries of the packs to delete
 //!    and without tombstones ([`compact::Rewrite`]); then the packs are deleted. Expired leases
 //!    and name claims older than the grace period are tidied.
 //!
@@ -740,12 +741,33 @@ async fn run_held(
         .filter_map(|o| parse_pack_key(&o.key).map(|(_, id)| (id, o)))
         .collect();
     let now = SystemTime::now();
+    // An unindexed pack may belong to an ingest still running that has not yet written the
+    // delta naming it (it checkpoints every 256 MiB of new packs, which a long ingest of
+    // unchanged data may take hours to reach): it goes only if every live writer lease
+    // started after it was stored.
+    let mut oldest_writer: Option<SystemTime> = None;
+    for o in store.list(LEASES_PREFIX).await? {
+        let body = read_lease(&store, &o.key).await?;
+        if lease_end(body.as_ref(), &o, opts.lease_margin).is_some_and(|end| end <= now) {
+            continue;
+        }
+        let started = body
+            .as_ref()
+            .and_then(|b| chrono::DateTime::parse_from_rfc3339(&b.started).ok())
+            .map(|t| SystemTime::from(t.with_timezone(&chrono::Utc)) - opts.lease_margin)
+            .unwrap_or(SystemTime::UNIX_EPOCH);
+        oldest_writer = Some(oldest_writer.map_or(started, |w: SystemTime| w.min(started)));
+    }
     let mut delete: Vec<&Decision> = Vec::new();
     for d in p.deletions() {
         let old_enough = fresh.get(&d.id).is_some_and(|o| {
-            o.modified
+            let aged = o
+                .modified
                 .and_then(|m| now.duration_since(m).ok())
-                .is_some_and(|age| age >= opts.plan.grace)
+                .is_some_and(|age| age >= opts.plan.grace);
+            let unclaimed = d.action != Action::DeleteOrphan
+                || o.modified.is_some_and(|m| oldest_writer.is_none_or(|w| m < w));
+            aged && unclaimed
         });
         if kept_anyway.contains(&d.id) {
             continue;
