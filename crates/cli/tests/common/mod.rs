@@ -1,6 +1,8 @@
 //! Helpers shared by the integration tests that run `backtree` as a process.
 #![allow(dead_code)]
 
+pub mod race;
+
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};

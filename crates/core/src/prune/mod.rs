@@ -766,7 +766,8 @@ async fn run_held(
                 .and_then(|m| now.duration_since(m).ok())
                 .is_some_and(|age| age >= opts.plan.grace);
             let unclaimed = d.action != Action::DeleteOrphan
-                || o.modified.is_some_and(|m| oldest_writer.is_none_or(|w| m < w));
+                || o.modified
+                    .is_some_and(|m| oldest_writer.is_none_or(|w| m < w));
             aged && unclaimed
         });
         if kept_anyway.contains(&d.id) {
