@@ -30,6 +30,7 @@ pub mod repo;
 #[doc(hidden)]
 pub mod testing;
 pub mod tree;
+pub mod walk;
 
 pub use error::{Error, ErrorKind, Result};
 pub use id::{BlobKind, Id};
