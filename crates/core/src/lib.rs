@@ -30,6 +30,7 @@ pub mod repo;
 #[doc(hidden)]
 pub mod testing;
 pub mod tree;
+pub mod verify;
 pub mod walk;
 
 pub use error::{Error, ErrorKind, Result};
