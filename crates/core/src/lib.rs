@@ -26,6 +26,7 @@ pub mod ingest;
 pub mod lease;
 pub mod manifest;
 pub mod pack;
+pub mod repair;
 pub mod repo;
 #[doc(hidden)]
 pub mod testing;

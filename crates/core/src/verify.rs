@@ -121,13 +121,13 @@ pub struct VerifyProgress {
 }
 
 impl VerifyProgress {
-    fn start(&self, phase: &str, total: u64) {
+    pub fn start(&self, phase: &str, total: u64) {
         *self.phase.lock().unwrap_or_else(|e| e.into_inner()) = phase.to_owned();
         self.done.store(0, Ordering::Relaxed);
         self.total.store(total, Ordering::Relaxed);
     }
 
-    fn tick(&self) {
+    pub fn tick(&self) {
         self.done.fetch_add(1, Ordering::Relaxed);
     }
 }
