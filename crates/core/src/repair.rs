@@ -8,7 +8,10 @@
 //! damaged delta is recovered, and a blob a prune has tombstoned is not brought back to life.
 //! Index entries are facts about immutable packs, so an entry written twice is harmless and
 //! the repair is safe beside ingests, mounts and compactions (it only adds deltas). A pack whose
-//! trailer is damaged is reported and skipped: its blobs stay unindexed.
+//! trailer is damaged is reported and skipped: its blobs stay unindexed. Live entries whose
+//! pack is gone get a **tombstone** (a delta of tombstones only, as a prune writes): writers
+//! then store those blobs again instead of referencing them, and verify no longer reports the
+//! pack as missing.
 //!
 //! **Generations** ([`damaged_generations`], [`remove_generations`]): which generations
 //! reference missing or damaged data, from a [`verify`](crate::verify) report, and deleting
@@ -16,6 +19,9 @@
 //! implemented: the CLI says so instead of pretending.
 
 use crate::error::Result;
+use crate::id::pack_key;
+use crate::index::root::DELTAS_PREFIX;
+use crate::index::table::{self, TableEntry, TableKind};
 use crate::index::IndexBuilder;
 use crate::pack;
 use crate::repo::Repository;
@@ -41,6 +47,8 @@ pub struct IndexRepair {
     pub packs_added: u64,
     /// Entries added (or that would be).
     pub entries_added: u64,
+    /// Tombstones written for live entries whose pack is missing.
+    pub tombstones_added: u64,
     /// Deltas written.
     pub deltas: Vec<String>,
     /// Packs skipped: key and why.
@@ -63,6 +71,7 @@ pub async fn repair_index(
     let mut findings: Vec<Finding> = Vec::new();
     let index = LoadedIndex::load(repo, &mut findings, progress).await?;
     out.index_problems = findings.iter().map(|f| f.line()).collect();
+    let packs_listed: std::collections::HashSet<String> = packs.keys().cloned().collect();
     let mut keys: Vec<(String, u64)> = packs.into_iter().collect();
     keys.sort();
     progress.start("pack trailers", keys.len() as u64);
@@ -110,6 +119,44 @@ pub async fn repair_index(
     }
     flush(repo, &mut builder, dry_run, &mut out).await?;
     out.damaged_packs.sort();
+
+    // Live entries whose pack is gone (and no tombstone says so yet): tombstones, as a prune
+    // writes them, so that writers store those blobs again instead of referencing them.
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(1, |d| (d.as_secs() / 60).max(1) as u32);
+    let mut tombs: Vec<TableEntry> = Vec::new();
+    for v in index.entries.values() {
+        for e in v.iter().filter(|e| e.is_live()) {
+            let gone = !packs_listed.contains(&pack_key(e.kind, &e.pack));
+            let marked = v.iter().any(|t| !t.is_live() && t.pack == e.pack);
+            if gone && !marked {
+                tombs.push(TableEntry { deleted: now, ..*e });
+            }
+        }
+    }
+    out.tombstones_added = tombs.len() as u64;
+    // One delta holds at most one entry per id: ids with several gone packs take several.
+    tombs.sort_by_key(|e| (e.id, e.pack));
+    while !tombs.is_empty() {
+        let mut batch = Vec::new();
+        let mut rest = Vec::new();
+        for e in tombs {
+            if batch.len() < DELTA_ENTRIES && batch.last().is_none_or(|b: &TableEntry| b.id != e.id)
+            {
+                batch.push(e);
+            } else {
+                rest.push(e);
+            }
+        }
+        tombs = rest;
+        let (name, bytes) = table::encode(TableKind::Delta, 0, 0, batch);
+        let key = format!("{DELTAS_PREFIX}{}", name.to_hex());
+        if !dry_run {
+            repo.store().put(&key, Bytes::from(bytes)).await?;
+        }
+        out.deltas.push(key);
+    }
     Ok(out)
 }
 
