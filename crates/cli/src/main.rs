@@ -10,6 +10,8 @@ mod output;
 mod forget;
 mod maintain;
 mod prune;
+mod repair;
+mod verify;
 
 use anyhow::{bail, Context, Result};
 use backtree_core::index::IndexOptions;
@@ -273,6 +275,22 @@ enum Cmd {
         original: bool,
         #[arg(value_name = "HOST/GENERATION/PATH")]
         what: String,
+    },
+    /// Check that every generation can be read back: manifests, trees, chunk lists, the index
+    /// and (with --read-data) every blob's bytes.
+    ///
+    /// Every problem is reported with what it affects (host, generation, path) and the run goes
+    /// on. Exit codes: 0 sound (warnings allowed), 1 problems found, 2 could not run.
+    Verify {
+        #[command(flatten)]
+        repo: RepoArg,
+        #[command(flatten)]
+        args: verify::VerifyArgs,
+    },
+    /// Repair the index from the packs, or list and remove generations that lost data.
+    Repair {
+        #[command(subcommand)]
+        what: repair::RepairCmd,
     },
     /// Show every host's generations as a read-only directory tree (FUSE).
     ///
@@ -698,6 +716,8 @@ fn run(cli: Cli) -> Result<i32> {
             maintain::print_compaction(&o, dry_run, json)?;
             Ok(0)
         }
+        Cmd::Verify { repo, args } => verify::run(&rt, &repo, &args),
+        Cmd::Repair { what } => repair::run(&rt, &what),
         Cmd::Forget { repo, policy } => {
             let r = repo.open_repo(&rt)?;
             rt.block_on(forget::run(&r, &policy))

@@ -27,10 +27,12 @@ pub mod lease;
 pub mod manifest;
 pub mod pack;
 pub mod prune;
+pub mod repair;
 pub mod repo;
 #[doc(hidden)]
 pub mod testing;
 pub mod tree;
+pub mod verify;
 pub mod walk;
 
 pub use error::{Error, ErrorKind, Result};

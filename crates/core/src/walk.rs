@@ -378,4 +378,4 @@ pub async fn walk_generation(
 }
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;

@@ -1,0 +1,195 @@
+//! `backtree repair index` and `backtree repair generations`: `backtree_core::repair`, printed.
+//!
+//! Exit codes: 0 done (or nothing to do); 1 something is left that the repair could not fix
+//! (a damaged pack skipped, damaged generations listed but not removed, a manifest that could
+//! not be deleted); 2 the repair could not run.
+
+use crate::verify::{host_filter, open, with_progress, EXIT_CANNOT_RUN};
+use anyhow::Result;
+use backtree_core::repair::{self, DamagedGeneration};
+use backtree_core::verify::{self, DataSubset, VerifyOptions, VerifyProgress};
+use clap::Subcommand;
+use serde_json::json;
+use std::sync::Arc;
+
+#[derive(Subcommand)]
+pub enum RepairCmd {
+    /// Rebuild what the index lacks from the packs' trailers (a lost or damaged delta), and
+    /// tombstone entries whose pack is gone. Only adds index deltas: safe beside ingests,
+    /// mounts and compactions.
+    Index {
+        #[command(flatten)]
+        repo: crate::RepoArg,
+        /// Show what would be added; write nothing.
+        #[arg(long)]
+        dry_run: bool,
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// List the generations that reference missing or damaged data (as `verify` finds them),
+    /// and with --remove delete their manifests.
+    Generations {
+        #[command(flatten)]
+        repo: crate::RepoArg,
+        /// Delete the manifests of the damaged generations (their intact data stays for
+        /// other generations; a prune removes what nothing references).
+        #[arg(long)]
+        remove: bool,
+        /// Find damaged blobs by reading every pack whole, as `verify --read-data`.
+        #[arg(long)]
+        read_data: bool,
+        /// Only generations of hosts matching this glob (repeatable).
+        #[arg(long = "host", value_name = "GLOB")]
+        hosts: Vec<String>,
+        /// Show what would be removed; delete nothing.
+        #[arg(long)]
+        dry_run: bool,
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+pub fn run(rt: &tokio::runtime::Runtime, cmd: &RepairCmd) -> Result<i32> {
+    match cmd {
+        RepairCmd::Index {
+            repo,
+            dry_run,
+            json,
+        } => {
+            let r = match open(rt, repo) {
+                Ok(r) => r,
+                Err(code) => return Ok(code),
+            };
+            let progress = Arc::new(VerifyProgress::default());
+            let done = with_progress(&progress, || {
+                rt.block_on(repair::repair_index(&r, *dry_run, &progress))
+            });
+            let done = match done {
+                Ok(d) => d,
+                Err(e) => {
+                    eprintln!("backtree: repair index could not run: {e}");
+                    return Ok(EXIT_CANNOT_RUN);
+                }
+            };
+            if *json {
+                out!("{}", serde_json::to_string_pretty(&done)?);
+            } else {
+                for p in &done.index_problems {
+                    out!("index: {p}");
+                }
+                for (k, why) in &done.damaged_packs {
+                    out!("skipped damaged pack {k}: {why}");
+                }
+                let verb = if *dry_run { "would add" } else { "added" };
+                out!(
+                    "{verb} {} index entries of {} packs and {} tombstones for entries of missing \
+                     packs, in {} deltas ({} pack trailers read)",
+                    done.entries_added,
+                    done.packs_added,
+                    done.tombstones_added,
+                    done.deltas.len(),
+                    done.packs
+                );
+                for d in &done.deltas {
+                    out!("  {}{d}", if *dry_run { "would write " } else { "wrote " });
+                }
+            }
+            Ok(if done.damaged_packs.is_empty() { 0 } else { 1 })
+        }
+        RepairCmd::Generations {
+            repo,
+            remove,
+            read_data,
+            hosts,
+            dry_run,
+            json,
+        } => {
+            let opts = VerifyOptions {
+                data: if *read_data {
+                    DataSubset::All
+                } else {
+                    DataSubset::None
+                },
+                hosts: host_filter(hosts)?,
+            };
+            let r = match open(rt, repo) {
+                Ok(r) => r,
+                Err(code) => return Ok(code),
+            };
+            let progress = Arc::new(VerifyProgress::default());
+            let report = with_progress(&progress, || {
+                rt.block_on(verify::verify(&r, &opts, &progress))
+            });
+            let report = match report {
+                Ok(r) => r,
+                Err(e) => {
+                    eprintln!("backtree: repair generations could not run: {e}");
+                    return Ok(EXIT_CANNOT_RUN);
+                }
+            };
+            let damaged = repair::damaged_generations(&report);
+            let act = *remove && !*dry_run;
+            let errors = if act {
+                rt.block_on(repair::remove_generations(&r, &damaged))
+            } else {
+                Vec::new()
+            };
+            for e in &errors {
+                eprintln!("backtree: cannot remove {e}");
+            }
+            print(&damaged, *remove, *dry_run, &errors, *json)?;
+            Ok(if damaged.is_empty() || (act && errors.is_empty()) {
+                0
+            } else {
+                1
+            })
+        }
+    }
+}
+
+fn print(
+    damaged: &[DamagedGeneration],
+    remove: bool,
+    dry_run: bool,
+    errors: &[String],
+    as_json: bool,
+) -> Result<()> {
+    let what = match (remove, dry_run) {
+        (false, _) => "damaged",
+        (true, true) => "would remove",
+        (true, false) => "removed",
+    };
+    if as_json {
+        let v = json!({
+            "action": what,
+            "generations": damaged,
+            "errors": errors,
+        });
+        out!("{}", serde_json::to_string_pretty(&v)?);
+        return Ok(());
+    }
+    for d in damaged {
+        let mut line = format!(
+            "{what} {}/{}: {} problems, {} damaged blobs",
+            d.host, d.generation, d.problems, d.blobs
+        );
+        if d.manifest_damaged {
+            line.push_str(", manifest unreadable");
+        }
+        if !d.paths.is_empty() {
+            line.push_str(&format!("; {}", d.paths.join(", ")));
+        }
+        out!("{line}");
+    }
+    out!(
+        "{} damaged generations{}",
+        damaged.len(),
+        match (remove, dry_run) {
+            (false, _) if !damaged.is_empty() => "; `--remove` deletes their manifests",
+            _ => "",
+        }
+    );
+    Ok(())
+}
