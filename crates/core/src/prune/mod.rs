@@ -421,7 +421,14 @@ async fn run_held(
         .fetched_bytes
         .load(std::sync::atomic::Ordering::Relaxed);
 
-    // 2. Mark.
+    // 2. Mark. The deltas listed before the view: every one of them is swept (uncovered in the
+    // view, or merged into its tables); any other delta at the re-check is new.
+    let deltas_before: HashSet<String> = store
+        .list(crate::index::root::DELTAS_PREFIX)
+        .await?
+        .into_iter()
+        .map(|o| o.key)
+        .collect();
     let view = repo.index().fresh_view().await?;
     let tables = view.table_keys();
     let capacity = view.root.entries() as usize + view.uncovered().1 + 1024;
@@ -718,12 +725,11 @@ async fn run_held(
         }
     }
     drop(marks);
-    let seen_deltas: HashSet<&String> = view.delta_keys().collect();
     let deltas_now = store.list(crate::index::root::DELTAS_PREFIX).await?;
     let new_deltas: Vec<String> = deltas_now
         .into_iter()
         .map(|o| o.key)
-        .filter(|k| !seen_deltas.contains(k))
+        .filter(|k| !deltas_before.contains(k))
         .collect();
     let deleting: HashSet<Id> = p.deletions().map(|d| d.id).collect();
     index_bytes += sweep(&store, &new_deltas, |e| {
