@@ -27,7 +27,8 @@
 //!    ingests that may have looked at the index before; the prune waits until each has ended
 //!    or expired (an ingest whose lease lapsed never commits).
 //! 7. **Re-check.** Generations committed meanwhile are walked (only what is new to the marks),
-//!    and index deltas written meanwhile are read: a pack one of them needs is kept.
+//!    and index entries written meanwhile are read (new deltas, and the tables compactions made
+//!    of them, which are then new too): a pack one of them needs is kept.
 //! 8. **Delete.** A fresh listing of `packs/` drops every pack that became young (re-uploaded
 //!    with identical bytes), and every unindexed pack stored after a writer that is still
 //!    running started (it may be that writer's, not yet indexed); the index is rewritten without the entries of the packs to delete
@@ -423,10 +424,14 @@ async fn run_held(
 
     // 2. Mark. The deltas listed before the view: every one of them is swept (uncovered in the
     // view, or merged into its tables); any other delta at the re-check is new.
-    let deltas_before: HashSet<String> = store
-        .list(crate::index::root::DELTAS_PREFIX)
-        .await?
+    let (deltas_before, tables_before) = futures_util::future::try_join(
+        store.list(crate::index::root::DELTAS_PREFIX),
+        store.list(crate::index::root::TABLES_PREFIX),
+    )
+    .await?;
+    let before: HashSet<String> = deltas_before
         .into_iter()
+        .chain(tables_before)
         .map(|o| o.key)
         .collect();
     let view = repo.index().fresh_view().await?;
@@ -554,6 +559,7 @@ async fn run_held(
         let pack_size = repo.config().pack_size as usize;
         let mut index = IndexBuilder::new();
         let mut builders: HashMap<BlobKind, PackBuilder> = HashMap::new();
+        let mut copied: HashSet<Id> = HashSet::new();
         let mut reads = futures_util::stream::iter(repack.iter().map(|d| {
             let store = store.clone();
             async move { (d, store.get(&d.key).await) }
@@ -579,7 +585,11 @@ async fn run_held(
             };
             let mut ok = true;
             let mut copies = Vec::new();
-            for e in es.iter().filter(|e| marks.contains(&e.id)) {
+            // A blob with copies in several packs being repacked is copied once.
+            for e in es
+                .iter()
+                .filter(|e| marks.contains(&e.id) && !copied.contains(&e.id))
+            {
                 let stored = &bytes[e.offset as usize..(e.offset + e.stored_len) as usize];
                 let what = format!("blob {} in {}", e.id, d.key);
                 if let Err(err) = blob::decode(&e.id, stored, e.flags, e.raw_len, &what) {
@@ -594,6 +604,9 @@ async fn run_held(
                 continue;
             }
             for (e, stored) in copies {
+                if !copied.insert(e.id) {
+                    continue;
+                }
                 let b = builders
                     .entry(e.kind)
                     .or_insert_with(|| PackBuilder::new(e.kind, pack_size + (1 << 20)));
@@ -725,15 +738,24 @@ async fn run_held(
         }
     }
     drop(marks);
-    let deltas_now = store.list(crate::index::root::DELTAS_PREFIX).await?;
-    let new_deltas: Vec<String> = deltas_now
+    // Index entries written since the start: in deltas, or already merged by a compaction into
+    // tables (which are then newer than the start too). An unindexed pack that one of them
+    // names belongs to an ingest that finished meanwhile.
+    let now_view = repo.index().fresh_view().await?;
+    let new_tables: Vec<String> = now_view
+        .table_keys()
         .into_iter()
-        .map(|o| o.key)
-        .filter(|k| !deltas_before.contains(k))
+        .filter(|k| !before.contains(k))
         .collect();
-    let deleting: HashSet<Id> = p.deletions().map(|d| d.id).collect();
-    index_bytes += sweep(&store, &new_deltas, |e| {
-        if e.is_live() && deleting.contains(&e.pack) {
+    // (Entries of indexed packs in new tables are mostly old facts a compaction merged again;
+    // a pack to delete that an ingest stored again is caught by its new age below.)
+    let orphans: HashSet<Id> = p
+        .deletions()
+        .filter(|d| d.action == Action::DeleteOrphan)
+        .map(|d| d.id)
+        .collect();
+    index_bytes += sweep(&store, &new_tables, |e| {
+        if e.is_live() && orphans.contains(&e.pack) {
             rescued.insert(e.pack);
         }
     })
