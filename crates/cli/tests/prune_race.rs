@@ -129,7 +129,10 @@ struct Counts {
 /// times its lease when `pause`. Returns the generation's name if it committed.
 fn paused_ingest(env: &Env, i: u64, pause: bool) -> Option<String> {
     let mut child = env
-        .sub(&["ingest"], &["--json", "--host", PAUSED, "--stdin", "dump.bin"])
+        .sub(
+            &["ingest"],
+            &["--json", "--host", PAUSED, "--stdin", "dump.bin"],
+        )
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -255,8 +258,12 @@ fn race(env: &Env, secs: u64) {
                     let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
                     counts.prunes.fetch_add(1, Ordering::Relaxed);
                     let n = |k: &str| v[k].as_u64().unwrap_or(0) as usize;
-                    counts.pruned_packs.fetch_add(n("deleted_packs"), Ordering::Relaxed);
-                    counts.repacked.fetch_add(n("copied_blobs"), Ordering::Relaxed);
+                    counts
+                        .pruned_packs
+                        .fetch_add(n("deleted_packs"), Ordering::Relaxed);
+                    counts
+                        .repacked
+                        .fetch_add(n("copied_blobs"), Ordering::Relaxed);
                     let w = v["waited_for"].as_array().map_or(0, Vec::len);
                     counts.waited.fetch_add(w, Ordering::Relaxed);
                     std::thread::sleep(Duration::from_millis(rng.gen_range(0..500)));
@@ -321,8 +328,15 @@ fn race(env: &Env, secs: u64) {
         l(&c.reads),
         l(&c.vanished),
     );
-    assert_eq!(l(&c.paused_committed), 0, "a writer paused past its lease committed");
-    assert!(l(&c.prunes) > 0 && l(&c.pruned_packs) > 0, "prune deleted nothing");
+    assert_eq!(
+        l(&c.paused_committed),
+        0,
+        "a writer paused past its lease committed"
+    );
+    assert!(
+        l(&c.prunes) > 0 && l(&c.pruned_packs) > 0,
+        "prune deleted nothing"
+    );
 
     // Quiet: a last forget and prune; then the repository is sound and every generation left
     // reads as its source.
@@ -361,8 +375,10 @@ fn race(env: &Env, secs: u64) {
                 .unwrap_or_else(|| panic!("{host}/{name}: not committed by a writer"));
             assert!(read_or_vanished(env, &m, g), "{host}/{name} unreadable");
             let got = walk(&m.mnt.join(g.path())).unwrap();
-            let want: BTreeSet<String> =
-                content(g.host, g.iter).into_iter().map(|(p, _)| p).collect();
+            let want: BTreeSet<String> = content(g.host, g.iter)
+                .into_iter()
+                .map(|(p, _)| p)
+                .collect();
             assert_eq!(got, want, "files of {host}/{name}");
         }
         checked += 1;
@@ -430,7 +446,11 @@ fn a_file_pruned_under_a_reader_gives_eio_never_wrong_bytes() {
     let o = run(env.sub(&["ingest"], &["--host", "h"]).arg(&src));
     assert!(o.status.success(), "{}", text(&o.stderr));
 
-    let m = Mounted::start(&env.repo, &env.dir.path().join("mnt"), &["--cache-size", "2M"]);
+    let m = Mounted::start(
+        &env.repo,
+        &env.dir.path().join("mnt"),
+        &["--cache-size", "2M"],
+    );
     let f = std::fs::File::open(m.mnt.join("h").join(&old).join("big.bin")).unwrap();
     let mut head = vec![0u8; 4096];
     f.read_exact_at(&mut head, 0).unwrap();
@@ -450,7 +470,8 @@ fn a_file_pruned_under_a_reader_gives_eio_never_wrong_bytes() {
     assert_eq!(err.raw_os_error(), Some(libc::EIO), "{err}");
     let log = m.log_text();
     assert!(
-        log.lines().any(|l| l.contains("packs/data/") && l.contains("big.bin")),
+        log.lines()
+            .any(|l| l.contains("packs/data/") && l.contains("big.bin")),
         "no log line names the pack and the file:\n{log}"
     );
     // The forgotten generation is gone from the listing; the kept one reads.

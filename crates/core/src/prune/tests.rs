@@ -166,7 +166,11 @@ async fn what_stays_is_what_generations_reference() {
 
     let r = run(&repo, &opts(), &|_| {}).await.unwrap();
     assert!(r.failed.is_empty(), "{:?}", r.failed);
-    assert!(r.rescued.is_empty(), "nothing happened meanwhile: {:?}", r.rescued);
+    assert!(
+        r.rescued.is_empty(),
+        "nothing happened meanwhile: {:?}",
+        r.rescued
+    );
     assert_eq!(r.deleted_packs as u64, dry.plan.deletions().count() as u64);
     assert!(r.copied_blobs > 0 && r.tombstones > 0);
     // Every referenced blob is still readable (through a fresh repository handle too), and
