@@ -156,24 +156,22 @@ struct Acc {
     blob_bytes: u64,
     used: u64,
     used_bytes: u64,
-    /// Referenced entries that no tombstone dooms.
-    used_undoomed: u64,
     kind: Option<BlobKind>,
 }
 
 /// Walks generations into the marks; collects problems and the blobs first referenced (for
 /// the re-check).
-struct Marker<'a> {
+struct Marker<'a, 'f> {
     generation: String,
     problems: &'a mut Vec<String>,
-    fresh: Option<&'a mut Vec<Id>>,
+    fresh: Option<&'a mut (dyn FnMut(&Id) + 'f)>,
 }
 
-impl Visitor for Marker<'_> {
+impl Visitor for Marker<'_, '_> {
     fn reference(&mut self, r: &Reference<'_>) {
         if r.first {
             if let Some(f) = self.fresh.as_mut() {
-                f.push(*r.id);
+                f(r.id);
             }
         }
     }
@@ -303,8 +301,11 @@ async fn sweep(store: &DynStore, keys: &[String], mut f: impl FnMut(&TableEntry)
     Ok(bytes)
 }
 
-/// Every generation's manifest key, with the manifest.
-async fn manifests(repo: &Repository, skip: &HashSet<String>) -> Result<Vec<(String, Manifest)>> {
+/// Every generation's manifest key not in `skip`, as (host, name, key).
+async fn generation_keys(
+    repo: &Repository,
+    skip: &HashSet<String>,
+) -> Result<Vec<(String, String, String)>> {
     let mut keys = Vec::new();
     for (host, names) in repo.all_generations().await? {
         for n in names {
@@ -314,53 +315,53 @@ async fn manifests(repo: &Repository, skip: &HashSet<String>) -> Result<Vec<(Str
             }
         }
     }
-    let got: Vec<Result<Option<(String, Manifest)>>> =
-        futures_util::stream::iter(keys.into_iter().map(|(h, n, k)| async move {
-            match repo.manifest(&h, &n).await {
-                Ok(m) => Ok(Some((k, m))),
-                // Forgotten since the listing.
-                Err(e) if e.kind() == crate::error::ErrorKind::NotFound => Ok(None),
-                Err(e) => Err(e),
-            }
-        }))
-        .buffered(IN_FLIGHT)
-        .collect()
-        .await;
-    let mut out = Vec::new();
-    for g in got {
-        match g {
-            Ok(Some(x)) => out.push(x),
-            Ok(None) => {}
+    Ok(keys)
+}
+
+/// Walks the generations `keys` into `marks`, fetching manifests [`IN_FLIGHT`] ahead of the
+/// walk (never all at once: 365 000 manifests would be hundreds of MB); `fresh` sees every blob
+/// walked for the first time. Returns the keys walked and the manifests' bytes. Fails on any
+/// problem (nothing may be deleted while what a generation references is unknown).
+async fn mark(
+    repo: &Repository,
+    keys: Vec<(String, String, String)>,
+    marks: &mut Marks,
+    mut fresh: Option<&mut dyn FnMut(&Id)>,
+) -> Result<(Vec<String>, u64)> {
+    let mut problems = Vec::new();
+    let mut walked = Vec::with_capacity(keys.len());
+    let mut bytes = 0u64;
+    let mut ms = futures_util::stream::iter(keys.into_iter().map(|(h, n, k)| async move {
+        match repo.manifest(&h, &n).await {
+            Ok(m) => Ok(Some((k, m))),
+            // Forgotten since the listing.
+            Err(e) if e.kind() == crate::error::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(e),
+        }
+    }))
+    .buffered(IN_FLIGHT);
+    while let Some(got) = ms.next().await {
+        let (k, m) = match got {
+            Ok(Some(x)) => x,
+            Ok(None) => continue,
             // A manifest that cannot be parsed: what it references is unknown.
             Err(e) => {
                 return Err(Error::PruneRefused {
                     reason: format!("{e}; run `backtree verify`"),
                 })
             }
-        }
-    }
-    Ok(out)
-}
-
-/// Walks `ms` into `marks`; the ids walked for the first time go to `fresh`. Fails on any
-/// problem (nothing may be deleted while what a generation references is unknown).
-async fn mark(
-    repo: &Repository,
-    ms: &[(String, Manifest)],
-    marks: &mut Marks,
-    mut fresh: Option<&mut Vec<Id>>,
-) -> Result<()> {
-    let mut problems = Vec::new();
-    for (_, m) in ms {
+        };
+        bytes += m.to_json().len() as u64;
         let mut v = Marker {
             generation: format!("{}/{}", m.host, m.name),
             problems: &mut problems,
             fresh: fresh.as_deref_mut(),
         };
-        walk::walk_generation(repo, m, marks, &mut v).await;
+        walk::walk_generation(repo, &m, marks, &mut v).await;
+        walked.push(k);
     }
     if problems.is_empty() {
-        Ok(())
+        Ok((walked, bytes))
     } else {
         Err(Error::PruneRefused {
             reason: format!(
@@ -438,12 +439,11 @@ async fn run_held(
     let tables = view.table_keys();
     let capacity = view.root.entries() as usize + view.uncovered().1 + 1024;
     let mut marks = Marks::with_capacity(capacity);
-    let ms = manifests(repo, &HashSet::new()).await?;
-    report.generations = ms.len();
-    progress(&format!("marking {} generations", ms.len()));
-    let manifest_bytes: u64 = ms.iter().map(|(_, m)| m.to_json().len() as u64).sum();
-    mark(repo, &ms, &mut marks, None).await?;
-    let marked: HashSet<String> = ms.into_iter().map(|(k, _)| k).collect();
+    let keys = generation_keys(repo, &HashSet::new()).await?;
+    progress(&format!("marking {} generations", keys.len()));
+    let (walked, manifest_bytes) = mark(repo, keys, &mut marks, None).await?;
+    report.generations = walked.len();
+    let marked: HashSet<String> = walked.into_iter().collect();
     marks.sort();
     report.referenced = marks.len();
 
@@ -453,8 +453,15 @@ async fn run_held(
         tables.len(),
         marks.len()
     ));
+    let listing = store.list("packs/").await?;
+    let listed: HashSet<Id> = listing
+        .iter()
+        .filter_map(|o| parse_pack_key(&o.key).map(|(_, id)| id))
+        .collect();
     let mut accs: HashMap<Id, Acc> = HashMap::new();
     let mut entries = 0u64;
+    // Referenced blobs with a copy in a pack that is not in the store.
+    let mut missing_refs: Vec<u64> = Vec::new();
     let mut index_bytes = sweep(&store, &tables, |e| {
         // Tombstones left by an earlier prune that stopped are not copies; the copies they
         // doom still are (their packs exist until a prune deletes them), and count.
@@ -469,18 +476,13 @@ async fn run_held(
         if marks.contains(&e.id) {
             a.used += 1;
             a.used_bytes += e.stored_len as u64;
-            if !view.doomed(e) {
-                a.used_undoomed += 1;
+            if !listed.contains(&e.pack) {
+                missing_refs.push(marks::key(&e.id));
             }
         }
     })
     .await?;
     report.index_entries = entries;
-    let listing = store.list("packs/").await?;
-    let listed: HashSet<Id> = listing
-        .iter()
-        .filter_map(|o| parse_pack_key(&o.key).map(|(_, id)| id))
-        .collect();
     let mut uses = Vec::with_capacity(listing.len());
     for o in &listing {
         let Some((kind, id)) = parse_pack_key(&o.key) else {
@@ -499,31 +501,47 @@ async fn run_held(
             used_bytes: a.used_bytes,
         });
     }
-    // Packs the index names that are not in the store: harmless if nothing they hold is
-    // referenced (their entries go with the rewrite), else the repository is damaged.
-    let mut missing_unused = HashSet::new();
-    let mut missing_used = Vec::new();
-    for (id, a) in &accs {
-        if !listed.contains(id) {
-            // (A copy an earlier prune doomed and deleted, still named by a root that a
-            // concurrent compaction published, is not damage.)
-            if a.used_undoomed > 0 {
-                missing_used.push(crate::id::pack_key(a.kind.unwrap_or(BlobKind::Data), id));
-            } else {
-                missing_unused.insert(*id);
+    // Packs the index names that are not in the store: a stale entry (its pack deleted by an
+    // earlier prune, still named by a root a concurrent compaction published) is harmless when
+    // the blob has another copy; a referenced blob with no copy in the store is damage.
+    let missing: HashSet<Id> = accs
+        .keys()
+        .filter(|id| !listed.contains(id))
+        .copied()
+        .collect();
+    if !missing_refs.is_empty() {
+        missing_refs.sort_unstable();
+        missing_refs.dedup();
+        let mut found = vec![false; missing_refs.len()];
+        index_bytes += sweep(&store, &tables, |e| {
+            if e.is_live() && listed.contains(&e.pack) {
+                if let Ok(i) = missing_refs.binary_search(&marks::key(&e.id)) {
+                    found[i] = true;
+                }
             }
+        })
+        .await?;
+        let lost = found.iter().filter(|f| !**f).count();
+        if lost > 0 {
+            let mut keys: Vec<String> = missing
+                .iter()
+                .map(|id| {
+                    let kind = accs.get(id).and_then(|a| a.kind).unwrap_or(BlobKind::Data);
+                    crate::id::pack_key(kind, id)
+                })
+                .collect();
+            keys.sort();
+            return Err(Error::PruneRefused {
+                reason: format!(
+                    "{lost} referenced blobs have no copy in the store: {} indexed packs are \
+                     missing (first: {}); run `backtree verify`",
+                    keys.len(),
+                    keys.first().map_or("?", String::as_str)
+                ),
+            });
         }
     }
-    if !missing_used.is_empty() {
-        missing_used.sort();
-        return Err(Error::PruneRefused {
-            reason: format!(
-                "{} packs holding referenced blobs are missing (first: {}); run `backtree verify`",
-                missing_used.len(),
-                missing_used[0]
-            ),
-        });
-    }
+    let missing_unused = missing;
     report.memory = marks.memory() + accs.capacity() * (32 + std::mem::size_of::<Acc>() + 8);
     drop(accs);
     let now = SystemTime::now();
@@ -723,19 +741,18 @@ async fn run_held(
 
     // 7. Re-check: generations and index deltas that appeared meanwhile.
     let mut rescued: HashSet<Id> = HashSet::new();
-    let new_ms = manifests(repo, &marked).await?;
-    report.new_generations = new_ms.len();
-    if !new_ms.is_empty() {
-        progress(&format!("re-checking {} new generations", new_ms.len()));
-        let mut fresh = Vec::new();
-        mark(repo, &new_ms, &mut marks, Some(&mut fresh)).await?;
-        for id in fresh {
-            let k = marks::key(&id);
+    let new_keys = generation_keys(repo, &marked).await?;
+    if !new_keys.is_empty() {
+        progress(&format!("re-checking {} new generations", new_keys.len()));
+        let mut rescue = |id: &Id| {
+            let k = marks::key(id);
             let lo = doomed_ids.partition_point(|&(x, _)| x < k);
             for &(_, i) in doomed_ids[lo..].iter().take_while(|&&(x, _)| x == k) {
                 rescued.insert(doomed_keys[i as usize].id);
             }
-        }
+        };
+        let (walked, _) = mark(repo, new_keys, &mut marks, Some(&mut rescue)).await?;
+        report.new_generations = walked.len();
     }
     drop(marks);
     // Index entries written since the start: in deltas, or already merged by a compaction into
