@@ -83,6 +83,13 @@ impl Marks {
         self.recent = HashSet::new();
     }
 
+    /// Sorts and gives back the unused reserve (after the mark: the referenced blobs are often
+    /// far fewer than the index's entries the set was reserved for).
+    pub fn finish(&mut self) {
+        self.sort();
+        self.v.shrink_to_fit();
+    }
+
     /// Whether `id` was added. Call [`sort`](Self::sort) after the last addition.
     pub fn contains(&self, id: &Id) -> bool {
         let k = key(id);

@@ -444,7 +444,7 @@ async fn run_held(
     let (walked, manifest_bytes) = mark(repo, keys, &mut marks, None).await?;
     report.generations = walked.len();
     let marked: HashSet<String> = walked.into_iter().collect();
-    marks.sort();
+    marks.finish();
     report.referenced = marks.len();
 
     // 3. Sweep and plan.
