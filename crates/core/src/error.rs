@@ -184,6 +184,13 @@ pub enum Error {
         late: std::time::Duration,
     },
 
+    /// An index compaction ran past its limit and did not publish (docs/concurrency.md).
+    #[error("index compaction took {took:.0?}, longer than {limit:.0?} (a quarter of the settle time, BACKTREE_INDEX_SETTLE): its root was not published, and what it wrote will be removed later")]
+    CompactionTooLong {
+        took: std::time::Duration,
+        limit: std::time::Duration,
+    },
+
     /// Another maintenance job holds the maintenance lease.
     #[error("another maintenance job is running: {key} (host {host}, since {started}, until {expires} unless renewed); try again when it has finished")]
     MaintenanceBusy {
@@ -270,6 +277,7 @@ impl Error {
             | Error::NoFreeName { .. }
             | Error::LeaseLapsed { .. }
             | Error::MaintenanceBusy { .. }
+            | Error::CompactionTooLong { .. }
             | Error::MaintenanceLapsed { .. }
             | Error::PruneRefused { .. }
             | Error::OffsetPastEnd { .. }

@@ -692,15 +692,10 @@ pub async fn run(
     out.bytes_written = w.bytes;
     if let Some(mut r) = new_root {
         if started.elapsed() > policy.max_duration() {
-            return Err(Error::corrupt(
-                "index/roots/",
-                format!(
-                    "index compaction took {:.0?}, longer than {:.0?} (a quarter of the settle time): \
-                     its root was not published, and what it wrote will be removed later",
-                    started.elapsed(),
-                    policy.max_duration()
-                ),
-            ));
+            return Err(Error::CompactionTooLong {
+                took: started.elapsed(),
+                limit: policy.max_duration(),
+            });
         }
         r.seq = old.seq + 1;
         r.created = chrono::Utc::now().to_rfc3339();

@@ -279,20 +279,32 @@ async fn read_table(store: &DynStore, key: &str) -> Result<Table> {
     Table::parse(key, &b, crate::index::root::name_of(key).as_ref())
 }
 
-/// Calls `f` on every entry of every table in `keys`, one table at a time; returns bytes read.
-async fn sweep(store: &DynStore, keys: &[String], mut f: impl FnMut(&TableEntry)) -> Result<u64> {
-    let mut tables = futures_util::stream::iter(keys.iter().map(|k| async move {
+/// Tables read ahead of the one being swept: a run may hold 256 Ki entries (23 MB parsed), so
+/// this is a sweep's memory.
+const TABLES_AHEAD: usize = 1;
+
+/// The tables `keys`, read in order, [`TABLES_AHEAD`] ahead; `None` for one that is gone (a
+/// delta covered and deleted by a compaction meanwhile: its entries are in the tables of a
+/// newer root, which hold nothing a sweep needs that it did not see).
+fn tables<'a>(
+    store: &'a DynStore,
+    keys: &'a [String],
+) -> impl futures_util::Stream<Item = Result<Option<Table>>> + 'a {
+    futures_util::stream::iter(keys.iter().map(move |k| async move {
         match read_table(store, k).await {
             Ok(t) => Ok(Some(t)),
-            // A delta covered and deleted by a compaction meanwhile: its entries are in the
-            // tables of a newer root, which hold nothing this sweep needs that it did not see.
             Err(e) if e.kind() == crate::error::ErrorKind::NotFound => Ok(None),
             Err(e) => Err(e),
         }
     }))
-    .buffered(4);
+    .buffered(TABLES_AHEAD + 1)
+}
+
+/// Calls `f` on every entry of every table in `keys`, one table at a time; returns bytes read.
+async fn sweep(store: &DynStore, keys: &[String], mut f: impl FnMut(&TableEntry)) -> Result<u64> {
+    let mut ts = std::pin::pin!(tables(store, keys));
     let mut bytes = 0u64;
-    while let Some(t) = tables.next().await {
+    while let Some(t) = ts.next().await {
         if let Some(t) = t? {
             bytes += (t.entries.len() * crate::index::table::ENTRY_LEN) as u64;
             t.entries.iter().for_each(&mut f);
@@ -430,6 +442,17 @@ async fn run_held(
         .fetched_bytes
         .load(std::sync::atomic::Ordering::Relaxed);
 
+    // Merge waiting deltas first (when due, with bounded work), so that the view's uncovered
+    // deltas, which a view holds in memory, are few whatever the ingests left behind.
+    compact::run(
+        &store,
+        &opts.policy,
+        Mode::Auto,
+        false,
+        repo.index().cache().as_ref(),
+        None,
+    )
+    .await?;
     // 2. Mark. The deltas listed before the view: every one of them is swept (uncovered in the
     // view, or merged into its tables); any other delta at the re-check is new.
     let (deltas_before, tables_before) = futures_util::future::try_join(
@@ -443,7 +466,7 @@ async fn run_held(
         .map(|o| o.key)
         .collect();
     let view = repo.index().fresh_view().await?;
-    let tables = view.table_keys();
+    let tables_keys = view.table_keys();
     let capacity = view.root.entries() as usize + view.uncovered().1 + 1024;
     let mut marks = Marks::with_capacity(capacity);
     let keys = generation_keys(repo, &HashSet::new()).await?;
@@ -458,7 +481,7 @@ async fn run_held(
     // 3. Sweep and plan.
     progress(&format!(
         "sweeping {} index tables ({} blobs referenced)",
-        tables.len(),
+        tables_keys.len(),
         marks.len()
     ));
     let listing = store.list("packs/").await?;
@@ -470,7 +493,7 @@ async fn run_held(
     let mut entries = 0u64;
     // Referenced blobs with a copy in a pack that is not in the store.
     let mut missing_refs: Vec<u64> = Vec::new();
-    let mut index_bytes = sweep(&store, &tables, |e| {
+    let mut index_bytes = sweep(&store, &tables_keys, |e| {
         // Tombstones left by an earlier prune that stopped are not copies; the copies they
         // doom still are (their packs exist until a prune deletes them), and count.
         if !e.is_live() {
@@ -521,7 +544,7 @@ async fn run_held(
         missing_refs.sort_unstable();
         missing_refs.dedup();
         let mut found = vec![false; missing_refs.len()];
-        index_bytes += sweep(&store, &tables, |e| {
+        index_bytes += sweep(&store, &tables_keys, |e| {
             if e.is_live() && listed.contains(&e.pack) {
                 if let Ok(i) = missing_refs.binary_search(&marks::key(&e.id)) {
                     found[i] = true;
@@ -590,7 +613,8 @@ async fn run_held(
             let store = store.clone();
             async move { (d, store.get(&d.key).await) }
         }))
-        .buffered(4);
+        // A pack being copied and the next one read: about 32 MB.
+        .buffered(2);
         while let Some((d, got)) = reads.next().await {
             let bytes = match got {
                 Ok(b) => b,
@@ -679,40 +703,44 @@ async fn run_held(
         .as_secs()
         / 60)
         .max(1) as u32;
-    let mut batch: Vec<TableEntry> = Vec::new();
-    let mut batches: Vec<Vec<TableEntry>> = Vec::new();
     if !doomed.is_empty() {
         progress(&format!(
             "marking {} packs for deletion in the index",
             doomed.len()
         ));
-        index_bytes += sweep(&store, &tables, |e| {
-            if let Some(&i) = doomed.get(&e.pack).filter(|_| e.is_live()) {
-                doomed_ids.push((marks::key(&e.id), i));
-                batch.push(TableEntry {
-                    deleted: minutes,
-                    ..*e
-                });
-                if batch.len() >= TOMBSTONES_PER_DELTA {
-                    batches.push(std::mem::take(&mut batch));
+        // Tombstone deltas are stored as they fill, so at most one is held.
+        let mut batch: Vec<TableEntry> = Vec::new();
+        let mut ts = std::pin::pin!(tables(&store, &tables_keys));
+        loop {
+            let next = ts.next().await;
+            let done = next.is_none();
+            if let Some(t) = next.transpose()?.flatten() {
+                index_bytes += (t.entries.len() * crate::index::table::ENTRY_LEN) as u64;
+                for e in t.entries.iter().filter(|e| e.is_live()) {
+                    if let Some(&i) = doomed.get(&e.pack) {
+                        doomed_ids.push((marks::key(&e.id), i));
+                        batch.push(TableEntry {
+                            deleted: minutes,
+                            ..*e
+                        });
+                    }
                 }
             }
-        })
-        .await?;
-        batches.push(batch);
-        for b in batches {
-            if b.is_empty() {
-                continue;
+            if batch.len() >= TOMBSTONES_PER_DELTA || (done && !batch.is_empty()) {
+                let b = std::mem::take(&mut batch);
+                report.tombstones += b.len() as u64;
+                check(maint)?;
+                let (name, bytes) = crate::index::table::encode(TableKind::Delta, 0, 0, b);
+                store
+                    .put(
+                        &format!("{}{}", crate::index::root::DELTAS_PREFIX, name.to_hex()),
+                        Bytes::from(bytes),
+                    )
+                    .await?;
             }
-            report.tombstones += b.len() as u64;
-            check(maint)?;
-            let (name, bytes) = crate::index::table::encode(TableKind::Delta, 0, 0, b);
-            store
-                .put(
-                    &format!("{}{}", crate::index::root::DELTAS_PREFIX, name.to_hex()),
-                    Bytes::from(bytes),
-                )
-                .await?;
+            if done {
+                break;
+            }
         }
         doomed_ids.sort_unstable();
         doomed_ids.dedup();
@@ -732,6 +760,8 @@ async fn run_held(
     }
     for o in &leases {
         report.waited_for.push(o.key.clone());
+        // Look again soon, then less and less often (most ingests end within seconds).
+        let mut pause = opts.poll.min(Duration::from_millis(100));
         loop {
             check(maint)?;
             if store.head(&o.key).await?.is_none() {
@@ -742,7 +772,8 @@ async fn run_held(
             if end.is_some_and(|end| end <= SystemTime::now()) {
                 break;
             }
-            tokio::time::sleep(opts.poll).await;
+            tokio::time::sleep(pause).await;
+            pause = (pause * 2).min(opts.poll);
         }
     }
     report.waited_secs = waited.elapsed().as_secs_f64();
