@@ -206,4 +206,27 @@ fn salvage_keeps_what_reads_and_leaves_out_what_is_lost() {
     assert_eq!(code, 0, "{out}");
     let v: serde_json::Value = serde_json::from_str(&out).unwrap();
     assert_eq!(v["salvaged"].as_array().unwrap().len(), 0);
+
+    // A manifest that does not parse has nothing to salvage; with --remove it is deleted.
+    let m = repo.join("snapshots/web1").join(format!("{g1}-2"));
+    let bytes = std::fs::read(&m).unwrap();
+    std::fs::write(&m, &bytes[..bytes.len() / 2]).unwrap();
+    let (code, out, _) = run(&repo, &cache, &["repair", "generations", "--salvage"]);
+    assert_eq!(code, 1, "{out}");
+    assert!(
+        out.contains(&format!("cannot salvage web1/{g1}-2: ")),
+        "{out}"
+    );
+    assert!(m.exists());
+    let (code, out, _) = run(
+        &repo,
+        &cache,
+        &["repair", "generations", "--salvage", "--remove"],
+    );
+    assert_eq!(code, 0, "{out}");
+    assert!(
+        out.contains(&format!("removed web1/{g1}-2: manifest unreadable")),
+        "{out}"
+    );
+    assert!(!m.exists());
 }

@@ -82,7 +82,7 @@ async fn a_salvage_keeps_what_reads_and_leaves_out_what_is_lost() {
     let repo = Repository::open(repo.store().clone()).await.unwrap();
     let names = repo.generations("h").await.unwrap();
     let new_name = s.new_generation.clone().unwrap();
-    assert_eq!(names, [new_name.clone()]);
+    assert_eq!(names, std::slice::from_ref(&new_name));
     let m = repo.manifest("h", &new_name).await.unwrap();
     assert_eq!(
         m.label.as_deref(),
