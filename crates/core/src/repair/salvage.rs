@@ -23,7 +23,7 @@
 //! list or a node of a paged list, its gzip recipe) is lost is left out; a directory whose own
 //! tree blob is lost becomes an empty directory with the metadata its parent's entry gives it;
 //! a lost page of a paged directory loses the entries on it. The hardlink table is kept if it
-//! can be read, else dropped. Every left-out path is a [`SkippedPath`] in the new manifest.
+//! can be read (its counts lowered for hardlinked files left out), else dropped. Every left-out path is a [`SkippedPath`] in the new manifest.
 //!
 //! **Committing.** Like an ingest (docs/concurrency.md): a writer lease is taken before the
 //! index view, packs and the delta are stored before the manifest, the lease is checked before
@@ -39,7 +39,7 @@ use crate::ingest::writer::{BlobWriter, CHECKPOINT_BYTES};
 use crate::lease::{Lease, LeaseGuard, LEASE_TIME};
 use crate::manifest::{candidate_name, generation_name, Manifest, SkippedPath, Stats};
 use crate::repo::Repository;
-use crate::tree::{paginate, Entry, Kind, PageRef, Tree};
+use crate::tree::{decode_links, encode_links, paginate, Entry, Kind, PageRef, Tree};
 use crate::verify::{Report, Severity};
 use crate::walk::{walk_generation, Problem, RefKind, Reference, Visitor};
 use chrono::Utc;
@@ -207,10 +207,27 @@ fn salvage_one(
         bytes_lost: 0,
         trees_written: 0,
         empty: None,
+        unlinked: HashMap::new(),
     };
     let root = rb
         .entry(m.root.clone(), "/")?
         .unwrap_or_else(|| m.root.clone());
+    // Hardlinked files left out: their groups count fewer members (the true `st_nlink`).
+    let links = match m.links.filter(|_| !links_lost) {
+        Some(l) if !rb.unlinked.is_empty() => {
+            let raw = handle.block_on(repo.read_blob(&l))?;
+            let mut table = decode_links(&format!("hardlink table {l}"), &raw)?;
+            for (g, c) in table.iter_mut() {
+                *c = c.saturating_sub(rb.unlinked.get(g).copied().unwrap_or(0));
+            }
+            table.retain(|(_, c)| *c > 0);
+            match table.is_empty() {
+                true => None,
+                false => Some(rb.store_raw(&encode_links(&table))?),
+            }
+        }
+        other => other,
+    };
     out.left_out = rb.left_out;
     out.trees_written = rb.trees_written;
     out.links_dropped = links_lost;
@@ -262,7 +279,7 @@ fn salvage_one(
             _ => salvaged,
         }),
         root,
-        links: m.links.filter(|_| !links_lost),
+        links,
         parent: None,
         stats,
         errors: out.paths.clone(),
@@ -456,15 +473,20 @@ struct Rebuild<'a> {
     bytes_lost: u64,
     trees_written: u64,
     empty: Option<Id>,
+    /// Hardlink group → members left out.
+    unlinked: HashMap<u64, u32>,
 }
 
 impl Rebuild<'_> {
     fn store_tree(&mut self, t: &Tree) -> Result<Id> {
-        let raw = t.encode();
+        self.store_raw(&t.encode())
+    }
+
+    fn store_raw(&mut self, raw: &[u8]) -> Result<Id> {
         self.trees_written += 1;
         match self.writer {
-            Some(w) => w.store_tree(&raw),
-            None => Ok(Id::of(&raw)),
+            Some(w) => w.store_tree(raw),
+            None => Ok(Id::of(raw)),
         }
     }
 
@@ -503,6 +525,9 @@ impl Rebuild<'_> {
                     self.skip(path, why, 1);
                     self.files_lost += 1;
                     self.bytes_lost += e.size;
+                    if let Some(g) = e.link {
+                        *self.unlinked.entry(g).or_insert(0) += 1;
+                    }
                     Ok(None)
                 }
                 None => Ok(Some(e)),
