@@ -6,7 +6,7 @@
 
 use crate::verify::{host_filter, open, with_progress, EXIT_CANNOT_RUN};
 use anyhow::Result;
-use backtree_core::repair::{self, DamagedGeneration};
+use backtree_core::repair::{self, DamagedGeneration, SalvageOptions, Salvaged};
 use backtree_core::verify::{self, DataSubset, VerifyOptions, VerifyProgress};
 use clap::Subcommand;
 use serde_json::json;
@@ -36,6 +36,11 @@ pub enum RepairCmd {
         /// other generations; a prune removes what nothing references).
         #[arg(long)]
         remove: bool,
+        /// For each damaged generation, write a new generation of the same host that keeps
+        /// everything readable and leaves out what is lost, then delete the damaged manifest.
+        /// With --remove too, generations whose manifest cannot be read are removed.
+        #[arg(long)]
+        salvage: bool,
         /// Find damaged blobs by reading every pack whole, as `verify --read-data`.
         #[arg(long)]
         read_data: bool,
@@ -101,6 +106,7 @@ pub fn run(rt: &tokio::runtime::Runtime, cmd: &RepairCmd) -> Result<i32> {
         RepairCmd::Generations {
             repo,
             remove,
+            salvage,
             read_data,
             hosts,
             dry_run,
@@ -130,6 +136,9 @@ pub fn run(rt: &tokio::runtime::Runtime, cmd: &RepairCmd) -> Result<i32> {
                 }
             };
             let damaged = repair::damaged_generations(&report);
+            if *salvage {
+                return salvage_run(rt, &r, &report, damaged, *remove, *dry_run, *json);
+            }
             let act = *remove && !*dry_run;
             let errors = if act {
                 rt.block_on(repair::remove_generations(&r, &damaged))
@@ -147,6 +156,90 @@ pub fn run(rt: &tokio::runtime::Runtime, cmd: &RepairCmd) -> Result<i32> {
             })
         }
     }
+}
+
+/// `repair generations --salvage [--remove]`.
+fn salvage_run(
+    rt: &tokio::runtime::Runtime,
+    r: &backtree_core::repo::Repository,
+    report: &verify::Report,
+    damaged: Vec<DamagedGeneration>,
+    remove: bool,
+    dry_run: bool,
+    as_json: bool,
+) -> Result<i32> {
+    // With --remove, what cannot be salvaged (an unreadable manifest) is removed instead.
+    let (unreadable, salvageable): (Vec<_>, Vec<_>) = damaged
+        .into_iter()
+        .partition(|d| d.manifest_damaged && remove);
+    let opts = SalvageOptions {
+        dry_run,
+        lease_time: None,
+    };
+    let done = repair::salvage_generations(r, rt.handle(), report, &salvageable, &opts);
+    let errors = if remove && !dry_run {
+        rt.block_on(repair::remove_generations(r, &unreadable))
+    } else {
+        Vec::new()
+    };
+    // As --remove: a dry run fixes nothing, so damaged generations still mean exit 1.
+    let ok = (done.is_empty() && unreadable.is_empty())
+        || (!dry_run && done.iter().all(Salvaged::ok) && errors.is_empty());
+    let removed: Vec<String> = unreadable
+        .iter()
+        .map(|d| format!("{}/{}", d.host, d.generation))
+        .collect();
+    if as_json {
+        let v = json!({
+            "action": if dry_run { "would salvage" } else { "salvaged" },
+            "salvaged": done,
+            "removed": removed,
+            "errors": errors,
+        });
+        out!("{}", serde_json::to_string_pretty(&v)?);
+        return Ok(if ok { 0 } else { 1 });
+    }
+    for s in &done {
+        let g = format!("{}/{}", s.host, s.generation);
+        let Some(new) = s.new_generation.as_deref().filter(|_| s.ok()) else {
+            let why = s.error.as_deref().unwrap_or("unknown");
+            out!("cannot salvage {g}: {why}");
+            continue;
+        };
+        let verb = if dry_run { "would salvage" } else { "salvaged" };
+        let mut line = format!(
+            "{verb} {g} as {}/{new}: {} paths left out",
+            s.host, s.left_out
+        );
+        if let Some(p) = s.paths.first() {
+            line.push_str(&format!(" (first: {}: {})", p.path, p.error));
+        }
+        if s.links_dropped {
+            line.push_str("; hardlink table dropped");
+        }
+        if !dry_run && !s.removed {
+            line.push_str("; the damaged manifest could not be deleted");
+        }
+        out!("{line}");
+    }
+    let verb = if dry_run { "would remove" } else { "removed" };
+    for g in &removed {
+        out!("{verb} {g}: manifest unreadable, nothing to salvage");
+    }
+    for e in &errors {
+        eprintln!("backtree: cannot remove {e}");
+    }
+    out!(
+        "{} of {} damaged generations {}",
+        done.iter().filter(|s| s.ok()).count(),
+        done.len() + removed.len(),
+        if dry_run {
+            "would be salvaged"
+        } else {
+            "salvaged"
+        }
+    );
+    Ok(if ok { 0 } else { 1 })
 }
 
 fn print(
@@ -187,7 +280,9 @@ fn print(
         "{} damaged generations{}",
         damaged.len(),
         match (remove, dry_run) {
-            (false, _) if !damaged.is_empty() => "; `--remove` deletes their manifests",
+            (false, _) if !damaged.is_empty() =>
+                "; `--remove` deletes their manifests, `--salvage` rewrites them without what is \
+                 lost",
             _ => "",
         }
     );

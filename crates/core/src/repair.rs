@@ -15,8 +15,8 @@
 //!
 //! **Generations** ([`damaged_generations`], [`remove_generations`]): which generations
 //! reference missing or damaged data, from a [`verify`](crate::verify) report, and deleting
-//! their manifests. Writing a salvaged generation (the damaged files left out) is not
-//! implemented: the CLI says so instead of pretending.
+//! their manifests; and [`salvage_generations`]: for each, a new generation of the same host
+//! that keeps what is readable and leaves out what is lost (see [`salvage`]).
 
 use crate::error::Result;
 use crate::id::pack_key;
@@ -31,6 +31,9 @@ use crate::verify::{
 use bytes::Bytes;
 use futures_util::StreamExt;
 use serde::Serialize;
+
+pub mod salvage;
+pub use salvage::{salvage_generations, SalvageOptions, Salvaged};
 
 /// Pack trailers read at once.
 pub const TRAILER_READS: usize = 16;

@@ -541,7 +541,11 @@ fn run(
 /// `init`) the conditional write alone decides who gets a name. Otherwise (Garage ignores
 /// `If-None-Match`) a writer first *claims* the name, see [`crate::claim`]: two writers can then
 /// never write the same manifest key, so neither generation is lost.
-async fn commit(repo: &Repository, m: &mut Manifest, time: &DateTime<Utc>) -> Result<()> {
+pub(crate) async fn commit(
+    repo: &Repository,
+    m: &mut Manifest,
+    time: &DateTime<Utc>,
+) -> Result<()> {
     let base = generation_name(time);
     let existing = repo.generations(&m.host).await?;
     let conditional =
