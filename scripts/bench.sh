@@ -64,6 +64,10 @@ if [ "${1:-}" = "--s3" ]; then shift; exec "$(dirname "$0")/bench-s3.sh" "$@"; f
 # `scripts/bench.sh --scale` runs the index scale benchmark: simulated repositories of 10^4-10^7
 # chunks, 1-1000 hosts, local and Garage, restic side by side (scripts/bench-scale.sh).
 if [ "${1:-}" = "--scale" ]; then shift; exec "$(dirname "$0")/bench-scale.sh" "$@"; fi
+# `scripts/bench.sh --prune` runs the prune benchmark: backtree prune vs restic prune on 10^5 small
+# files, backtree on simulated repositories of 10^5-10^6 chunks over 1 and 100 hosts, an ingest
+# during a prune (scripts/bench-prune.sh).
+if [ "${1:-}" = "--prune" ]; then shift; exec "$(dirname "$0")/bench-prune.sh" "$@"; fi
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)

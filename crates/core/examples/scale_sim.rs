@@ -3,7 +3,7 @@
 //! ```text
 //! cargo run --release -p backtree-core --example scale_sim -- \
 //!     --repo DIR|s3://BUCKET[/PREFIX] --chunks N --hosts H --gens G [--files-per-gen F] \
-//!     [--jobs J] [--seed S]
+//!     [--window W] [--jobs J] [--seed S]
 //! ```
 //!
 //! `--repo` is opened as the command line opens a repository (`backtree_store::open_store`):
@@ -26,6 +26,12 @@
 //! `--files-per-gen` files sharing the new chunks evenly). So `backtree ls`, `backtree mount`
 //! and `backtree ingest` work on the result as on a real repository, e.g.
 //! `cat MNT/host7/latest/d0000/f00000`.
+//!
+//! `--window W` keeps only the newest `W` directories in a generation's root (`d<g-W+1>` …
+//! `d<g>`): a host whose older files are deleted over time, so that forgetting old generations
+//! frees their chunks (apart from the few the `log` file still references), as
+//! `scripts/bench-prune.sh` needs. Default: every directory stays (nothing an old generation
+//! references goes away with it).
 //!
 //! Memory stays flat as the repository grows: the writer is created with an empty set of known
 //! ids (payloads are unique by construction), chunks are prepared and appended in batches of
@@ -76,6 +82,7 @@ struct Args {
     hosts: usize,
     gens: usize,
     files_per_gen: Option<usize>,
+    window: Option<usize>,
     jobs: Option<usize>,
     seed: u64,
 }
@@ -83,7 +90,7 @@ struct Args {
 fn usage() -> ! {
     eprintln!(
         "usage: scale_sim --repo DIR|s3://BUCKET[/PREFIX] --chunks N --hosts H --gens G \
-         [--files-per-gen F] [--jobs J] [--seed S]"
+         [--files-per-gen F] [--window W] [--jobs J] [--seed S]"
     );
     std::process::exit(2)
 }
@@ -95,6 +102,7 @@ fn parse_args() -> Args {
         hosts: 1,
         gens: 1,
         files_per_gen: None,
+        window: None,
         jobs: None,
         seed: 1,
     };
@@ -112,12 +120,14 @@ fn parse_args() -> Args {
             "--hosts" => a.hosts = num(&v) as usize,
             "--gens" => a.gens = num(&v) as usize,
             "--files-per-gen" => a.files_per_gen = Some(num(&v) as usize),
+            "--window" => a.window = Some(num(&v) as usize),
             "--jobs" => a.jobs = Some(num(&v) as usize),
             "--seed" => a.seed = num(&v),
             _ => usage(),
         }
     }
-    if a.repo.is_empty() || a.hosts == 0 || a.gens == 0 || a.jobs == Some(0) {
+    if a.repo.is_empty() || a.hosts == 0 || a.gens == 0 || a.jobs == Some(0) || a.window == Some(0)
+    {
         usage()
     }
     a
@@ -275,7 +285,8 @@ fn ingest(cx: &Ctx, st: &mut HostState, host: usize, gen: usize, n: usize) -> Re
         }
     }
     log.extend(first.first().copied());
-    let mut root_entries = st.dirs.clone();
+    let keep = cx.args.window.unwrap_or(usize::MAX).min(st.dirs.len());
+    let mut root_entries = st.dirs[st.dirs.len() - keep..].to_vec();
     root_entries.push(file_entry(b"log", &log, t, ino0));
     st.sample_from(&first);
     st.logical += new_bytes;
