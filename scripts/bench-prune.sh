@@ -12,7 +12,7 @@
 #         time), one generation a day: `backtree ingest --host h --time T` and `restic backup
 #         --host h --time T`. Then both forget all but the newest BENCH_PRUNE_KEEP (`forget
 #         --keep-last K`, restic without --prune) and prune, page cache dropped first:
-#           backtree prune --repack-threshold 50   (BACKTREE_PRUNE_GRACE=0, BACKTREE_INDEX_SETTLE=0)
+#           backtree prune --repack-threshold 50   (BACKTREE_PRUNE_GRACE=0; the index settle time stays at its default)
 #           restic prune --max-unused 0
 #         Afterwards (not timed) `backtree cat` and `restic dump` of a kept file are compared
 #         with the source.
@@ -97,7 +97,8 @@ RESULTS=$BENCH_DIR/results.tsv
 SIMRES=$BENCH_DIR/sim.tsv
 CONCRES=$BENCH_DIR/conc.tsv
 export RESTIC_PASSWORD=backtree-bench-prune # a fixed test password: the repositories are throwaway
-export BACKTREE_PRUNE_GRACE=0 BACKTREE_INDEX_SETTLE=0
+export BACKTREE_PRUNE_GRACE=0
+unset BACKTREE_INDEX_SETTLE
 # The prune's phase lines ("prune: marking …") are info-level logs when stderr is no terminal.
 export BACKTREE_LOG="error,backtree=info"
 
@@ -407,7 +408,7 @@ report_md() {
     echo "- backtree $("$BT" --version 2>/dev/null | awk '{ print $2 }'); $(restic version | head -n1)"
     echo "- Load average at the start: $LOAD_START; at the end: $(cut -d' ' -f1-3 /proc/loadavg)"
     echo "- Page cache dropped before every prune: $([ "$BENCH_PRUNE_DROP_CACHES" = 1 ] && echo yes || echo no)"
-    echo "- backtree: \`prune --repack-threshold $BENCH_PRUNE_REPACK\`, BACKTREE_PRUNE_GRACE=0, BACKTREE_INDEX_SETTLE=0;" \
+    echo "- backtree: \`prune --repack-threshold $BENCH_PRUNE_REPACK\`, BACKTREE_PRUNE_GRACE=0 (default index settle time);" \
         "restic: \`prune --max-unused 0\`; both after \`forget --keep-last $BENCH_PRUNE_KEEP\`"
     echo
     if [ "$(wc -l <"$RESULTS")" -gt 1 ]; then
