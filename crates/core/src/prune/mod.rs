@@ -48,7 +48,8 @@ use crate::claim::{claims_prefix, session_id};
 use crate::error::{Error, Result};
 use crate::id::{parse_pack_key, BlobKind, Id};
 use crate::index::compact::{self, Mode, Policy, Rewrite};
-use crate::index::table::{Table, TableEntry, TableKind};
+use crate::index::root::name_of;
+use crate::index::table::{Head, TableEntry, TableKind, FIXED_LEN};
 use crate::index::IndexBuilder;
 use crate::lease::{Lease, LeaseBody, LEASES_PREFIX};
 use crate::manifest::{Manifest, SNAPSHOTS_PREFIX};
@@ -273,42 +274,90 @@ async fn take_maintenance(store: &DynStore, opts: &PruneOptions) -> Result<Maint
     Ok(Maintenance { lease, session })
 }
 
-/// Reads one index table whole.
-async fn read_table(store: &DynStore, key: &str) -> Result<Table> {
-    let b = store.get(key).await?;
-    Table::parse(key, &b, crate::index::root::name_of(key).as_ref())
+/// Entries decoded at once when a table is swept: about 2.7 MB, whatever the table's size.
+const PIECE_ENTRIES: u64 = 32 << 10;
+
+/// Reads one index table piecewise: its head (verified against the table's name), then runs of
+/// whole buckets of about [`PIECE_ENTRIES`] entries, each bucket verified against its check, so
+/// a sweep holds one piece of one table however large the tables are.
+struct Pieces {
+    key: String,
+    head: Option<Head>,
+    next: usize,
+    /// Bytes read so far.
+    bytes: u64,
 }
 
-/// Tables read ahead of the one being swept: a run may hold 256 Ki entries (23 MB parsed), so
-/// this is a sweep's memory.
-const TABLES_AHEAD: usize = 1;
-
-/// The tables `keys`, read in order, [`TABLES_AHEAD`] ahead; `None` for one that is gone (a
-/// delta covered and deleted by a compaction meanwhile: its entries are in the tables of a
-/// newer root, which hold nothing a sweep needs that it did not see).
-fn tables<'a>(
-    store: &'a DynStore,
-    keys: &'a [String],
-) -> impl futures_util::Stream<Item = Result<Option<Table>>> + 'a {
-    futures_util::stream::iter(keys.iter().map(move |k| async move {
-        match read_table(store, k).await {
-            Ok(t) => Ok(Some(t)),
-            Err(e) if e.kind() == crate::error::ErrorKind::NotFound => Ok(None),
-            Err(e) => Err(e),
+impl Pieces {
+    fn new(key: &str) -> Pieces {
+        Pieces {
+            key: key.to_owned(),
+            head: None,
+            next: 0,
+            bytes: 0,
         }
-    }))
-    .buffered(TABLES_AHEAD + 1)
+    }
+
+    /// The next piece; `None` at the end, or if the table is gone (a delta covered and deleted
+    /// by a compaction meanwhile: its entries are in the tables of a newer root, which hold
+    /// nothing a sweep needs that it did not see).
+    async fn next(&mut self, store: &DynStore) -> Result<Option<Vec<TableEntry>>> {
+        if self.head.is_none() {
+            let gone = |e: &backtree_store::StoreError| e.is_not_found();
+            let fixed = match store.get_range(&self.key, 0..FIXED_LEN as u64).await {
+                Ok(b) => b,
+                Err(e) if gone(&e) => return Ok(None),
+                Err(e) => return Err(e.into()),
+            };
+            let (_, _, fanout, _, _) = Head::fixed(&self.key, &fixed)?;
+            let b = match store
+                .get_range(&self.key, 0..Head::len_for(fanout) as u64)
+                .await
+            {
+                Ok(b) => b,
+                Err(e) if gone(&e) => return Ok(None),
+                Err(e) => return Err(e.into()),
+            };
+            self.bytes += b.len() as u64;
+            self.head = Some(Head::parse(&self.key, &b, name_of(&self.key).as_ref())?);
+        }
+        let Some(head) = &self.head else {
+            return Ok(None);
+        };
+        let nb = head.bucket_count();
+        while self.next < nb {
+            let lo = self.next;
+            let start = head.bucket_entries(lo).0;
+            let mut hi = lo + 1;
+            while hi < nb && head.bucket_entries(hi).1 - start <= PIECE_ENTRIES {
+                hi += 1;
+            }
+            self.next = hi;
+            let range = head.buckets_range(lo, hi);
+            if range.is_empty() {
+                continue;
+            }
+            let b = match store.get_range(&self.key, range).await {
+                Ok(b) => b,
+                Err(e) if e.is_not_found() => return Ok(None),
+                Err(e) => return Err(e.into()),
+            };
+            self.bytes += b.len() as u64;
+            return Ok(Some(head.decode_buckets(&self.key, lo, hi, &b)?));
+        }
+        Ok(None)
+    }
 }
 
-/// Calls `f` on every entry of every table in `keys`, one table at a time; returns bytes read.
+/// Calls `f` on every entry of every table in `keys`, a piece at a time; returns bytes read.
 async fn sweep(store: &DynStore, keys: &[String], mut f: impl FnMut(&TableEntry)) -> Result<u64> {
-    let mut ts = std::pin::pin!(tables(store, keys));
     let mut bytes = 0u64;
-    while let Some(t) = ts.next().await {
-        if let Some(t) = t? {
-            bytes += (t.entries.len() * crate::index::table::ENTRY_LEN) as u64;
-            t.entries.iter().for_each(&mut f);
+    for k in keys {
+        let mut t = Pieces::new(k);
+        while let Some(es) = t.next(store).await? {
+            es.iter().for_each(&mut f);
         }
+        bytes += t.bytes;
     }
     Ok(bytes)
 }
@@ -442,17 +491,24 @@ async fn run_held(
         .fetched_bytes
         .load(std::sync::atomic::Ordering::Relaxed);
 
-    // Merge waiting deltas first (when due, with bounded work), so that the view's uncovered
-    // deltas, which a view holds in memory, are few whatever the ingests left behind.
-    compact::run(
-        &store,
-        &opts.policy,
-        Mode::Auto,
-        false,
-        repo.index().cache().as_ref(),
-        None,
-    )
-    .await?;
+    // Merge every waiting delta and run into one base first (nothing to do when the index is
+    // one base already; streamed shard by shard, like `maintain index`), so that the view, which
+    // holds its uncovered deltas in memory, is small whatever the ingests left behind.
+    if !opts.dry_run {
+        // Only an economy: a failure (a compaction past its limit) is no reason to stop.
+        if let Err(e) = compact::run(
+            &store,
+            &opts.policy,
+            Mode::Full,
+            false,
+            repo.index().cache().as_ref(),
+            None,
+        )
+        .await
+        {
+            tracing::warn!("prune: compacting the index first: {e}");
+        }
+    }
     // 2. Mark. The deltas listed before the view: every one of them is swept (uncovered in the
     // view, or merged into its tables); any other delta at the re-check is new.
     let (deltas_before, tables_before) = futures_util::future::try_join(
@@ -710,13 +766,12 @@ async fn run_held(
         ));
         // Tombstone deltas are stored as they fill, so at most one is held.
         let mut batch: Vec<TableEntry> = Vec::new();
-        let mut ts = std::pin::pin!(tables(&store, &tables_keys));
-        loop {
-            let next = ts.next().await;
-            let done = next.is_none();
-            if let Some(t) = next.transpose()?.flatten() {
-                index_bytes += (t.entries.len() * crate::index::table::ENTRY_LEN) as u64;
-                for e in t.entries.iter().filter(|e| e.is_live()) {
+        for (n, k) in tables_keys.iter().enumerate() {
+            let mut t = Pieces::new(k);
+            loop {
+                let piece = t.next(&store).await?;
+                let done = piece.is_none();
+                for e in piece.iter().flatten().filter(|e| e.is_live()) {
                     if let Some(&i) = doomed.get(&e.pack) {
                         doomed_ids.push((marks::key(&e.id), i));
                         batch.push(TableEntry {
@@ -725,22 +780,24 @@ async fn run_held(
                         });
                     }
                 }
+                let last = done && n + 1 == tables_keys.len();
+                if batch.len() >= TOMBSTONES_PER_DELTA || (last && !batch.is_empty()) {
+                    let b = std::mem::take(&mut batch);
+                    report.tombstones += b.len() as u64;
+                    check(maint)?;
+                    let (name, bytes) = crate::index::table::encode(TableKind::Delta, 0, 0, b);
+                    store
+                        .put(
+                            &format!("{}{}", crate::index::root::DELTAS_PREFIX, name.to_hex()),
+                            Bytes::from(bytes),
+                        )
+                        .await?;
+                }
+                if done {
+                    break;
+                }
             }
-            if batch.len() >= TOMBSTONES_PER_DELTA || (done && !batch.is_empty()) {
-                let b = std::mem::take(&mut batch);
-                report.tombstones += b.len() as u64;
-                check(maint)?;
-                let (name, bytes) = crate::index::table::encode(TableKind::Delta, 0, 0, b);
-                store
-                    .put(
-                        &format!("{}{}", crate::index::root::DELTAS_PREFIX, name.to_hex()),
-                        Bytes::from(bytes),
-                    )
-                    .await?;
-            }
-            if done {
-                break;
-            }
+            index_bytes += t.bytes;
         }
         doomed_ids.sort_unstable();
         doomed_ids.dedup();
