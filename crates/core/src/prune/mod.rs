@@ -349,6 +349,26 @@ impl Pieces {
     }
 }
 
+/// The tables of the index now: the uncovered deltas and the current root's tables (without
+/// loading the deltas, as a view would).
+async fn current_tables(store: &DynStore) -> Result<Vec<String>> {
+    use crate::index::root::{self, Root, DELTAS_PREFIX, ROOTS_PREFIX};
+    let (roots, deltas) =
+        futures_util::future::try_join(store.list(ROOTS_PREFIX), store.list(DELTAS_PREFIX)).await?;
+    let r = match root::current(roots.iter().map(|o| o.key.as_str())) {
+        Some(k) => Root::parse(k, &store.get(k).await?)?,
+        None => Root::empty(),
+    };
+    let covered: HashSet<&str> = r.covers.iter().map(String::as_str).collect();
+    let mut keys: Vec<String> = deltas
+        .into_iter()
+        .map(|o| o.key)
+        .filter(|k| !covered.contains(k.trim_start_matches(DELTAS_PREFIX)))
+        .collect();
+    keys.extend(r.tables().map(|t| t.key()));
+    Ok(keys)
+}
+
 /// Calls `f` on every entry of every table in `keys`, a piece at a time; returns bytes read.
 async fn sweep(store: &DynStore, keys: &[String], mut f: impl FnMut(&TableEntry)) -> Result<u64> {
     let mut bytes = 0u64;
@@ -854,9 +874,8 @@ async fn run_held(
     // Index entries written since the start: in deltas, or already merged by a compaction into
     // tables (which are then newer than the start too). An unindexed pack that one of them
     // names belongs to an ingest that finished meanwhile.
-    let now_view = repo.index().fresh_view().await?;
-    let new_tables: Vec<String> = now_view
-        .table_keys()
+    let new_tables: Vec<String> = current_tables(&store)
+        .await?
         .into_iter()
         .filter(|k| !before.contains(k))
         .collect();
