@@ -592,9 +592,42 @@ pub async fn run(
                 .iter()
                 .map(|o| (o.key.as_str(), est_entries(o.size)))
                 .collect();
+            // A delta too large to hold (one ingest of millions of chunks) is read like a
+            // table instead, by bucket spans per shard, after a piecewise check that it holds no
+            // tombstone (an ordinary compaction leaves a prune's deltas alone).
+            let mut large: Vec<(String, Head)> = Vec::new();
+            let mut skip: HashSet<&str> = HashSet::new();
+            let mut merged = Vec::new();
+            for d in deltas {
+                let n = sizes.get(d.as_str()).copied().unwrap_or(0);
+                if n <= policy.merge_limit / 2 {
+                    continue;
+                }
+                if rewrite.is_none() {
+                    let mut pieces = table::Pieces::new(d);
+                    let mut tombstones = false;
+                    while let Some(es) = pieces.next(store).await? {
+                        tombstones |= es.iter().any(|e| !e.is_live());
+                    }
+                    if tombstones {
+                        // Left out, uncovered: merged by the next prune.
+                        skip.insert(d.as_str());
+                        continue;
+                    }
+                }
+                let b = store.get_range(d, 0..table::FIXED_LEN as u64).await?;
+                let (_, _, f, _, _) = Head::fixed(d, &b)?;
+                let b = store.get_range(d, 0..Head::len_for(f) as u64).await?;
+                large.push((d.clone(), Head::parse(d, &b, name_of(d).as_ref())?));
+                merged.push(d.clone());
+            }
+            let is_large: HashSet<&str> = large.iter().map(|(k, _)| k.as_str()).collect();
             let mut groups: Vec<Vec<&String>> = vec![vec![]];
             let mut acc = 0;
-            for d in deltas {
+            for d in deltas
+                .iter()
+                .filter(|d| !is_large.contains(d.as_str()) && !skip.contains(d.as_str()))
+            {
                 let n = sizes.get(d.as_str()).copied().unwrap_or(0);
                 if acc + n > policy.merge_limit && !groups.last().is_some_and(|g| g.is_empty()) {
                     groups.push(vec![]);
@@ -607,7 +640,6 @@ pub async fn run(
             }
             let mut delta_entries = Vec::new();
             let mut staged: Vec<TableRef> = Vec::new();
-            let mut merged = Vec::new();
             for g in &groups {
                 let (es, m) = read_entries(store, g, rewrite).await?;
                 merged.extend(m);
@@ -620,18 +652,19 @@ pub async fn run(
             delta_entries.sort_by_key(|e| e.id);
             let total = old.entries()
                 + delta_entries.len() as u64
-                + staged.iter().map(|t| t.entries).sum::<u64>();
+                + staged.iter().map(|t| t.entries).sum::<u64>()
+                + large.iter().map(|(_, h)| h.entry_count as u64).sum::<u64>();
             let mut k = 0u8;
             while (total >> k) > policy.shard_target && k < table::MAX_PREFIX_BITS {
                 k += 1;
             }
-            let inputs: Vec<TableRef> = old.tables().cloned().chain(staged).collect();
-            let mut heads = Vec::with_capacity(inputs.len());
-            for t in &inputs {
-                heads.push(read_head(store, t).await?);
+            let tables: Vec<TableRef> = old.tables().cloned().chain(staged).collect();
+            let mut inputs: Vec<(String, Head)> = Vec::with_capacity(tables.len() + large.len());
+            for t in &tables {
+                inputs.push((t.key(), read_head(store, t).await?));
             }
-            let inputs: Arc<Vec<(TableRef, Head)>> =
-                Arc::new(inputs.into_iter().zip(heads).collect());
+            inputs.extend(large);
+            let inputs = Arc::new(inputs);
             let delta_entries = Arc::new(delta_entries);
             let shards: Vec<Result<(u32, Vec<TableEntry>)>> =
                 futures_util::stream::iter((0..1u32 << k).map(|i| {
@@ -643,7 +676,7 @@ pub async fn run(
                             .filter(|e| id_bits(&e.id, 0, k) == i)
                             .copied()
                             .collect();
-                        for (t, h) in inputs.iter() {
+                        for (key, h) in inputs.iter() {
                             let Some((lo, hi)) = bucket_span(h, k, i) else {
                                 continue;
                             };
@@ -651,11 +684,10 @@ pub async fn run(
                             if range.is_empty() {
                                 continue;
                             }
-                            let key = t.key();
-                            let b = store.get_range(&key, range).await?;
-                            es.extend(h.decode_buckets(&key, lo, hi, &b)?.into_iter().filter(
-                                |e| id_bits(&e.id, 0, k) == i && rewrite.is_none_or(|r| r.keeps(e)),
-                            ));
+                            let b = store.get_range(key, range).await?;
+                            es.extend(h.decode_buckets(key, lo, hi, &b)?.into_iter().filter(|e| {
+                                id_bits(&e.id, 0, k) == i && rewrite.is_none_or(|r| r.keeps(e))
+                            }));
                         }
                         Ok((i, es))
                     }

@@ -413,6 +413,88 @@ pub fn encode(
     (name, out)
 }
 
+/// Entries decoded at once when a table is swept: about 2.7 MB, whatever the table's size.
+pub const PIECE_ENTRIES: u64 = 32 << 10;
+
+/// Reads one index table piecewise: its head (verified against the table's name), then runs of
+/// whole buckets of about [`PIECE_ENTRIES`] entries, each bucket verified against its check, so
+/// a sweep holds one piece of one table however large the tables are.
+pub struct Pieces {
+    key: String,
+    head: Option<Head>,
+    next: usize,
+    /// Bytes read so far.
+    pub bytes: u64,
+}
+
+impl Pieces {
+    pub fn new(key: &str) -> Pieces {
+        Pieces {
+            key: key.to_owned(),
+            head: None,
+            next: 0,
+            bytes: 0,
+        }
+    }
+
+    /// The next piece; `None` at the end, or if the table is gone (a delta covered and deleted
+    /// by a compaction meanwhile: its entries are in the tables of a newer root, which hold
+    /// nothing a sweep needs that it did not see).
+    pub async fn next(
+        &mut self,
+        store: &backtree_store::DynStore,
+    ) -> Result<Option<Vec<TableEntry>>> {
+        if self.head.is_none() {
+            let gone = |e: &backtree_store::StoreError| e.is_not_found();
+            let fixed = match store.get_range(&self.key, 0..FIXED_LEN as u64).await {
+                Ok(b) => b,
+                Err(e) if gone(&e) => return Ok(None),
+                Err(e) => return Err(e.into()),
+            };
+            let (_, _, fanout, _, _) = Head::fixed(&self.key, &fixed)?;
+            let b = match store
+                .get_range(&self.key, 0..Head::len_for(fanout) as u64)
+                .await
+            {
+                Ok(b) => b,
+                Err(e) if gone(&e) => return Ok(None),
+                Err(e) => return Err(e.into()),
+            };
+            self.bytes += b.len() as u64;
+            self.head = Some(Head::parse(
+                &self.key,
+                &b,
+                super::root::name_of(&self.key).as_ref(),
+            )?);
+        }
+        let Some(head) = &self.head else {
+            return Ok(None);
+        };
+        let nb = head.bucket_count();
+        while self.next < nb {
+            let lo = self.next;
+            let start = head.bucket_entries(lo).0;
+            let mut hi = lo + 1;
+            while hi < nb && head.bucket_entries(hi).1 - start <= PIECE_ENTRIES {
+                hi += 1;
+            }
+            self.next = hi;
+            let range = head.buckets_range(lo, hi);
+            if range.is_empty() {
+                continue;
+            }
+            let b = match store.get_range(&self.key, range).await {
+                Ok(b) => b,
+                Err(e) if e.is_not_found() => return Ok(None),
+                Err(e) => return Err(e.into()),
+            };
+            self.bytes += b.len() as u64;
+            return Ok(Some(head.decode_buckets(&self.key, lo, hi, &b)?));
+        }
+        Ok(None)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -280,3 +280,49 @@ async fn a_full_rewrite_stages_many_deltas_as_runs() {
     assert!(o.deleted >= 4 + 7, "{o:?}");
     check_all(&store, &packs).await;
 }
+
+/// A delta too large to hold is read by bucket spans like a table (not staged, not held), and a
+/// large delta holding tombstones is left to a prune.
+#[tokio::test]
+async fn a_full_rewrite_reads_large_deltas_like_tables() {
+    let store: DynStore = Arc::new(MemoryStore::new());
+    let mut packs = Vec::new();
+    for (i, n) in [(0, 900), (1, 100), (2, 800)] {
+        packs.push(delta(&store, n, i).await);
+    }
+    let pol = Policy {
+        merge_limit: 700,
+        ..small_policy()
+    };
+    let o = run(&store, &pol, Mode::Full, false, None, None)
+        .await
+        .unwrap();
+    // No staging: the 100-entry delta is held, the two large ones read per shard.
+    assert_eq!(o.entries, 1_800);
+    assert_eq!(o.merged_deltas, 3, "{o:?}");
+    assert_eq!(o.tables_written, 4, "{o:?}"); // 1 800 entries, 500 per shard: 4 shards
+    check_all(&store, &packs).await;
+
+    // A large delta of tombstones is not merged by an ordinary compaction.
+    let mut es = Vec::new();
+    for e in &packs[0].entries {
+        es.push(TableEntry {
+            id: e.id,
+            pack: packs[0].id,
+            kind: packs[0].kind,
+            offset: e.offset,
+            stored_len: e.stored_len,
+            raw_len: e.raw_len,
+            flags: e.flags,
+            deleted: 1,
+        });
+    }
+    let (name, bytes) = table::encode(TableKind::Delta, 0, 0, es);
+    let key = format!("{DELTAS_PREFIX}{}", name.to_hex());
+    store.put(&key, Bytes::from(bytes)).await.unwrap();
+    let o = run(&store, &pol, Mode::Full, false, None, None)
+        .await
+        .unwrap();
+    assert_eq!(o.merged_deltas, 0, "{o:?}");
+    assert!(store.head(&key).await.unwrap().is_some());
+}
