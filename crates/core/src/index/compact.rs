@@ -666,40 +666,38 @@ pub async fn run(
             inputs.extend(large);
             let inputs = Arc::new(inputs);
             let delta_entries = Arc::new(delta_entries);
-            let shards: Vec<Result<(u32, Vec<TableEntry>)>> =
-                futures_util::stream::iter((0..1u32 << k).map(|i| {
-                    let inputs = inputs.clone();
-                    let de = delta_entries.clone();
-                    async move {
-                        let mut es: Vec<TableEntry> = de
-                            .iter()
-                            .filter(|e| id_bits(&e.id, 0, k) == i)
-                            .copied()
-                            .collect();
-                        for (key, h) in inputs.iter() {
-                            let Some((lo, hi)) = bucket_span(h, k, i) else {
-                                continue;
-                            };
-                            let range = h.buckets_range(lo, hi);
-                            if range.is_empty() {
-                                continue;
-                            }
-                            let b = store.get_range(key, range).await?;
-                            es.extend(h.decode_buckets(key, lo, hi, &b)?.into_iter().filter(|e| {
-                                id_bits(&e.id, 0, k) == i && rewrite.is_none_or(|r| r.keeps(e))
-                            }));
+            // Shards are written as they come: at most SHARDS_IN_FLIGHT of them are held.
+            let mut shards = std::pin::pin!(futures_util::stream::iter((0..1u32 << k).map(|i| {
+                let inputs = inputs.clone();
+                let de = delta_entries.clone();
+                async move {
+                    let mut es: Vec<TableEntry> = de
+                        .iter()
+                        .filter(|e| id_bits(&e.id, 0, k) == i)
+                        .copied()
+                        .collect();
+                    for (key, h) in inputs.iter() {
+                        let Some((lo, hi)) = bucket_span(h, k, i) else {
+                            continue;
+                        };
+                        let range = h.buckets_range(lo, hi);
+                        if range.is_empty() {
+                            continue;
                         }
-                        Ok((i, es))
+                        let b = store.get_range(key, range).await?;
+                        es.extend(h.decode_buckets(key, lo, hi, &b)?.into_iter().filter(|e| {
+                            id_bits(&e.id, 0, k) == i && rewrite.is_none_or(|r| r.keeps(e))
+                        }));
                     }
-                }))
-                .buffered(SHARDS_IN_FLIGHT)
-                .collect()
-                .await;
-            let mut refs = Vec::with_capacity(shards.len());
-            let mut filters = Vec::with_capacity(shards.len());
+                    Ok::<_, Error>((i, es))
+                }
+            }))
+            .buffered(SHARDS_IN_FLIGHT));
+            let mut refs = Vec::with_capacity(1usize << k);
+            let mut filters = Vec::with_capacity(1usize << k);
             let mut entries = 0;
-            for s in shards {
-                let (i, es) = s?;
+            while let Some(s) = shards.next().await {
+                let (i, es): (u32, Vec<TableEntry>) = s?;
                 let (t, f) = w.table(TableKind::Shard, k, i, es).await?;
                 entries += t.entries;
                 refs.push(t);
