@@ -8,6 +8,7 @@
 #[macro_use]
 mod output;
 mod forget;
+mod fstab;
 mod maintain;
 mod prune;
 mod repair;
@@ -460,7 +461,26 @@ fn main() {
     // and a store that drops a connection must give an error, not kill an ingest. A reader of
     // our output that goes away (`| head`) ends us quietly through `out!` instead.
     tame_malloc();
-    let cli = Cli::parse();
+    let args: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    let subcommands: Vec<String> = <Cli as clap::CommandFactory>::command()
+        .get_subcommands()
+        .map(|c| c.get_name().to_owned())
+        .collect();
+    let cli = match fstab::recognize(&args, &subcommands) {
+        None => Cli::parse(),
+        Some(Err(e)) => {
+            eprintln!("backtree: {e} (as a mount helper: backtree REPOSITORY MOUNTPOINT [-o OPTIONS] [-f])");
+            std::process::exit(2);
+        }
+        // `mount.fuse3` runs us this way (/etc/fstab, `mount -t fuse.backtree`): fork before
+        // anything else, unless told to stay in the foreground.
+        Some(Ok(helper)) => {
+            if !helper.foreground {
+                fstab::daemonize(helper.log);
+            }
+            Cli::parse_from(helper.args)
+        }
+    };
     init_logging(cli.verbose);
     let code = match run(cli) {
         Ok(code) => code,
@@ -872,6 +892,9 @@ fn mount_cmd(
         local_repo: location.local_path().map(PathBuf::from),
     };
     let session = mount(fs, rt.handle().clone(), &mountpoint, &opts)?;
+    // Run from /etc/fstab: the waiting `mount` returns now, and the daemon's output goes to its
+    // log.
+    fstab::mounted();
     eprintln!(
         "backtree: {location} mounted at {}; Ctrl-C or `fusermount3 -u {}` unmounts",
         mountpoint.display(),

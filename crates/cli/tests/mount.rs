@@ -300,3 +300,64 @@ fn sigterm_with_an_open_file_detaches_and_serves_it_until_closed() {
     let status = m.wait_for_exit(&mut child, "the last file closed");
     assert!(status.success(), "{}", m.log_text());
 }
+
+/// The /etc/fstab form (docs/ops.md): `mount -t fuse.backtree REPO MNT -o ro,allow_other,_netdev`
+/// runs `mount.fuse3`, which runs `backtree REPO MNT -o …`; it daemonizes once mounted, and
+/// `umount` stops it. mount(8) finds `backtree` only in the standard PATH, so the test links
+/// the built binary into /usr/local/bin for its duration when it can (as root, nothing there
+/// yet), and otherwise runs `mount.fuse3` itself with the build directory in PATH.
+#[test]
+fn the_fstab_form_mounts_with_mount_and_stops_with_umount() {
+    let dir = tempfile::tempdir().unwrap();
+    let src = dir.path().join("src");
+    std::fs::create_dir_all(&src).unwrap();
+    std::fs::write(src.join("a.txt"), b"from fstab\n").unwrap();
+    let repo = repo_with(dir.path(), "h", &src);
+    let mnt = dir.path().join("mnt");
+    std::fs::create_dir_all(&mnt).unwrap();
+    let exe = PathBuf::from(env!("CARGO_BIN_EXE_backtree"));
+    let link = Path::new("/usr/local/bin/backtree");
+    let linked = !link.exists() && std::os::unix::fs::symlink(&exe, link).is_ok();
+    let path = format!(
+        "{}:{}",
+        exe.parent().unwrap().display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    let st = if linked {
+        Command::new("mount")
+            .args(["-t", "fuse.backtree", "-o", "ro,allow_other,_netdev"])
+            .arg(&repo)
+            .arg(&mnt)
+            .status()
+    } else {
+        Command::new("mount.fuse3")
+            .arg(&repo)
+            .arg(&mnt)
+            .args(["-t", "fuse.backtree", "-o", "ro,allow_other,_netdev"])
+            .env("PATH", &path)
+            .status()
+    };
+    if linked {
+        let _ = std::fs::remove_file(link);
+    }
+    assert!(st.unwrap().success(), "mount failed");
+    // Mounted when `mount` returned: the daemon reported it before its parent exited.
+    assert!(common::is_mounted(&mnt));
+    assert_eq!(
+        std::fs::read(mnt.join("h/latest/a.txt")).unwrap(),
+        b"from fstab\n"
+    );
+    let st = Command::new("umount").arg(&mnt).status().unwrap();
+    assert!(st.success());
+    assert!(!common::is_mounted(&mnt));
+    // Bad options are refused in one sentence, before anything is mounted.
+    let o = Command::new(&exe)
+        .arg(&repo)
+        .arg(&mnt)
+        .args(["-o", "rw"])
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("read-only"));
+    assert!(!common::is_mounted(&mnt));
+}
