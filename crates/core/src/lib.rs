@@ -20,6 +20,7 @@ pub mod claim;
 pub mod config;
 pub mod error;
 pub mod forget;
+pub mod history;
 pub mod id;
 pub mod index;
 pub mod ingest;
