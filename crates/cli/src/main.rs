@@ -7,6 +7,7 @@
 
 #[macro_use]
 mod output;
+mod explore;
 mod forget;
 mod fstab;
 mod maintain;
@@ -259,8 +260,34 @@ enum Cmd {
         /// Print JSON instead of columns.
         #[arg(long)]
         json: bool,
+        /// List every entry below HOST/GENERATION[/PATH], depth first, with paths relative to
+        /// the listed directory.
+        #[arg(long, short = 'R')]
+        recursive: bool,
         #[arg(value_name = "HOST[/GENERATION[/PATH]]")]
         what: Option<String>,
+    },
+    /// Show what changed between two generations: `+` added, `-` removed, `M` content,
+    /// `m` metadata only, one line per entry, in path order.
+    ///
+    /// Only subtrees whose tree ids differ are read, so generations that differ in a few files
+    /// compare in a few reads whatever their size. Access and change times, inode numbers and
+    /// hardlink groups are not compared. Exit 0 whether or not anything differs.
+    Diff {
+        #[command(flatten)]
+        repo: RepoArg,
+        #[command(flatten)]
+        args: explore::DiffArgs,
+    },
+    /// Find files by a glob in every generation: each distinct version once, with the
+    /// generations that hold it.
+    ///
+    /// A subtree whose tree id was already walked at the same path is not read again.
+    Find {
+        #[command(flatten)]
+        repo: RepoArg,
+        #[command(flatten)]
+        args: explore::FindArgs,
     },
     /// Write a file of a generation to standard output.
     ///
@@ -750,9 +777,22 @@ fn run(cli: Cli) -> Result<i32> {
             let r = repo.open_repo(&rt)?;
             rt.block_on(forget::protect(&r, &what, remove))
         }
-        Cmd::Ls { repo, json, what } => {
+        Cmd::Diff { repo, args } => {
             let r = repo.open_repo(&rt)?;
-            rt.block_on(output::ls(&r, what.as_deref(), json))?;
+            rt.block_on(explore::diff(&r, &args))
+        }
+        Cmd::Find { repo, args } => {
+            let r = repo.open_repo(&rt)?;
+            rt.block_on(explore::find(&r, &args))
+        }
+        Cmd::Ls {
+            repo,
+            json,
+            recursive,
+            what,
+        } => {
+            let r = repo.open_repo(&rt)?;
+            rt.block_on(output::ls(&r, what.as_deref(), json, recursive))?;
             Ok(0)
         }
     }

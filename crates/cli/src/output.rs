@@ -84,15 +84,16 @@ pub fn mode_string(kind: Kind, mode: u32) -> String {
     s
 }
 
-fn time(secs: i64) -> String {
+pub fn time(secs: i64) -> String {
     Utc.timestamp_opt(secs, 0)
         .single()
         .map(|t| t.format("%Y-%m-%d %H:%M").to_string())
         .unwrap_or_else(|| secs.to_string())
 }
 
-fn entry_json(e: &Entry) -> serde_json::Value {
+pub fn entry_json(e: &Entry, path: &str) -> serde_json::Value {
     json!({
+        "path": path,
         "name": String::from_utf8_lossy(&e.name),
         "type": e.kind,
         "mode": format!("{:04o}", e.mode),
@@ -103,7 +104,9 @@ fn entry_json(e: &Entry) -> serde_json::Value {
     })
 }
 
-pub async fn ls(repo: &Repository, what: Option<&str>, json: bool) -> Result<()> {
+/// `backtree ls`: hosts, a host's generations, or the files of `HOST/GENERATION[/PATH]`
+/// (with `recursive`, every entry below, depth first).
+pub async fn ls(repo: &Repository, what: Option<&str>, json: bool, recursive: bool) -> Result<()> {
     let what = what.unwrap_or("").trim_matches('/');
     if what.is_empty() {
         let rows: Vec<_> = repo
@@ -192,38 +195,64 @@ pub async fn ls(repo: &Repository, what: Option<&str>, json: bool) -> Result<()>
         (Kind::Dir, Some(t)) => repo.dir_entries(&t).await?,
         _ => vec![entry],
     };
+    // Depth first, one level of entries held per directory being listed: memory follows the
+    // tree's depth and its directories' widths, never the generation's size. JSON is one array,
+    // written as it goes.
+    let mut stack: Vec<(String, std::vec::IntoIter<Entry>)> =
+        vec![(String::new(), entries.into_iter())];
+    let mut first = true;
     if json {
-        let v: Vec<_> = entries.iter().map(entry_json).collect();
-        out!("{}", serde_json::to_string_pretty(&v)?);
-        return Ok(());
+        out!("[");
     }
-    for e in entries {
-        let owner = e.user.clone().unwrap_or_else(|| e.uid.to_string());
-        let group = e.group.clone().unwrap_or_else(|| e.gid.to_string());
-        let sz = match (e.kind, e.rdev) {
-            (Kind::Chardev | Kind::Blockdev, Some(r)) => {
-                format!("{}, {}", libc_major(r), libc_minor(r))
-            }
-            _ => e.size.to_string(),
+    while let Some((prefix, it)) = stack.last_mut() {
+        let Some(e) = it.next() else {
+            stack.pop();
+            continue;
         };
-        let name = String::from_utf8_lossy(&e.name);
-        let target = e
-            .target
-            .as_ref()
-            .map(|t| format!(" -> {}", String::from_utf8_lossy(t)))
-            .unwrap_or_default();
-        out!(
-            "{} {:<8} {:<8} {:>12} {} {}{}",
-            mode_string(e.kind, e.mode),
-            owner,
-            group,
-            sz,
-            time(e.mtime.0),
-            name,
-            target
-        );
+        let path = format!("{prefix}{}", String::from_utf8_lossy(&e.name));
+        if json {
+            let sep = if first { "" } else { "," };
+            out!("{sep}{}", serde_json::to_string(&entry_json(&e, &path))?);
+            first = false;
+        } else {
+            print_entry(&e, &path);
+        }
+        if let (true, Kind::Dir, Some(t)) = (recursive, e.kind, e.tree) {
+            let below = repo.dir_entries(&t).await?;
+            stack.push((format!("{path}/"), below.into_iter()));
+        }
+    }
+    if json {
+        out!("]");
     }
     Ok(())
+}
+
+/// One `ls -l`-like line.
+fn print_entry(e: &Entry, path: &str) {
+    let owner = e.user.clone().unwrap_or_else(|| e.uid.to_string());
+    let group = e.group.clone().unwrap_or_else(|| e.gid.to_string());
+    let sz = match (e.kind, e.rdev) {
+        (Kind::Chardev | Kind::Blockdev, Some(r)) => {
+            format!("{}, {}", libc_major(r), libc_minor(r))
+        }
+        _ => e.size.to_string(),
+    };
+    let target = e
+        .target
+        .as_ref()
+        .map(|t| format!(" -> {}", String::from_utf8_lossy(t)))
+        .unwrap_or_default();
+    out!(
+        "{} {:<8} {:<8} {:>12} {} {}{}",
+        mode_string(e.kind, e.mode),
+        owner,
+        group,
+        sz,
+        time(e.mtime.0),
+        path,
+        target
+    );
 }
 
 fn libc_major(dev: u64) -> u64 {

@@ -99,6 +99,9 @@ pub enum Error {
     #[error("invalid exclude pattern {pattern:?}: {reason}")]
     InvalidExclude { pattern: String, reason: String },
 
+    #[error("invalid pattern {pattern:?}: {reason}")]
+    InvalidPattern { pattern: String, reason: String },
+
     #[error("nothing to ingest: no source path given")]
     NoSources,
 
@@ -263,6 +266,7 @@ impl Error {
             | Error::NameClash { .. }
             | Error::InvalidHost { .. }
             | Error::InvalidExclude { .. }
+            | Error::InvalidPattern { .. }
             | Error::NoSources
             | Error::InvalidStreamName { .. }
             | Error::EmptyStream { .. }
