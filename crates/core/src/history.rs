@@ -9,12 +9,13 @@
 //! changed directory down. Memory is the path's tree ids for one generation plus the versions
 //! found, not the generations' contents.
 //!
-//! A **version** is the entry's content and the metadata a restore sets (type, size, chunk list,
-//! mode, owner, mtime, symlink target, xattrs); `atime`, `ctime` and the inode number are left
-//! out, so a file that was only read, or copied back unchanged, is the same version. A version
+//! A **version** is what [`crate::diff::same_version`] compares (the content and the metadata a
+//! restore sets; not `atime`, `ctime`, the inode number or the hardlink group), so a file that
+//! was only read, or copied back unchanged, is the same version, as `find` counts them. A version
 //! is named by the first generation that has it; a file changed and changed back is one version
 //! seen in two runs of generations.
 
+use crate::diff::same_version;
 use crate::error::Result;
 use crate::id::Id;
 use crate::repo::Repository;
@@ -33,22 +34,6 @@ impl Version {
     pub fn first(&self) -> &str {
         &self.generations[0]
     }
-}
-
-/// What a version is made of (see the module docs).
-fn same_version(a: &Entry, b: &Entry) -> bool {
-    a.kind == b.kind
-        && a.size == b.size
-        && a.chunks == b.chunks
-        && a.chunk_list == b.chunk_list
-        && a.tree == b.tree
-        && a.mode == b.mode
-        && a.uid == b.uid
-        && a.gid == b.gid
-        && a.mtime == b.mtime
-        && a.target == b.target
-        && a.rdev == b.rdev
-        && a.xattrs == b.xattrs
 }
 
 /// The versions of `path` (`/`-separated, below the generation root) in `host`'s generations,
