@@ -177,3 +177,35 @@ fn restore_never_writes_through_a_symlink_in_the_target() {
     let diffs = compare_dirs(&src, &out);
     assert!(diffs.is_empty(), "{diffs:#?}");
 }
+
+#[test]
+fn unreadable_data_is_listed_the_rest_restored_exit_1() {
+    let dir = tempfile::tempdir().unwrap();
+    let src = dir.path().join("src");
+    std::fs::create_dir_all(&src).unwrap();
+    std::fs::write(src.join("a"), b"some content\n").unwrap();
+    std::os::unix::fs::symlink("a", src.join("link")).unwrap();
+    let repo = repo_with(dir.path(), "h", &src);
+    // Lose every data pack: trees stay readable, file content does not.
+    let data = repo.join("packs/data");
+    std::fs::remove_dir_all(&data).unwrap();
+    std::fs::create_dir_all(&data).unwrap();
+    let out = dir.path().join("out");
+    let o = bt()
+        .args(["restore", "--repo"])
+        .arg(&repo)
+        .arg("h/latest")
+        .arg(&out)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("not restored: h/") && err.contains("/a:"),
+        "{err}"
+    );
+    assert_eq!(
+        std::fs::read_link(out.join("link")).unwrap(),
+        Path::new("a")
+    );
+}
