@@ -910,3 +910,67 @@ fn sync_xattrs(x: &dyn Xattrs, e: &Entry) -> io::Result<()> {
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use backtree_store::MemoryStore;
+
+    /// A crafted generation whose directory names a symlink `a -> OUTSIDE` and also a directory
+    /// `a` (in another page, either order) never makes the restore write outside the target.
+    #[test]
+    fn a_symlink_and_a_directory_of_one_name_never_lead_outside() {
+        let rt = tokio::runtime::Runtime::new().unwrap();
+        let repo = rt
+            .block_on(Repository::init(Arc::new(MemoryStore::new())))
+            .unwrap();
+        let tmp = tempfile::tempdir().unwrap();
+        let (outside, target) = (tmp.path().join("outside"), tmp.path().join("t"));
+        std::fs::create_dir_all(&outside).unwrap();
+        std::fs::create_dir_all(&target).unwrap();
+        let root: Arc<OwnedFd> = Arc::new(File::open(&target).unwrap().into());
+        let (opts, progress) = (RestoreOptions::default(), RestoreProgress::default());
+        let ctx = Ctx {
+            repo: &repo,
+            handle: rt.handle(),
+            opts: &opts,
+            progress: &progress,
+            root: root.clone(),
+            prefix: "h/g".into(),
+            is_root: false,
+            report: Mutex::new(RestoreReport::default()),
+            links: Mutex::new(HashMap::new()),
+        };
+        let mut link = Entry::made_file(b"a", 0o777, 0, 0, Time(1, 0), Time(1, 0));
+        link.kind = Kind::Symlink;
+        link.target = Some(outside.as_os_str().as_bytes().to_vec());
+        let file = Entry::made_file(b"passwd", 0o644, 0, 0, Time(1, 0), Time(1, 0));
+        let put = |dir: OwnedFd| {
+            ctx.restore_file(&FileJob {
+                dir: Arc::new(dir),
+                name: c"passwd".into(),
+                path: "h/g/a/passwd".into(),
+                entry: file.clone(),
+            })
+        };
+
+        // Symlink first, then the directory and a file in it.
+        ctx.special(&root, c"a", &link).unwrap();
+        assert!(std::fs::symlink_metadata(target.join("a"))
+            .unwrap()
+            .file_type()
+            .is_symlink());
+        let a = ensure_dir(&root, c"a", &ctx).unwrap();
+        put(a).unwrap();
+        assert!(target.join("a/passwd").is_file());
+        // Then the symlink again, and a file into `a` through a fresh lookup: refused.
+        ctx.special(&root, c"a", &link).unwrap();
+        assert!(openat(&root, c"a", libc::O_RDONLY | libc::O_DIRECTORY, 0).is_err());
+        assert!(std::fs::read_dir(&outside).unwrap().next().is_none());
+
+        // Names that could leave their directory are refused.
+        for bad in [&b".."[..], b".", b"", b"x/y", b"a\0b"] {
+            assert!(check_name(bad).is_err(), "{bad:?}");
+        }
+    }
+}
