@@ -355,11 +355,27 @@ impl Ctx<'_> {
         deferred: &mut Vec<Deferred>,
         dirs: &mut Vec<(Vec<Vec<u8>>, Entry)>,
     ) {
-        // (the directory's descriptor, its components, its entry)
-        let mut stack: Vec<(Arc<OwnedFd>, Vec<Vec<u8>>, Entry)> =
-            vec![(self.root.clone(), Vec::new(), top.clone())];
-        while let Some((fd, rel, e)) = stack.pop() {
+        // (where to make the directory: its parent's descriptor and its name, none for the
+        // target itself; its components; its entry). A directory is opened only when its turn
+        // comes, so open descriptors stay bounded by the depth, not by the width.
+        type Pending = (Option<(Arc<OwnedFd>, CString)>, Vec<Vec<u8>>, Entry);
+        let mut stack: Vec<Pending> = vec![(None, Vec::new(), top.clone())];
+        while let Some((parent, rel, e)) = stack.pop() {
             let path = self.path_of(&rel);
+            let fd = match parent {
+                None => self.root.clone(),
+                Some((pfd, name)) => match ensure_dir(&pfd, &name, self) {
+                    Ok(fd) => {
+                        self.progress.entries.fetch_add(1, Ordering::Relaxed);
+                        dirs.push((rel.clone(), e.clone()));
+                        Arc::new(fd)
+                    }
+                    Err(err) => {
+                        self.fail(&path, err);
+                        continue;
+                    }
+                },
+            };
             let entries = match e.tree {
                 Some(t) => match self.handle.block_on(self.repo.dir_entries(&t)) {
                     Ok(es) => es,
@@ -380,14 +396,9 @@ impl Ctx<'_> {
                 if c.kind == Kind::Dir {
                     let mut r = rel.clone();
                     r.push(c.name.clone());
-                    let cpath = self.path_of(&r);
-                    match check_name(&c.name).and_then(|n| ensure_dir(&fd, &n, self)) {
-                        Ok(sub) => {
-                            self.progress.entries.fetch_add(1, Ordering::Relaxed);
-                            dirs.push((r.clone(), c.clone()));
-                            subdirs.push((Arc::new(sub), r, c.clone()));
-                        }
-                        Err(err) => self.fail(&cpath, err),
+                    match check_name(&c.name) {
+                        Ok(n) => subdirs.push((Some((fd.clone(), n)), r, c.clone())),
+                        Err(err) => self.fail(&self.path_of(&r), err),
                     }
                 } else {
                     self.child(&fd, &rel, &c.name, c, tx, deferred);
