@@ -13,6 +13,7 @@ mod fstab;
 mod maintain;
 mod prune;
 mod repair;
+mod restore;
 mod verify;
 
 use anyhow::{bail, Context, Result};
@@ -319,6 +320,18 @@ enum Cmd {
     Repair {
         #[command(subcommand)]
         what: repair::RepairCmd,
+    },
+    /// Restore a generation, a subtree or a file to a local directory, without FUSE.
+    ///
+    /// Every file type, owners (numeric, as root), modes, times, hardlinks, xattrs and ACLs,
+    /// devices, holes as holes. Into an existing tree only what differs is written (size and
+    /// mtime, or --checksum); never writes through a symlink. Exit codes: 0 all restored, 1
+    /// some entries failed (listed; the rest was restored) or nothing could be done.
+    Restore {
+        #[command(flatten)]
+        repo: RepoArg,
+        #[command(flatten)]
+        args: restore::RestoreArgs,
     },
     /// Show every host's generations as a read-only directory tree (FUSE).
     ///
@@ -764,6 +777,10 @@ fn run(cli: Cli) -> Result<i32> {
             Ok(0)
         }
         Cmd::Verify { repo, args } => verify::run(&rt, &repo, &args),
+        Cmd::Restore { repo, args } => {
+            let r = repo.open_repo(&rt)?;
+            restore::run(&rt, &r, &args)
+        }
         Cmd::Repair { what } => repair::run(&rt, &what),
         Cmd::Forget { repo, policy } => {
             let r = repo.open_repo(&rt)?;

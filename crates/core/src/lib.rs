@@ -32,6 +32,7 @@ pub mod pack;
 pub mod prune;
 pub mod repair;
 pub mod repo;
+pub mod restore;
 #[doc(hidden)]
 pub mod testing;
 pub mod tree;
