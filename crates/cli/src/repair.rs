@@ -4,7 +4,7 @@
 //! (a damaged pack skipped, damaged generations listed but not removed, a manifest that could
 //! not be deleted); 2 the repair could not run.
 
-use crate::verify::{host_filter, open, with_progress, EXIT_CANNOT_RUN};
+use crate::verify::{host_filter, open, open_and_verify, with_progress, EXIT_CANNOT_RUN};
 use anyhow::Result;
 use backtree_core::repair::{self, DamagedGeneration, SalvageOptions, Salvaged};
 use backtree_core::verify::{self, DataSubset, VerifyOptions, VerifyProgress};
@@ -120,20 +120,9 @@ pub fn run(rt: &tokio::runtime::Runtime, cmd: &RepairCmd) -> Result<i32> {
                 },
                 hosts: host_filter(hosts)?,
             };
-            let r = match open(rt, repo) {
-                Ok(r) => r,
+            let (r, report) = match open_and_verify(rt, repo, &opts, "repair generations") {
+                Ok(x) => x,
                 Err(code) => return Ok(code),
-            };
-            let progress = Arc::new(VerifyProgress::default());
-            let report = with_progress(&progress, || {
-                rt.block_on(verify::verify(&r, &opts, &progress))
-            });
-            let report = match report {
-                Ok(r) => r,
-                Err(e) => {
-                    eprintln!("backtree: repair generations could not run: {e}");
-                    return Ok(EXIT_CANNOT_RUN);
-                }
             };
             let damaged = repair::damaged_generations(&report);
             if *salvage {

@@ -99,6 +99,28 @@ pub fn with_progress<T>(progress: &Arc<VerifyProgress>, f: impl FnOnce() -> T) -
     out
 }
 
+/// Opens the repository and verifies it with progress on a terminal, for `verify` and
+/// `repair generations` (`what` names the command in the error). `Err(code)`: it could not run,
+/// and said why.
+pub fn open_and_verify(
+    rt: &tokio::runtime::Runtime,
+    repo: &crate::RepoArg,
+    opts: &VerifyOptions,
+    what: &str,
+) -> Result<(Repository, Report), i32> {
+    let r = open(rt, repo)?;
+    let progress = Arc::new(VerifyProgress::default());
+    match with_progress(&progress, || {
+        rt.block_on(verify::verify(&r, opts, &progress))
+    }) {
+        Ok(report) => Ok((r, report)),
+        Err(e) => {
+            eprintln!("backtree: {what} could not run: {e}");
+            Err(EXIT_CANNOT_RUN)
+        }
+    }
+}
+
 /// Opens the repository for a command whose exit code 2 means "could not run".
 pub fn open(rt: &tokio::runtime::Runtime, repo: &crate::RepoArg) -> Result<Repository, i32> {
     repo.open_repo(rt).map_err(|e| {
@@ -110,20 +132,9 @@ pub fn open(rt: &tokio::runtime::Runtime, repo: &crate::RepoArg) -> Result<Repos
 /// `backtree verify`.
 pub fn run(rt: &tokio::runtime::Runtime, repo: &crate::RepoArg, args: &VerifyArgs) -> Result<i32> {
     let opts = args.options()?;
-    let r = match open(rt, repo) {
-        Ok(r) => r,
+    let report = match open_and_verify(rt, repo, &opts, "verify") {
+        Ok((_, report)) => report,
         Err(code) => return Ok(code),
-    };
-    let progress = Arc::new(VerifyProgress::default());
-    let report = with_progress(&progress, || {
-        rt.block_on(verify::verify(&r, &opts, &progress))
-    });
-    let report = match report {
-        Ok(r) => r,
-        Err(e) => {
-            eprintln!("backtree: verify could not run: {e}");
-            return Ok(EXIT_CANNOT_RUN);
-        }
     };
     print(&report, args.json)?;
     Ok(if report.counts.problems > 0 { 1 } else { 0 })

@@ -5,24 +5,12 @@
 mod common;
 
 use backtree_core::testing::{build_fixture, compare_dirs, data_regions, random_bytes};
-use common::{bt, ok, rsync_restore, Mounted};
+use common::{bt, ok, repo_with, rsync_restore, Mounted};
 use std::io::Read;
 use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
-
-fn repo_with(dir: &Path, host: &str, src: &Path) -> PathBuf {
-    let repo = dir.join("repo");
-    if !repo.exists() {
-        ok(bt().args(["init", "--repo"]).arg(&repo));
-    }
-    ok(bt()
-        .args(["ingest", "--host", host, "--repo"])
-        .arg(&repo)
-        .arg(src));
-    repo
-}
 
 #[test]
 fn rsync_restore_from_the_mount_is_identical() {

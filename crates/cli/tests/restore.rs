@@ -6,21 +6,9 @@
 mod common;
 
 use backtree_core::testing::{build_fixture, compare_dirs, data_regions, set_times};
-use common::{bt, ok};
+use common::{bt, ok, repo_with};
 use std::os::unix::fs::MetadataExt;
-use std::path::{Path, PathBuf};
-
-fn repo_with(dir: &Path, host: &str, src: &Path) -> PathBuf {
-    let repo = dir.join("repo");
-    if !repo.exists() {
-        ok(bt().args(["init", "--repo"]).arg(&repo));
-    }
-    ok(bt()
-        .args(["ingest", "--host", host, "--repo"])
-        .arg(&repo)
-        .arg(src));
-    repo
-}
+use std::path::Path;
 
 /// `backtree restore --json`: the summary.
 fn restore(repo: &Path, what: &str, target: &Path, extra: &[&str]) -> serde_json::Value {

@@ -24,6 +24,19 @@ pub fn ok(c: &mut Command) -> String {
     String::from_utf8_lossy(&o.stdout).into_owned()
 }
 
+/// `DIR/repo` (created on first use) with one more generation of `src` for `host`.
+pub fn repo_with(dir: &Path, host: &str, src: &Path) -> PathBuf {
+    let repo = dir.join("repo");
+    if !repo.exists() {
+        ok(bt().args(["init", "--repo"]).arg(&repo));
+    }
+    ok(bt()
+        .args(["ingest", "--host", host, "--repo"])
+        .arg(&repo)
+        .arg(src));
+    repo
+}
+
 pub fn is_mounted(mnt: &Path) -> bool {
     let Ok(info) = std::fs::read_to_string("/proc/self/mountinfo") else {
         return false;
