@@ -349,3 +349,91 @@ fn the_fstab_form_mounts_with_mount_and_stops_with_umount() {
     assert!(String::from_utf8_lossy(&o.stderr).contains("read-only"));
     assert!(!common::is_mounted(&mnt));
 }
+
+#[test]
+fn the_history_view_shows_each_version_of_a_file_once() {
+    use std::os::unix::fs::MetadataExt;
+    let dir = tempfile::tempdir().unwrap();
+    let src = dir.path().join("src");
+    std::fs::create_dir_all(src.join("etc/vmware")).unwrap();
+    let repo = dir.path().join("repo");
+    ok(bt().args(["init", "--repo"]).arg(&repo));
+    // 100 nightly generations; the inventory changes at 0, 20, 40, 60 and 80 (5 versions, the
+    // last one back to the first's size); a log file changes every night.
+    let content = |i: usize| format!("<inventory version=\"{}\"/>\n", i / 20);
+    let inv = src.join("etc/vmware/vmInventory.xml");
+    for i in 0..100usize {
+        if i % 20 == 0 {
+            std::fs::write(&inv, content(i)).unwrap();
+            backtree_core::testing::set_times(&inv, (5_000, 0), (1_700_000_000 + i as i64, 0));
+        }
+        std::fs::write(src.join("etc/log"), format!("night {i}\n")).unwrap();
+        let time = format!("2026-{:02}-{:02}T02:00:00Z", 1 + i / 28, 1 + i % 28);
+        ok(bt()
+            .args([
+                "ingest",
+                "--no-compact",
+                "--host",
+                "esx",
+                "--time",
+                &time,
+                "--repo",
+            ])
+            .arg(&repo)
+            .arg(&src));
+    }
+    let m = Mounted::start(&repo, &dir.path().join("mnt"), &[]);
+    let host = m.mnt.join("esx");
+    let mut gens: Vec<String> = std::fs::read_dir(&host)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .filter(|n| n != "latest")
+        .collect();
+    gens.sort();
+    assert_eq!(
+        gens.len(),
+        100,
+        "the view is not listed among the generations"
+    );
+
+    let view = host.join(".history/etc/vmware/vmInventory.xml");
+    let mut versions: Vec<String> = std::fs::read_dir(&view)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    versions.sort();
+    let want: Vec<String> = (0..5).map(|v| gens[v * 20].clone()).collect();
+    assert_eq!(versions, want);
+    for (v, name) in versions.iter().enumerate() {
+        let i = v * 20;
+        let p = view.join(name);
+        assert_eq!(std::fs::read_to_string(&p).unwrap(), content(i), "{name}");
+        let md = std::fs::metadata(&p).unwrap();
+        assert_eq!(
+            md.mtime(),
+            1_700_000_000 + i as i64,
+            "{name}: the version's time"
+        );
+        assert!(md.is_file());
+    }
+    // The directory above lists every name it had; the log has 100 versions.
+    let etc: Vec<_> = std::fs::read_dir(host.join(".history/etc"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert_eq!(etc.len(), 2, "{etc:?}");
+    assert_eq!(
+        std::fs::read_dir(host.join(".history/etc/log"))
+            .unwrap()
+            .count(),
+        100
+    );
+    assert!(!host.join(".history/etc/none").exists());
+    // A generation, as rsync copies it, holds no history.
+    assert!(!host.join("latest/.history").exists());
+    assert!(
+        m.log_text().lines().all(|l| !l.contains("ERROR")),
+        "{}",
+        m.log_text()
+    );
+}

@@ -20,12 +20,22 @@ use crate::error::Result;
 use crate::id::Id;
 use crate::repo::Repository;
 use crate::tree::{Entry, Kind};
+use futures_util::stream::{FuturesOrdered, StreamExt};
+use std::collections::{BTreeMap, HashSet};
+
+/// Manifests read ahead of the walk: on S3 each is a GET of tens of milliseconds, and a year
+/// of nightly generations read one after the other would take seconds before the first tree.
+const MANIFESTS_AHEAD: usize = 16;
 
 /// One distinct version of a path.
 #[derive(Debug, Clone)]
 pub struct Version {
     /// The entry, as in [`Version::first`].
     pub entry: Entry,
+    /// Where the entry is in the first generation: the directory page holding it and its index
+    /// there (see [`Repository::lookup_at`]); `None` for the root directory, whose entry is in
+    /// the manifest.
+    pub at: Option<(Id, u32)>,
     /// The generations that have it, oldest first (the first names the version).
     pub generations: Vec<String>,
 }
@@ -40,30 +50,66 @@ impl Version {
 /// in the order they first appear. Generations where the path does not exist are skipped.
 /// Returns also how many trees were read (for tests and statistics).
 pub async fn versions(repo: &Repository, host: &str, path: &[u8]) -> Result<(Vec<Version>, u64)> {
+    let names = repo.generations(host).await?;
+    versions_with(repo, &names, path, |name| manifest_root(repo, host, name)).await
+}
+
+/// A generation's root entry, `None` if it was forgotten since it was listed.
+async fn manifest_root(repo: &Repository, host: &str, name: &str) -> Result<Option<Entry>> {
+    match repo.manifest(host, name).await {
+        Ok(m) => Ok(Some(m.root)),
+        Err(e) if e.kind() == crate::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
+/// [`versions`] in the generations `names` (oldest first), whose root entries `root` gives
+/// (`None` for a generation forgotten since it was listed): for a caller that has listed the
+/// generations already and keeps their manifests, as the mount does.
+pub async fn versions_with<'a, F, Fut>(
+    repo: &Repository,
+    names: &'a [String],
+    path: &[u8],
+    mut root: F,
+) -> Result<(Vec<Version>, u64)>
+where
+    F: FnMut(&'a String) -> Fut,
+    Fut: std::future::Future<Output = Result<Option<Entry>>>,
+{
     let comps: Vec<&[u8]> = path
         .split(|&b| b == b'/')
         .filter(|c| !c.is_empty())
         .collect();
     let mut out: Vec<Version> = Vec::new();
     // The previous generation's tree ids along the path (index d: the directory holding
-    // component d) and its answer.
+    // component d) and its answer with its place.
     let mut prev: Vec<Id> = Vec::new();
-    let mut prev_answer: Option<Entry> = None;
+    let mut prev_answer: Option<(Entry, Option<(Id, u32)>)> = None;
     let mut reads = 0u64;
-    for name in repo.generations(host).await? {
-        let m = match repo.manifest(host, &name).await {
-            Ok(m) => m,
-            // Forgotten since the listing.
-            Err(e) if e.kind() == crate::ErrorKind::NotFound => continue,
-            Err(e) => return Err(e),
+    // The roots in flight, in order (a queue rather than a `map(..).buffered(..)` stream: a
+    // stream holding a closure over `root` is not `Send` for every lifetime, which a caller's
+    // spawned future must be).
+    let mut ahead = names.iter();
+    let mut roots = FuturesOrdered::new();
+    loop {
+        while roots.len() < MANIFESTS_AHEAD {
+            let Some(name) = ahead.next() else { break };
+            let r = root(name);
+            roots.push_back(async move { (name, r.await) });
+        }
+        let Some((name, r)) = roots.next().await else {
+            break;
+        };
+        let Some(root) = r? else {
+            continue;
         };
         let mut ids: Vec<Id> = Vec::with_capacity(comps.len());
-        let mut answer: Option<Entry> = if comps.is_empty() {
-            Some(m.root.clone())
+        let mut answer = if comps.is_empty() {
+            Some((root.clone(), None))
         } else {
             None
         };
-        let mut dir = m.root.tree;
+        let mut dir = root.tree;
         for (d, comp) in comps.iter().enumerate() {
             let Some(t) = dir else {
                 answer = None;
@@ -72,28 +118,31 @@ pub async fn versions(repo: &Repository, host: &str, path: &[u8]) -> Result<(Vec
             ids.push(t);
             if prev.get(d) == Some(&t) {
                 // The previous generation resolved the rest of the path from this same tree:
-                // its answer holds.
+                // its answer (and the answer's place) holds.
                 answer = prev_answer.clone();
                 ids = prev.clone();
                 break;
             }
             reads += 1;
-            let e = repo.lookup(&t, comp).await?;
+            let found = repo.lookup_at(&t, comp).await?;
             if d + 1 == comps.len() {
-                answer = e;
+                answer = found.map(|(page, idx, e)| (e, Some((page, idx))));
             } else {
-                dir = e.filter(|e| e.kind == Kind::Dir).and_then(|e| e.tree);
+                dir = found
+                    .filter(|(_, _, e)| e.kind == Kind::Dir)
+                    .and_then(|(_, _, e)| e.tree);
                 if dir.is_none() {
                     answer = None;
                     break;
                 }
             }
         }
-        if let Some(e) = &answer {
+        if let Some((e, at)) = &answer {
             match out.iter_mut().find(|v| same_version(&v.entry, e)) {
                 Some(v) => v.generations.push(name.clone()),
                 None => out.push(Version {
                     entry: e.clone(),
+                    at: *at,
                     generations: vec![name.clone()],
                 }),
             }
@@ -102,6 +151,42 @@ pub async fn versions(repo: &Repository, host: &str, path: &[u8]) -> Result<(Vec
         prev_answer = answer;
     }
     Ok((out, reads))
+}
+
+/// The names a directory has had across its versions (`versions` of one directory, as
+/// [`versions`] gives them), each with its kind in the newest version that has it: what a
+/// history view lists, so that a file deleted since is still found. Each distinct tree is read
+/// once; memory is the names, not the entries.
+pub async fn children(repo: &Repository, versions: &[Version]) -> Result<BTreeMap<Vec<u8>, Kind>> {
+    let mut out = BTreeMap::new();
+    // Trees and pages already listed: versions differing only in metadata share their tree,
+    // and the versions of a paged directory share every page that did not change.
+    let mut seen: HashSet<Id> = HashSet::new();
+    let add = |out: &mut BTreeMap<Vec<u8>, Kind>, entries: Vec<Entry>| {
+        for e in entries {
+            out.entry(e.name).or_insert(e.kind);
+        }
+    };
+    // Newest first, so that the first kind recorded for a name is its newest.
+    for v in versions.iter().rev() {
+        let (Kind::Dir, Some(t)) = (v.entry.kind, v.entry.tree) else {
+            continue;
+        };
+        if !seen.insert(t) {
+            continue;
+        }
+        let tree = repo.tree(&t).await?;
+        if !tree.is_paged() {
+            add(&mut out, tree.entries);
+            continue;
+        }
+        for p in &tree.pages {
+            if seen.insert(p.id) {
+                add(&mut out, repo.tree(&p.id).await?.entries);
+            }
+        }
+    }
+    Ok(out)
 }
 
 #[cfg(test)]
@@ -146,6 +231,12 @@ mod tests {
                 crate::testing::set_times(&f, (stamp, 0), (stamp, 0));
             }
             std::fs::write(src.join("other/noise"), format!("{i}")).unwrap();
+            // A file deleted when the inventory first changes (so no extra directory changes).
+            match i {
+                0 => std::fs::write(src.join("etc/deep/old.conf"), "old").unwrap(),
+                7 => std::fs::remove_file(src.join("etc/deep/old.conf")).unwrap(),
+                _ => {}
+            }
             let o = IngestOptions {
                 host: "h".into(),
                 sources: vec![src.clone()],
@@ -173,8 +264,11 @@ mod tests {
             vs[1].generations[6], gens[25],
             "the revert is the same version"
         );
-        // Each version reads back as its content.
+        // Each version reads back as its content, and its place is its entry's.
         for v in &vs {
+            let (page, idx) = v.at.unwrap();
+            let t = repo.tree(&page).await.unwrap();
+            assert_eq!(t.entries[idx as usize].name, b"inventory.xml");
             let m = repo.manifest("h", v.first()).await.unwrap();
             let e = repo
                 .resolve(m.root.tree.as_ref().unwrap(), b"etc/deep/inventory.xml")
@@ -194,6 +288,16 @@ mod tests {
         // `etc` is unchanged in the generations where the file is: only the root tree (which
         // changes every time, `other/noise`) and the changed directories are read.
         assert!(reads <= 5 * 3 + 25, "{reads} tree reads");
+        // The directory's names across its versions: the file deleted at 7 is still there.
+        let (dirs, _) = versions(&repo, "h", b"etc/deep").await.unwrap();
+        let names = children(&repo, &dirs).await.unwrap();
+        let names: Vec<&[u8]> = names.keys().map(Vec::as_slice).collect();
+        assert_eq!(names, vec![&b"inventory.xml"[..], b"old.conf"]);
+        let (root, _) = versions(&repo, "h", b"").await.unwrap();
+        assert_eq!(root.len(), 30, "the root changes every time");
+        assert!(root.iter().all(|v| v.at.is_none()));
+        let kinds = children(&repo, &root).await.unwrap();
+        assert_eq!(kinds.get(&b"etc"[..]), Some(&Kind::Dir));
         // A path that never existed: no versions.
         assert!(versions(&repo, "h", b"etc/none")
             .await

@@ -63,6 +63,18 @@ pub enum Node {
         host: Arc<str>,
         name: Arc<str>,
     },
+    /// A directory of a host's history view, `/<host>/.history/<path>` (empty path: the view
+    /// itself), whose path is a directory in its newest version ([`crate::fs::history`]).
+    History {
+        host: Arc<str>,
+        path: Arc<[u8]>,
+    },
+    /// The directory of a path's versions, `/<host>/.history/<path>`, for a path that is not a
+    /// directory in its newest version. Its items are [`Node::Entry`] nodes of the generations.
+    Versions {
+        host: Arc<str>,
+        path: Arc<[u8]>,
+    },
     /// Anything inside a generation, including its root directory (empty path).
     Entry {
         gen: Arc<GenCtx>,

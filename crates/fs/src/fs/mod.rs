@@ -6,6 +6,7 @@
 //! |---|---|---|
 //! | [`inodes`] | the inode table the kernel holds; attributes | `forget`, attributes, xattrs |
 //! | [`namespace`] | hosts, generations, `latest`, listings kept for outages | the virtual directories |
+//! | [`history`] | versions of recently asked paths, generation roots | the history view `/<host>/.history/` |
 //! | [`dirs`] | parsed directory pages, directory handles | lookups and listings in generations |
 //! | [`read`] | the read state of files being read | reads, holes, `lseek` |
 //! | [`chunks`] | the chunk cache and pack windows | verified chunks |
@@ -26,6 +27,7 @@
 mod chunks;
 mod dirs;
 mod error;
+mod history;
 mod inodes;
 mod namespace;
 mod read;
@@ -33,6 +35,7 @@ mod readahead;
 
 pub use dirs::DirItem;
 pub use error::{FsError, Result};
+pub use history::HISTORY_DIR;
 pub use inodes::{Attr, EntryAt, EntryRef, FileKind, Node};
 pub use namespace::GenCtx;
 pub use readahead::{FIRST_WINDOW, MAX_WINDOW};
@@ -40,11 +43,13 @@ pub use readahead::{FIRST_WINDOW, MAX_WINDOW};
 use crate::cache::ChunkCache;
 use crate::packwin::PackReader;
 use backtree_core::chunklist::FileChunks;
+use backtree_core::tree::Kind;
 use backtree_core::Repository;
 use bytes::Bytes;
 use chunks::Chunks;
 use dirs::{dir_tree, DirHandle, Dirs};
 use error::Failures;
+use history::History;
 use inodes::{entry_attr, xattr_names, xattr_value, Inodes};
 use namespace::Namespace;
 use read::{file_node, Files, OpenFile};
@@ -140,6 +145,7 @@ pub struct BacktreeFs {
     repo: Arc<Repository>,
     inodes: Inodes,
     namespace: Namespace,
+    history: History,
     dirs: Dirs,
     files: Files,
     chunks: Arc<Chunks>,
@@ -169,6 +175,7 @@ impl BacktreeFs {
         };
         BacktreeFs {
             namespace: Namespace::new(repo.clone(), failures.clone(), opts.uid, opts.gid),
+            history: History::new(repo.clone(), failures.clone()),
             dirs: Dirs::new(packs, failures.clone()),
             inodes: Inodes::new(),
             files: Files::new(),
@@ -236,7 +243,23 @@ impl BacktreeFs {
             let (ino, node, attr) = self.dirs.lookup(parent, gen, path, &dir, name).await?;
             return Ok((ino, node, attr, LONG_TTL));
         }
-        let (ino, node) = self.namespace.lookup(&pnode, name).await?;
+        let (ino, node) = match &pnode {
+            Node::History { host, path } => {
+                let path = history::join(path, name);
+                let versions = self.versions(host, &path).await?;
+                history::path_node(host, path, &versions)?
+            }
+            Node::Versions { host, path } => {
+                let versions = self.versions(host, path).await?;
+                let v = (versions.iter())
+                    .find(|v| v.first().as_bytes() == name)
+                    .ok_or(FsError::NotFound)?;
+                let gen = self.namespace.generation(host, v.first()).await?;
+                let (ino, node, attr) = history::version_node(gen, path, v);
+                return Ok((ino, node, attr, LONG_TTL));
+            }
+            _ => self.namespace.lookup(&pnode, name).await?,
+        };
         let entry = self.dirs.entry(&node).await?;
         let (attr, ttl) = self.attr_of(ino, &node, entry.as_deref());
         Ok((ino, node, attr, ttl))
@@ -271,6 +294,12 @@ impl BacktreeFs {
                 ino,
                 tree: dir_tree(entry.as_deref())?,
             },
+            Node::History { host, path } => {
+                DirHandle::Virtual(self.list_history(host, path).await?)
+            }
+            Node::Versions { host, path } => {
+                DirHandle::Virtual(self.list_versions(host, path).await?)
+            }
             _ => {
                 let items = self.namespace.list(&node).await?;
                 let items = items.into_iter().enumerate().map(|(i, (ino, name, node))| {
@@ -300,6 +329,59 @@ impl BacktreeFs {
     pub async fn readdir(&self, fh: u64, offset: u64, max: usize) -> Result<Vec<DirItem>> {
         let listed = |page, tree: &_| self.read_ahead.listed(page, tree);
         self.dirs.read(fh, offset, max, listed).await
+    }
+
+    /// The versions of `path` in `host`'s generations, listed afresh.
+    async fn versions(
+        &self,
+        host: &str,
+        path: &[u8],
+    ) -> Result<Arc<Vec<backtree_core::history::Version>>> {
+        let names = self.namespace.generations(host).await?;
+        self.history.versions(host, &names, path).await
+    }
+
+    /// The items of a directory of the history view: the names `path` has had.
+    async fn list_history(&self, host: &Arc<str>, path: &Arc<[u8]>) -> Result<Vec<DirItem>> {
+        let versions = self.versions(host, path).await?;
+        let names = self.history.children(host, path, &versions).await?;
+        let items = names.into_iter().enumerate().map(|(i, (name, kind))| {
+            let (ino, node) = history::node_of(host, history::join(path, &name), kind == Kind::Dir);
+            let (attr, ttl) = self.namespace.attr(ino, &node);
+            DirItem {
+                ino,
+                next: i as u64 + 1,
+                name,
+                attr,
+                ttl,
+                node,
+            }
+        });
+        Ok(items.collect())
+    }
+
+    /// The items of a directory of versions: each version's entry in its first generation.
+    async fn list_versions(&self, host: &Arc<str>, path: &Arc<[u8]>) -> Result<Vec<DirItem>> {
+        let versions = self.versions(host, path).await?;
+        let mut items = Vec::with_capacity(versions.len());
+        for v in versions.iter() {
+            let gen = match self.namespace.generation(host, v.first()).await {
+                Ok(g) => g,
+                // Forgotten since the listing.
+                Err(FsError::NotFound) => continue,
+                Err(e) => return Err(e),
+            };
+            let (ino, node, attr) = history::version_node(gen, path, v);
+            items.push(DirItem {
+                ino,
+                next: items.len() as u64 + 1,
+                name: v.first().as_bytes().to_vec(),
+                attr,
+                ttl: LONG_TTL,
+                node,
+            });
+        }
+        Ok(items)
     }
 
     pub fn releasedir(&self, fh: u64) {

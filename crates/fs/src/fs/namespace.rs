@@ -4,6 +4,7 @@
 //! /                      hosts (listed from the store on every opendir: new hosts appear)
 //! /<host>/               generations, and `latest` → the newest (re-listed on every opendir)
 //! /<host>/<generation>/  the generation's root directory: immutable from here down
+//! /<host>/.history/      the history view ([`crate::fs::history`]): not listed, found by name
 //! ```
 //! These directories change while the mount runs, so they get a short TTL ([`SHORT_TTL`]) and
 //! are listed afresh on each opendir. The last listing that succeeded is kept: a store outage
@@ -26,6 +27,7 @@
 //! uses them: `ls` of a host fetches no manifest, `ls -l` fetches each one it shows.
 
 use super::error::{lock, Failures, FsError, Result};
+use super::history::{node_of, HISTORY_DIR};
 use super::inodes::{hash_ino, Attr, EntryAt, FileKind, Node};
 use super::SHORT_TTL;
 use backtree_core::manifest::{generation_time, is_generation_name, Manifest};
@@ -136,6 +138,9 @@ impl Namespace {
             Node::Host(host) if name_str == "latest" => {
                 Ok((latest_ino(host), Node::Latest(host.clone())))
             }
+            Node::Host(host) if name_str == HISTORY_DIR => {
+                Ok(node_of(host, Arc::from(&b""[..]), true))
+            }
             Node::Host(host) => {
                 if !is_generation_name(name_str) {
                     return Err(FsError::NotFound);
@@ -144,7 +149,7 @@ impl Namespace {
                 Ok((g.ino, gen_root(g)))
             }
             Node::Latest(_) => Err(FsError::NotDir),
-            Node::Generation { .. } | Node::Entry { .. } => Err(FsError::Invalid),
+            _ => Err(FsError::Invalid),
         }
     }
 
@@ -183,7 +188,7 @@ impl Namespace {
                 Ok(out)
             }
             Node::Latest(_) => Err(FsError::NotDir),
-            Node::Generation { .. } | Node::Entry { .. } => Err(FsError::Invalid),
+            _ => Err(FsError::Invalid),
         }
     }
 
@@ -202,7 +207,8 @@ impl Namespace {
             .ok_or(FsError::NotFound)
     }
 
-    async fn generation(&self, host: &str, name: &str) -> Result<Arc<GenCtx>> {
+    /// Generation `name` of `host`, its manifest and hardlink table loaded (kept in an LRU).
+    pub(super) async fn generation(&self, host: &str, name: &str) -> Result<Arc<GenCtx>> {
         let key = (host.to_owned(), name.to_owned());
         if let Some(g) = lock(&self.gens).get(&key).cloned() {
             return Ok(g);
@@ -232,7 +238,9 @@ impl Namespace {
             .await
     }
 
-    async fn generations(&self, host: &str) -> Result<Vec<String>> {
+    /// The generations of `host`, oldest first, listed afresh (the last listing if the store
+    /// cannot be reached).
+    pub(super) async fn generations(&self, host: &str) -> Result<Vec<String>> {
         let what = format!("listing generations of {host}");
         self.listing(host.to_owned(), what, self.repo.generations(host))
             .await

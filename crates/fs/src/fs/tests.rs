@@ -938,3 +938,129 @@ async fn tiny_blobs_keep_pack_trailers_and_window_slots_within_budget() {
         packs.data.bytes()
     );
 }
+
+/// Ingests `src` as a generation of host h at hour `i` of 2026-01-01.
+async fn ingest_at(repo: &Arc<Repository>, src: &std::path::Path, i: usize) {
+    let o = IngestOptions {
+        host: "h".into(),
+        sources: vec![src.to_path_buf()],
+        time: Some(chrono::DateTime::from_timestamp(1_767_225_600 + i as i64 * 3600, 0).unwrap()),
+        ..Default::default()
+    };
+    let (r, h) = (repo.clone(), tokio::runtime::Handle::current());
+    tokio::task::spawn_blocking(move || ingest::ingest(&r, &h, &o, &Progress::default(), &|_| {}))
+        .await
+        .unwrap()
+        .unwrap();
+}
+
+fn names_of(items: &[DirItem]) -> Vec<String> {
+    (items.iter())
+        .map(|i| String::from_utf8_lossy(&i.name).into_owned())
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_history_view_lists_each_version_once_and_reads_it() {
+    use backtree_core::testing::set_times;
+    let dir = tempfile::tempdir().unwrap();
+    let src = dir.path().join("src");
+    std::fs::create_dir_all(src.join("etc")).unwrap();
+    let store: DynStore = Arc::new(MemoryStore::new());
+    let repo = Arc::new(Repository::init(store).await.unwrap());
+    // 10 generations: etc/inv.xml changes at 0, 3 and 7; etc/gone exists in 0..5; etc/d is a
+    // directory throughout; noise changes every time.
+    let content = |i: usize| match i {
+        0..=2 => "first",
+        3..=6 => "second version",
+        _ => "third, the longest version",
+    };
+    for i in 0..10usize {
+        let inv = src.join("etc/inv.xml");
+        if i == 0 || content(i) != content(i - 1) {
+            std::fs::write(&inv, content(i)).unwrap();
+            set_times(&inv, (1000 + i as i64, 0), (1000 + i as i64, 0));
+        }
+        match i {
+            0 => {
+                std::fs::write(src.join("etc/gone"), "bye").unwrap();
+                std::fs::create_dir_all(src.join("etc/d")).unwrap();
+            }
+            5 => std::fs::remove_file(src.join("etc/gone")).unwrap(),
+            _ => {}
+        }
+        std::fs::write(src.join("noise"), format!("{i}")).unwrap();
+        ingest_at(&repo, &src, i).await;
+    }
+    let gens = repo.generations("h").await.unwrap();
+    let fs = Arc::new(BacktreeFs::new(repo.clone(), FsOptions::default()));
+
+    // Not listed in the host's directory, found by name.
+    let host = walk(&fs, "h").await.unwrap().0;
+    assert!(!names_of(&list_dir(&fs, host).await).contains(&HISTORY_DIR.to_owned()));
+    let (view, a) = walk(&fs, "h/.history").await.unwrap();
+    assert_eq!((a.kind, a.perm), (FileKind::Dir, 0o555));
+    assert_eq!(names_of(&list_dir(&fs, view).await), ["etc", "noise"]);
+
+    // A directory lists every name it ever had; a directory in it is a directory of the view.
+    let etc = walk(&fs, "h/.history/etc").await.unwrap().0;
+    let items = list_dir(&fs, etc).await;
+    assert_eq!(names_of(&items), ["d", "gone", "inv.xml"]);
+    assert!(matches!(items[0].node, Node::History { .. }));
+    assert!(matches!(items[1].node, Node::Versions { .. }));
+    assert!(matches!(
+        walk(&fs, "h/.history/etc/none").await,
+        Err(FsError::NotFound)
+    ));
+
+    // A file: one entry per version, named by its first generation, with its times and content.
+    let (inv, a) = walk(&fs, "h/.history/etc/inv.xml").await.unwrap();
+    assert_eq!(a.kind, FileKind::Dir);
+    let items = list_dir(&fs, inv).await;
+    assert_eq!(
+        names_of(&items),
+        [gens[0].clone(), gens[3].clone(), gens[7].clone()]
+    );
+    for (it, i) in items.iter().zip([0, 3, 7]) {
+        assert_eq!(it.attr.kind, FileKind::File);
+        assert_eq!(
+            it.attr.mtime,
+            UNIX_EPOCH + Duration::from_secs(1000 + i as u64)
+        );
+        assert_eq!(
+            read_all(&fs, it.ino, it.attr.size).await.unwrap(),
+            content(i).as_bytes()
+        );
+        // A lookup by name gives the same inode and attributes; the generation's own file is
+        // another inode (a version never aliases a generation's entry).
+        let (ino, _, la, _) = fs.lookup(inv, &it.name).await.unwrap();
+        assert_eq!((ino, la), (it.ino, it.attr));
+        let own = walk(&fs, &format!("h/{}/etc/inv.xml", gens[i]))
+            .await
+            .unwrap();
+        assert_ne!(own.0, it.ino);
+        assert_eq!(own.1.mtime, it.attr.mtime);
+    }
+    assert!(matches!(
+        fs.lookup(inv, gens[1].as_bytes()).await,
+        Err(FsError::NotFound)
+    ));
+    let gone = walk(&fs, "h/.history/etc/gone").await.unwrap().0;
+    assert_eq!(names_of(&list_dir(&fs, gone).await), [gens[0].clone()]);
+
+    // A new generation with a new version shows at the next listing.
+    std::fs::write(src.join("etc/inv.xml"), "fourth").unwrap();
+    ingest_at(&repo, &src, 10).await;
+    let gens = repo.generations("h").await.unwrap();
+    let items = list_dir(&fs, inv).await;
+    assert_eq!(
+        names_of(&items),
+        [
+            gens[0].clone(),
+            gens[3].clone(),
+            gens[7].clone(),
+            gens[10].clone()
+        ]
+    );
+    assert_eq!(read_all(&fs, items[3].ino, 6).await.unwrap(), b"fourth");
+}
