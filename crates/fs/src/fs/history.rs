@@ -85,7 +85,7 @@ impl History {
             }
         }
         let (vs, _) = history::versions_with(&self.repo, names, path, |name| {
-            root(&self.repo, &self.roots, host, name)
+            root(&self.repo, &self.roots, &self.failures, host, name)
         })
         .await
         .map_err(|e| self.failures.fail(describe(host, path), e))?;
@@ -151,10 +151,12 @@ pub(super) fn version_node(gen: Arc<GenCtx>, path: &Arc<[u8]>, v: &Version) -> (
 /// Generation root entries by host and name.
 type Roots = Mutex<LruCache<(String, String), Entry>>;
 
-/// A generation's root entry, `None` if it was forgotten since it was listed.
+/// A generation's root entry; `None` if it was forgotten since it was listed, or if its
+/// manifest cannot be read (logged): one damaged generation must not hide every other version.
 async fn root(
     repo: &Repository,
     roots: &Roots,
+    failures: &Failures,
     host: &str,
     name: &str,
 ) -> backtree_core::Result<Option<Entry>> {
@@ -168,7 +170,11 @@ async fn root(
             Ok(Some(m.root))
         }
         Err(e) if e.kind() == backtree_core::ErrorKind::NotFound => Ok(None),
-        Err(e) => Err(e),
+        Err(e) => {
+            let what = format!("{host}/{name}: manifest (left out of {HISTORY_DIR})");
+            failures.fail(what, e);
+            Ok(None)
+        }
     }
 }
 

@@ -966,7 +966,8 @@ async fn the_history_view_lists_each_version_once_and_reads_it() {
     let dir = tempfile::tempdir().unwrap();
     let src = dir.path().join("src");
     std::fs::create_dir_all(src.join("etc")).unwrap();
-    let store: DynStore = Arc::new(MemoryStore::new());
+    let faulty = Arc::new(FaultyStore::new(Arc::new(MemoryStore::new())));
+    let store: DynStore = faulty.clone();
     let repo = Arc::new(Repository::init(store).await.unwrap());
     // 10 generations: etc/inv.xml changes at 0, 3 and 7; etc/gone exists in 0..5; etc/d is a
     // directory throughout; noise changes every time.
@@ -1063,4 +1064,24 @@ async fn the_history_view_lists_each_version_once_and_reads_it() {
         ]
     );
     assert_eq!(read_all(&fs, items[3].ino, 6).await.unwrap(), b"fourth");
+
+    // A generation whose manifest cannot be read is left out (and logged), not the whole
+    // history: the second version is then first seen in generation 4.
+    faulty.inject(Fault::FailReadsOf(format!("snapshots/h/{}", gens[3])));
+    let fs = Arc::new(BacktreeFs::new(repo.clone(), FsOptions::default()));
+    let inv = walk(&fs, "h/.history/etc/inv.xml").await.unwrap().0;
+    let items = list_dir(&fs, inv).await;
+    assert_eq!(
+        names_of(&items),
+        [
+            gens[0].clone(),
+            gens[4].clone(),
+            gens[7].clone(),
+            gens[10].clone()
+        ]
+    );
+    assert_eq!(
+        read_all(&fs, items[1].ino, 14).await.unwrap(),
+        b"second version"
+    );
 }
