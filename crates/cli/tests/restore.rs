@@ -82,10 +82,11 @@ fn restore_is_identical_and_incremental() {
     set_times(&out.join("multi.bin"), (1, 0), (2, 0));
     std::fs::remove_file(out.join("dir/sub/random.bin")).unwrap();
     let r = restore(&repo, "h/latest", &out, &[]);
-    assert_eq!(n(&r, "files_written"), 3, "{r}");
+    // multi.bin (6 MB, only its mtime changed) is hashed in place and found the same.
+    assert_eq!(n(&r, "files_written"), 2, "{r}");
     assert_eq!(
         n(&r, "bytes_fetched"),
-        300_000 + 6_000_000 + 3_000_000,
+        300_000 + 3_000_000,
         "only the changed files are read: {r}"
     );
     let diffs = compare_dirs(&src, &out);
@@ -195,5 +196,110 @@ fn unreadable_data_is_listed_the_rest_restored_exit_1() {
     assert_eq!(
         std::fs::read_link(out.join("link")).unwrap(),
         Path::new("a")
+    );
+    // Over an existing copy that differs, the old file is kept when the new one cannot be
+    // fetched (it is written under a temporary name, removed on failure).
+    std::fs::write(out.join("a"), b"the copy already there\n").unwrap();
+    let o = bt()
+        .args(["restore", "--repo"])
+        .arg(&repo)
+        .arg("h/latest")
+        .arg(&out)
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(1));
+    assert_eq!(
+        std::fs::read(out.join("a")).unwrap(),
+        b"the copy already there\n"
+    );
+    assert_eq!(
+        std::fs::read_dir(&out).unwrap().count(),
+        2,
+        "no temporary file left"
+    );
+}
+
+#[test]
+fn a_large_file_that_differs_is_updated_in_place_fetching_only_what_changed() {
+    use std::os::unix::fs::FileExt;
+    const MIB: u64 = 1 << 20;
+    let dir = tempfile::tempdir().unwrap();
+    let src = dir.path().join("src");
+    std::fs::create_dir_all(&src).unwrap();
+    // A 48 MiB disk image: data, a hole from 16 to 24 MiB, data; and a small file.
+    let img = src.join("disk.img");
+    let f = std::fs::File::create(&img).unwrap();
+    let data = backtree_core::testing::random_bytes(7, 40 * MIB as usize);
+    f.write_all_at(&data[..16 * MIB as usize], 0).unwrap();
+    f.write_all_at(&data[16 * MIB as usize..], 24 * MIB)
+        .unwrap();
+    drop(f);
+    std::fs::write(src.join("small.conf"), b"setting = 1\n").unwrap();
+    let repo = repo_with(dir.path(), "vm", &src);
+    let out = dir.path().join("out");
+    restore(&repo, "vm/latest", &out, &[]);
+
+    // The restored image changed a little: 64 KiB overwritten, data written into the hole,
+    // 1 MiB appended (its mtime moves); the small file rewritten.
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(out.join("disk.img"))
+        .unwrap();
+    f.write_all_at(&[b'x'; 65536], 4 * MIB).unwrap();
+    f.write_all_at(&[b'y'; 4096], 20 * MIB).unwrap();
+    f.write_all_at(&[b'z'; MIB as usize], 48 * MIB).unwrap();
+    drop(f);
+    std::fs::write(out.join("small.conf"), b"setting = 2\n").unwrap();
+
+    let r = restore(&repo, "vm/latest", &out, &[]);
+    assert_eq!(n(&r, "files_written"), 2, "{r}");
+    let fetched = n(&r, "bytes_fetched");
+    assert!(
+        fetched < 12 * MIB,
+        "only the pieces around the change are fetched: {fetched} of 48 MiB"
+    );
+    assert_eq!(
+        std::fs::read(out.join("disk.img")).unwrap(),
+        std::fs::read(&img).unwrap()
+    );
+    assert_eq!(data_regions(&out.join("disk.img")), data_regions(&img));
+    let diffs = compare_dirs(&src, &out);
+    assert!(diffs.is_empty(), "{diffs:#?}");
+    // The small file was replaced through a temporary name, which is gone.
+    let names: Vec<_> = std::fs::read_dir(&out)
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert_eq!(names.len(), 2, "{names:?}");
+
+    // Unchanged content with only a new mtime: hashed in place, nothing fetched or written.
+    set_times(&out.join("disk.img"), (1, 0), (2, 0));
+    let r = restore(&repo, "vm/latest", &out, &[]);
+    assert_eq!(
+        (n(&r, "files_written"), n(&r, "bytes_fetched")),
+        (0, 0),
+        "{r}"
+    );
+    // --checksum: an image of the same size and mtime with a changed block.
+    let m = std::fs::metadata(out.join("disk.img")).unwrap();
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(out.join("disk.img"))
+        .unwrap();
+    f.write_all_at(b"corrupted", 30 * MIB).unwrap();
+    drop(f);
+    set_times(
+        &out.join("disk.img"),
+        (m.atime(), m.atime_nsec()),
+        (m.mtime(), m.mtime_nsec()),
+    );
+    let r = restore(&repo, "vm/latest", &out, &[]);
+    assert_eq!(n(&r, "files_written"), 0, "size and mtime match: {r}");
+    let r = restore(&repo, "vm/latest", &out, &["--checksum"]);
+    assert_eq!(n(&r, "files_written"), 1, "{r}");
+    assert!(n(&r, "bytes_fetched") <= 8 * MIB, "{r}");
+    assert_eq!(
+        std::fs::read(out.join("disk.img")).unwrap(),
+        std::fs::read(&img).unwrap()
     );
 }
