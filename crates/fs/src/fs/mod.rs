@@ -364,8 +364,20 @@ impl BacktreeFs {
     async fn list_versions(&self, host: &Arc<str>, path: &Arc<[u8]>) -> Result<Vec<DirItem>> {
         let versions = self.versions(host, path).await?;
         let mut items = Vec::with_capacity(versions.len());
-        for v in versions.iter() {
-            let gen = match self.namespace.generation(host, v.first()).await {
+        // The versions' generations are loaded 16 at a time (a file changed every night has a
+        // version per generation; on S3 each load is a GET).
+        let mut ahead = versions.iter();
+        let mut gens = futures_util::stream::FuturesOrdered::new();
+        loop {
+            while gens.len() < 16 {
+                let Some(v) = ahead.next() else { break };
+                let load = self.namespace.generation(host, v.first());
+                gens.push_back(async move { (v, load.await) });
+            }
+            let Some((v, gen)) = futures_util::StreamExt::next(&mut gens).await else {
+                break;
+            };
+            let gen = match gen {
                 Ok(g) => g,
                 // Forgotten since the listing.
                 Err(FsError::NotFound) => continue,
