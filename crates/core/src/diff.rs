@@ -27,16 +27,20 @@ use crate::tree::{Entry, Kind, Tree};
 use futures_util::future::{BoxFuture, LocalBoxFuture};
 use serde::Serialize;
 use std::collections::HashSet;
+use std::sync::Arc;
 
-/// Where the walks of `diff` and `find` read directory trees: the repository, or a test's map.
+/// Where the walks of `diff`, `find` and `history` read directory trees: the repository, a
+/// cache in front of it (the mount's history view), or a test's map. Trees come shared, so a
+/// cache hands out what it keeps without copying; a walk that owns the only reference takes
+/// the entries out ([`Arc::unwrap_or_clone`]).
 pub trait TreeSource: Sync {
     /// The tree blob `id`, parsed.
-    fn tree<'a>(&'a self, id: &'a Id) -> BoxFuture<'a, Result<Tree>>;
+    fn tree<'a>(&'a self, id: &'a Id) -> BoxFuture<'a, Result<Arc<Tree>>>;
 }
 
 impl TreeSource for Repository {
-    fn tree<'a>(&'a self, id: &'a Id) -> BoxFuture<'a, Result<Tree>> {
-        Box::pin(Repository::tree(self, id))
+    fn tree<'a>(&'a self, id: &'a Id) -> BoxFuture<'a, Result<Arc<Tree>>> {
+        Box::pin(async move { Repository::tree(self, id).await.map(Arc::new) })
     }
 }
 
@@ -146,11 +150,11 @@ async fn merged(
     let mut tb = None;
     if let Some(id) = a {
         stats.trees_read += 1;
-        ta = Some(src.tree(id).await?);
+        ta = Some(Arc::unwrap_or_clone(src.tree(id).await?));
     }
     if let Some(id) = b {
         stats.trees_read += 1;
-        tb = Some(src.tree(id).await?);
+        tb = Some(Arc::unwrap_or_clone(src.tree(id).await?));
     }
     let pages = |t: &Option<Tree>| -> HashSet<Id> {
         t.iter()
@@ -172,7 +176,7 @@ async fn merged(
                 continue;
             }
             stats.trees_read += 1;
-            sides[i].extend(src.tree(&p.id).await?.entries);
+            sides[i].extend(Arc::unwrap_or_clone(src.tree(&p.id).await?).entries);
         }
     }
     let [ea, eb] = sides;

@@ -18,6 +18,7 @@ use crate::id::Id;
 use crate::tree::{Entry, Kind};
 use serde::Serialize;
 use std::collections::HashMap;
+use std::sync::Arc;
 
 /// A glob on paths inside a generation (no leading `/`). A pattern without `/` matches an
 /// entry's name at any depth (`*.xml`, `vmInventory.xml`); with `/`, the whole path, where `*`
@@ -116,14 +117,14 @@ impl<'a> Finder<'a> {
     /// Every entry of directory tree `id`, following its pages.
     async fn entries(&mut self, id: &Id) -> Result<Vec<Entry>> {
         self.stats.trees_read += 1;
-        let t = self.src.tree(id).await?;
+        let t = Arc::unwrap_or_clone(self.src.tree(id).await?);
         if !t.is_paged() {
             return Ok(t.entries);
         }
         let mut out = Vec::with_capacity(t.count() as usize);
         for p in &t.pages {
             self.stats.trees_read += 1;
-            out.extend(self.src.tree(&p.id).await?.entries);
+            out.extend(Arc::unwrap_or_clone(self.src.tree(&p.id).await?).entries);
         }
         Ok(out)
     }

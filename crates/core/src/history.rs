@@ -1,13 +1,16 @@
 //! The versions of one path across a host's generations (issue 15: the mount's history view
-//! and `find` build on it).
+//! builds on it).
 //!
-//! For every generation, oldest first, the path is resolved component by component from the
-//! generation's root tree. Resolving stops early where a directory's tree id equals the one the
-//! previous generation had at the same depth: everything below an unchanged tree is unchanged,
-//! so the previous generation's answer is this one's too. An unchanged path costs one manifest
-//! read per generation and no tree read; a path that changed costs the trees from the first
-//! changed directory down. Memory is the path's tree ids for one generation plus the versions
-//! found, not the generations' contents.
+//! The path is resolved in every generation at once, one component (one level) at a time.
+//! At each level the generations' directory tree ids are gathered and each *distinct* id is
+//! looked up once: generations in which a directory did not change share its tree id, so they
+//! share the lookup and everything below it. An unchanged path costs one manifest read per
+//! generation and the lookups in the distinct root trees (a root changes whenever anything
+//! does); a path that changed costs the trees from the first changed directory down, once per
+//! distinct tree. Lookups and manifests are [`IN_FLIGHT`] at a time, so on S3 a year of nightly
+//! generations costs a few seconds, not 365 round trips one after the other. Memory is one
+//! tree id and one result per generation plus the versions found, not the generations'
+//! contents.
 //!
 //! A **version** is what [`crate::diff::same_version`] compares (the content and the metadata a
 //! restore sets; not `atime`, `ctime`, the inode number or the hardlink group), so a file that
@@ -15,17 +18,17 @@
 //! is named by the first generation that has it; a file changed and changed back is one version
 //! seen in two runs of generations.
 
-use crate::diff::same_version;
+use crate::diff::{same_version, TreeSource};
 use crate::error::Result;
 use crate::id::Id;
 use crate::repo::Repository;
 use crate::tree::{Entry, Kind};
 use futures_util::stream::{FuturesOrdered, StreamExt};
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::future::Future;
 
-/// Manifests read ahead of the walk: on S3 each is a GET of tens of milliseconds, and a year
-/// of nightly generations read one after the other would take seconds before the first tree.
-const MANIFESTS_AHEAD: usize = 16;
+/// Manifests and tree lookups in flight: on S3 each is a request of tens of milliseconds.
+const IN_FLIGHT: usize = 16;
 
 /// One distinct version of a path.
 #[derive(Debug, Clone)]
@@ -46,9 +49,14 @@ impl Version {
     }
 }
 
+/// Where an entry was found: its page, its index there, the entry.
+type Found = Option<(Id, u32, Entry)>;
+/// A generation's answer: the path's entry and its place ([`Version::at`]).
+type Answer = (Entry, Option<(Id, u32)>);
+
 /// The versions of `path` (`/`-separated, below the generation root) in `host`'s generations,
 /// in the order they first appear. Generations where the path does not exist are skipped.
-/// Returns also how many trees were read (for tests and statistics).
+/// Returns also how many directory lookups were made (for tests and statistics).
 pub async fn versions(repo: &Repository, host: &str, path: &[u8]) -> Result<(Vec<Version>, u64)> {
     let names = repo.generations(host).await?;
     versions_with(repo, &names, path, |name| manifest_root(repo, host, name)).await
@@ -63,127 +71,163 @@ async fn manifest_root(repo: &Repository, host: &str, name: &str) -> Result<Opti
     }
 }
 
+/// Runs `f` on each item, [`IN_FLIGHT`] at a time, returning the results in order.
+async fn in_order<'a, T: 'a, R, Fut>(
+    items: impl IntoIterator<Item = &'a T>,
+    mut f: impl FnMut(&'a T) -> Fut,
+) -> Result<Vec<R>>
+where
+    Fut: Future<Output = Result<R>>,
+{
+    // A queue rather than a `map(..).buffered(..)` stream: a stream holding a closure is not
+    // `Send` for every lifetime, which a caller's spawned future must be.
+    let mut ahead = items.into_iter();
+    let mut pending = FuturesOrdered::new();
+    let mut out = Vec::new();
+    loop {
+        while pending.len() < IN_FLIGHT {
+            let Some(item) = ahead.next() else { break };
+            pending.push_back(f(item));
+        }
+        match pending.next().await {
+            Some(r) => out.push(r?),
+            None => return Ok(out),
+        }
+    }
+}
+
 /// [`versions`] in the generations `names` (oldest first), whose root entries `root` gives
-/// (`None` for a generation forgotten since it was listed): for a caller that has listed the
-/// generations already and keeps their manifests, as the mount does.
+/// (`None` for a generation forgotten since it was listed), reading trees from `src`: for a
+/// caller that has listed the generations already and keeps their roots and trees, as the
+/// mount does.
 pub async fn versions_with<'a, F, Fut>(
-    repo: &Repository,
+    src: &dyn TreeSource,
     names: &'a [String],
     path: &[u8],
-    mut root: F,
+    root: F,
 ) -> Result<(Vec<Version>, u64)>
 where
     F: FnMut(&'a String) -> Fut,
-    Fut: std::future::Future<Output = Result<Option<Entry>>>,
+    Fut: Future<Output = Result<Option<Entry>>>,
 {
     let comps: Vec<&[u8]> = path
         .split(|&b| b == b'/')
         .filter(|c| !c.is_empty())
         .collect();
-    let mut out: Vec<Version> = Vec::new();
-    // The previous generation's tree ids along the path (index d: the directory holding
-    // component d) and its answer with its place.
-    let mut prev: Vec<Id> = Vec::new();
-    let mut prev_answer: Option<(Entry, Option<(Id, u32)>)> = None;
-    let mut reads = 0u64;
-    // The roots in flight, in order (a queue rather than a `map(..).buffered(..)` stream: a
-    // stream holding a closure over `root` is not `Send` for every lifetime, which a caller's
-    // spawned future must be).
-    let mut ahead = names.iter();
-    let mut roots = FuturesOrdered::new();
-    loop {
-        while roots.len() < MANIFESTS_AHEAD {
-            let Some(name) = ahead.next() else { break };
-            let r = root(name);
-            roots.push_back(async move { (name, r.await) });
-        }
-        let Some((name, r)) = roots.next().await else {
-            break;
-        };
-        let Some(root) = r? else {
-            continue;
-        };
-        let mut ids: Vec<Id> = Vec::with_capacity(comps.len());
-        let mut answer = if comps.is_empty() {
-            Some((root.clone(), None))
-        } else {
-            None
-        };
-        let mut dir = root.tree;
-        for (d, comp) in comps.iter().enumerate() {
-            let Some(t) = dir else {
-                answer = None;
-                break;
-            };
-            ids.push(t);
-            if prev.get(d) == Some(&t) {
-                // The previous generation resolved the rest of the path from this same tree:
-                // its answer (and the answer's place) holds.
-                answer = prev_answer.clone();
-                ids = prev.clone();
-                break;
+    let roots = in_order(names, root).await?;
+    let mut lookups = 0u64;
+    // Per generation: where the path stands (the directory to look the next component up in,
+    // or the answer once the last one is found).
+    let mut answers: Vec<Option<Answer>> = Vec::new();
+    let mut dirs: Vec<Option<Id>> = Vec::new();
+    if comps.is_empty() {
+        answers = roots.into_iter().map(|r| r.map(|e| (e, None))).collect();
+    } else {
+        dirs = (roots.iter())
+            .map(|r| {
+                r.as_ref()
+                    .filter(|e| e.kind == Kind::Dir)
+                    .and_then(|e| e.tree)
+            })
+            .collect();
+    }
+    for (d, comp) in comps.iter().enumerate() {
+        let mut distinct: Vec<Id> = Vec::new();
+        let mut seen = HashSet::new();
+        for t in dirs.iter().flatten() {
+            if seen.insert(*t) {
+                distinct.push(*t);
             }
-            reads += 1;
-            let found = repo.lookup_at(&t, comp).await?;
-            if d + 1 == comps.len() {
-                answer = found.map(|(page, idx, e)| (e, Some((page, idx))));
+        }
+        lookups += distinct.len() as u64;
+        let found = in_order(&distinct, |t| lookup_at(src, t, comp)).await?;
+        let found: HashMap<Id, Found> = distinct.into_iter().zip(found).collect();
+        let last = d + 1 == comps.len();
+        for dir in dirs.iter_mut() {
+            let f = dir.and_then(|t| found.get(&t).cloned().flatten());
+            if last {
+                answers.push(f.map(|(page, idx, e)| (e, Some((page, idx)))));
             } else {
-                dir = found
+                *dir = f
                     .filter(|(_, _, e)| e.kind == Kind::Dir)
                     .and_then(|(_, _, e)| e.tree);
-                if dir.is_none() {
-                    answer = None;
-                    break;
-                }
             }
         }
-        if let Some((e, at)) = &answer {
-            match out.iter_mut().find(|v| same_version(&v.entry, e)) {
-                Some(v) => v.generations.push(name.clone()),
-                None => out.push(Version {
-                    entry: e.clone(),
-                    at: *at,
-                    generations: vec![name.clone()],
-                }),
-            }
-        }
-        prev = ids;
-        prev_answer = answer;
     }
-    Ok((out, reads))
+    let mut out: Vec<Version> = Vec::new();
+    for (name, answer) in names.iter().zip(answers) {
+        let Some((e, at)) = answer else { continue };
+        match out.iter_mut().find(|v| same_version(&v.entry, &e)) {
+            Some(v) => v.generations.push(name.clone()),
+            None => out.push(Version {
+                entry: e,
+                at,
+                generations: vec![name.clone()],
+            }),
+        }
+    }
+    Ok((out, lookups))
+}
+
+/// One entry of directory `dir` by name, with its page and index (as
+/// [`Repository::lookup_at`], through `src`).
+async fn lookup_at(src: &dyn TreeSource, dir: &Id, name: &[u8]) -> Result<Found> {
+    let t = src.tree(dir).await?;
+    let (page, t) = if t.is_paged() {
+        match t.page_for(name) {
+            Some(p) => (p.id, src.tree(&p.id).await?),
+            None => return Ok(None),
+        }
+    } else {
+        (*dir, t)
+    };
+    Ok(t.entries
+        .binary_search_by(|e| e.name.as_slice().cmp(name))
+        .ok()
+        .map(|i| (page, i as u32, t.entries[i].clone())))
 }
 
 /// The names a directory has had across its versions (`versions` of one directory, as
 /// [`versions`] gives them), each with its kind in the newest version that has it: what a
-/// history view lists, so that a file deleted since is still found. Each distinct tree is read
-/// once; memory is the names, not the entries.
-pub async fn children(repo: &Repository, versions: &[Version]) -> Result<BTreeMap<Vec<u8>, Kind>> {
+/// history view lists, so that a file deleted since is still found. Each distinct tree, and
+/// each distinct page of a paged directory, is read once, [`IN_FLIGHT`] at a time; memory is
+/// the names, not the entries.
+pub async fn children(
+    src: &dyn TreeSource,
+    versions: &[Version],
+) -> Result<BTreeMap<Vec<u8>, Kind>> {
+    // Newest first, so that the first kind recorded for a name is its newest. Versions
+    // differing only in metadata share their tree; the versions of a paged directory share
+    // every page that did not change.
+    let mut seen = HashSet::new();
+    let trees: Vec<Id> = (versions.iter().rev())
+        .filter_map(|v| {
+            (v.entry.kind == Kind::Dir)
+                .then_some(v.entry.tree)
+                .flatten()
+        })
+        .filter(|t| seen.insert(*t))
+        .collect();
+    let tops = in_order(&trees, |t| src.tree(t)).await?;
     let mut out = BTreeMap::new();
-    // Trees and pages already listed: versions differing only in metadata share their tree,
-    // and the versions of a paged directory share every page that did not change.
-    let mut seen: HashSet<Id> = HashSet::new();
-    let add = |out: &mut BTreeMap<Vec<u8>, Kind>, entries: Vec<Entry>| {
+    let mut add = |entries: &[Entry]| {
         for e in entries {
-            out.entry(e.name).or_insert(e.kind);
+            if !out.contains_key(&e.name) {
+                out.insert(e.name.clone(), e.kind);
+            }
         }
     };
-    // Newest first, so that the first kind recorded for a name is its newest.
-    for v in versions.iter().rev() {
-        let (Kind::Dir, Some(t)) = (v.entry.kind, v.entry.tree) else {
-            continue;
-        };
-        if !seen.insert(t) {
+    for t in &tops {
+        if !t.is_paged() {
+            add(&t.entries);
             continue;
         }
-        let tree = repo.tree(&t).await?;
-        if !tree.is_paged() {
-            add(&mut out, tree.entries);
-            continue;
-        }
-        for p in &tree.pages {
-            if seen.insert(p.id) {
-                add(&mut out, repo.tree(&p.id).await?.entries);
-            }
+        let pages: Vec<Id> = (t.pages.iter())
+            .map(|p| p.id)
+            .filter(|p| seen.insert(*p))
+            .collect();
+        for page in in_order(&pages, |p| src.tree(p)).await? {
+            add(&page.entries);
         }
     }
     Ok(out)
@@ -290,13 +334,13 @@ mod tests {
         assert!(reads <= 5 * 3 + 25, "{reads} tree reads");
         // The directory's names across its versions: the file deleted at 7 is still there.
         let (dirs, _) = versions(&repo, "h", b"etc/deep").await.unwrap();
-        let names = children(&repo, &dirs).await.unwrap();
+        let names = children(&*repo, &dirs).await.unwrap();
         let names: Vec<&[u8]> = names.keys().map(Vec::as_slice).collect();
         assert_eq!(names, vec![&b"inventory.xml"[..], b"old.conf"]);
         let (root, _) = versions(&repo, "h", b"").await.unwrap();
         assert_eq!(root.len(), 30, "the root changes every time");
         assert!(root.iter().all(|v| v.at.is_none()));
-        let kinds = children(&repo, &root).await.unwrap();
+        let kinds = children(&*repo, &root).await.unwrap();
         assert_eq!(kinds.get(&b"etc"[..]), Some(&Kind::Dir));
         // A path that never existed: no versions.
         assert!(versions(&repo, "h", b"etc/none")

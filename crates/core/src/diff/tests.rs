@@ -12,9 +12,9 @@ pub(crate) struct MapSource {
 }
 
 impl TreeSource for MapSource {
-    fn tree<'a>(&'a self, id: &'a Id) -> BoxFuture<'a, Result<Tree>> {
+    fn tree<'a>(&'a self, id: &'a Id) -> BoxFuture<'a, Result<Arc<Tree>>> {
         self.reads.fetch_add(1, Ordering::Relaxed);
-        let t = self.trees.lock().unwrap().get(id).cloned();
+        let t = self.trees.lock().unwrap().get(id).cloned().map(Arc::new);
         Box::pin(async move {
             t.ok_or_else(|| crate::Error::NotFound {
                 what: format!("tree {id}"),

@@ -12,9 +12,10 @@
 //! and, for each, the path is resolved from the generation's root, stopping where a directory's
 //! tree id equals the previous generation's, so a path that did not change costs no tree read.
 //! What is kept is bounded: the versions of the last [`PATHS_KEPT`] paths (each stamped with
-//! the generation listing it was computed from, and computed again when that changes) and the
+//! the generation listing it was computed from, and computed again when that changes), the
 //! root entries of the last [`ROOTS_KEPT`] generations (the walk's only per-generation need, so
-//! walking into `.history/var/lib/…` reads each manifest once, not once per component).
+//! walking into `.history/var/lib/…` reads each manifest once, not once per component) and
+//! [`TREE_BYTES_KEPT`] of the trees walked (each path's walk starts in the same root trees).
 //!
 //! A directory of the view lists the names its path has had in any version (a file deleted
 //! since is still there), each a directory of the view again if it is a directory in its newest
@@ -27,9 +28,13 @@
 use super::error::{lock, Failures, FsError, Result};
 use super::inodes::{entry_attr, hash_ino, Attr, EntryAt, Node};
 use super::namespace::GenCtx;
+use crate::cache::SizedLru;
+use backtree_core::diff::TreeSource;
 use backtree_core::history::{self, Version};
-use backtree_core::tree::{Entry, Kind};
+use backtree_core::tree::{Entry, Kind, Tree};
+use backtree_core::Id;
 use backtree_core::Repository;
+use futures_util::future::BoxFuture;
 use lru::LruCache;
 use std::collections::BTreeMap;
 use std::hash::{Hash, Hasher};
@@ -46,6 +51,9 @@ const PATHS_KEPT: usize = 64;
 /// Generation root entries kept (about 200 bytes each): a year of nightly generations of a few
 /// dozen hosts.
 const ROOTS_KEPT: usize = 16_384;
+/// Bytes of parsed trees kept for history walks ([`Tree::mem_size`]): a host's root directory
+/// is typically a few KB parsed, so a year of them fits many times over.
+const TREE_BYTES_KEPT: usize = 16 << 20;
 
 type Versions = Arc<Vec<Version>>;
 /// A path's versions with the stamp of the generation listing they were computed from.
@@ -56,6 +64,7 @@ pub(super) struct History {
     repo: Arc<Repository>,
     failures: Arc<Failures>,
     roots: Roots,
+    trees: Trees,
     paths: Mutex<LruCache<(String, Vec<u8>), Stamped>>,
 }
 
@@ -63,9 +72,13 @@ impl History {
     pub(super) fn new(repo: Arc<Repository>, failures: Arc<Failures>) -> Self {
         let cap = |n| NonZeroUsize::new(n).unwrap_or(NonZeroUsize::MIN);
         History {
-            repo,
+            repo: repo.clone(),
             failures,
             roots: Mutex::new(LruCache::new(cap(ROOTS_KEPT))),
+            trees: Trees {
+                repo,
+                kept: Mutex::new(SizedLru::new(TREE_BYTES_KEPT)),
+            },
             paths: Mutex::new(LruCache::new(cap(PATHS_KEPT))),
         }
     }
@@ -84,7 +97,7 @@ impl History {
                 return Ok(v.clone());
             }
         }
-        let (vs, _) = history::versions_with(&self.repo, names, path, |name| {
+        let (vs, _) = history::versions_with(&self.trees, names, path, |name| {
             root(&self.repo, &self.roots, &self.failures, host, name)
         })
         .await
@@ -101,7 +114,7 @@ impl History {
         path: &[u8],
         versions: &[Version],
     ) -> Result<BTreeMap<Vec<u8>, Kind>> {
-        history::children(&self.repo, versions)
+        history::children(&self.trees, versions)
             .await
             .map_err(|e| self.failures.fail(describe(host, path), e))
     }
@@ -150,6 +163,28 @@ pub(super) fn version_node(gen: Arc<GenCtx>, path: &Arc<[u8]>, v: &Version) -> (
 
 /// Generation root entries by host and name.
 type Roots = Mutex<LruCache<(String, String), Entry>>;
+
+/// The trees history walks read, kept by bytes: every path's walk starts in the same root
+/// trees (one per generation that changed anything), so the next path asked reads none of
+/// them again. Read by ranged reads of single blobs, not through the mount's pack windows: a
+/// walk needs one directory of each generation, whose tree pack holds all the others.
+struct Trees {
+    repo: Arc<Repository>,
+    kept: Mutex<SizedLru<Arc<Tree>>>,
+}
+
+impl TreeSource for Trees {
+    fn tree<'a>(&'a self, id: &'a Id) -> BoxFuture<'a, backtree_core::Result<Arc<Tree>>> {
+        Box::pin(async move {
+            if let Some(t) = lock(&self.kept).get(id) {
+                return Ok(t);
+            }
+            let t = Arc::new(self.repo.tree(id).await?);
+            lock(&self.kept).put(*id, t.clone(), t.mem_size());
+            Ok(t)
+        })
+    }
+}
 
 /// A generation's root entry; `None` if it was forgotten since it was listed, or if its
 /// manifest cannot be read (logged): one damaged generation must not hide every other version.
