@@ -30,8 +30,8 @@
 //!   not rewritten; with [`RestoreOptions::checksum`], one of the same size is hashed piece by
 //!   piece along the stored chunk boundaries (BLAKE3 is the chunk id; a hole must read as
 //!   zeros, found with `SEEK_DATA` rather than read), which reads nothing from the store but
-//!   the chunk list. A file that differs and is large ([`IN_PLACE_MIN`], with no other links)
-//!   is updated in place the same way: each piece is hashed where it lies and only the pieces
+//!   the chunk list. A file that differs and is large ([`IN_PLACE_MIN`], with no other links,
+//!   writable) is updated in place the same way: each piece is hashed where it lies and only the pieces
 //!   that differ are fetched and written, holes punched where the generation has them, the
 //!   length set; a disk image with 1 % of its blocks changed costs 1 % of its data from the
 //!   store (and one local read of the old file). A smaller file that differs is written under
@@ -583,8 +583,13 @@ impl Ctx<'_> {
             // A large file on its own is updated where it is: its pieces are hashed in place
             // and only those that differ fetched and written. (One with other links is
             // replaced: they may be other files.)
-            if e.size >= IN_PLACE_MIN && st.st_size > 0 && st.st_nlink == 1 {
-                let f = File::from(openat(dir, name, libc::O_RDWR, 0)?);
+            let in_place = e.size >= IN_PLACE_MIN && st.st_size > 0 && st.st_nlink == 1;
+            // One that cannot be opened for writing (not root, a mode without `w`) is replaced.
+            if let Some(f) = in_place
+                .then(|| openat(dir, name, libc::O_RDWR, 0).ok())
+                .flatten()
+            {
+                let f = File::from(f);
                 let written = self.update_in_place(&f, st.st_size as u64, e)?;
                 if written > 0 || !size_same {
                     self.progress.files_written.fetch_add(1, Ordering::Relaxed);
