@@ -35,10 +35,6 @@ const IN_FLIGHT: usize = 16;
 pub struct Version {
     /// The entry, as in [`Version::first`].
     pub entry: Entry,
-    /// Where the entry is in the first generation: the directory page holding it and its index
-    /// there (see [`Repository::lookup_at`]); `None` for the root directory, whose entry is in
-    /// the manifest.
-    pub at: Option<(Id, u32)>,
     /// The generations that have it, oldest first (the first names the version).
     pub generations: Vec<String>,
 }
@@ -48,11 +44,6 @@ impl Version {
         &self.generations[0]
     }
 }
-
-/// Where an entry was found: its page, its index there, the entry.
-type Found = Option<(Id, u32, Entry)>;
-/// A generation's answer: the path's entry and its place ([`Version::at`]).
-type Answer = (Entry, Option<(Id, u32)>);
 
 /// The versions of `path` (`/`-separated, below the generation root) in `host`'s generations,
 /// in the order they first appear. Generations where the path does not exist are skipped.
@@ -118,10 +109,10 @@ where
     let mut lookups = 0u64;
     // Per generation: where the path stands (the directory to look the next component up in,
     // or the answer once the last one is found).
-    let mut answers: Vec<Option<Answer>> = Vec::new();
+    let mut answers: Vec<Option<Entry>> = Vec::new();
     let mut dirs: Vec<Option<Id>> = Vec::new();
     if comps.is_empty() {
-        answers = roots.into_iter().map(|r| r.map(|e| (e, None))).collect();
+        answers = roots;
     } else {
         dirs = (roots.iter())
             .map(|r| {
@@ -140,28 +131,25 @@ where
             }
         }
         lookups += distinct.len() as u64;
-        let found = in_order(&distinct, |t| lookup_at(src, t, comp)).await?;
-        let found: HashMap<Id, Found> = distinct.into_iter().zip(found).collect();
+        let found = in_order(&distinct, |t| lookup(src, t, comp)).await?;
+        let found: HashMap<Id, Option<Entry>> = distinct.into_iter().zip(found).collect();
         let last = d + 1 == comps.len();
         for dir in dirs.iter_mut() {
             let f = dir.and_then(|t| found.get(&t).cloned().flatten());
             if last {
-                answers.push(f.map(|(page, idx, e)| (e, Some((page, idx)))));
+                answers.push(f);
             } else {
-                *dir = f
-                    .filter(|(_, _, e)| e.kind == Kind::Dir)
-                    .and_then(|(_, _, e)| e.tree);
+                *dir = f.filter(|e| e.kind == Kind::Dir).and_then(|e| e.tree);
             }
         }
     }
     let mut out: Vec<Version> = Vec::new();
     for (name, answer) in names.iter().zip(answers) {
-        let Some((e, at)) = answer else { continue };
+        let Some(e) = answer else { continue };
         match out.iter_mut().find(|v| same_version(&v.entry, &e)) {
             Some(v) => v.generations.push(name.clone()),
             None => out.push(Version {
                 entry: e,
-                at,
                 generations: vec![name.clone()],
             }),
         }
@@ -169,22 +157,21 @@ where
     Ok((out, lookups))
 }
 
-/// One entry of directory `dir` by name, with its page and index (as
-/// [`Repository::lookup_at`], through `src`).
-async fn lookup_at(src: &dyn TreeSource, dir: &Id, name: &[u8]) -> Result<Found> {
+/// One entry of directory `dir` by name (as [`Repository::lookup`], through `src`).
+async fn lookup(src: &dyn TreeSource, dir: &Id, name: &[u8]) -> Result<Option<Entry>> {
     let t = src.tree(dir).await?;
-    let (page, t) = if t.is_paged() {
+    let t = if t.is_paged() {
         match t.page_for(name) {
-            Some(p) => (p.id, src.tree(&p.id).await?),
+            Some(p) => src.tree(&p.id).await?,
             None => return Ok(None),
         }
     } else {
-        (*dir, t)
+        t
     };
     Ok(t.entries
         .binary_search_by(|e| e.name.as_slice().cmp(name))
         .ok()
-        .map(|i| (page, i as u32, t.entries[i].clone())))
+        .map(|i| t.entries[i].clone()))
 }
 
 /// The names a directory has had across its versions (`versions` of one directory, as
@@ -308,11 +295,8 @@ mod tests {
             vs[1].generations[6], gens[25],
             "the revert is the same version"
         );
-        // Each version reads back as its content, and its place is its entry's.
+        // Each version reads back as its content.
         for v in &vs {
-            let (page, idx) = v.at.unwrap();
-            let t = repo.tree(&page).await.unwrap();
-            assert_eq!(t.entries[idx as usize].name, b"inventory.xml");
             let m = repo.manifest("h", v.first()).await.unwrap();
             let e = repo
                 .resolve(m.root.tree.as_ref().unwrap(), b"etc/deep/inventory.xml")
@@ -339,7 +323,6 @@ mod tests {
         assert_eq!(names, vec![&b"inventory.xml"[..], b"old.conf"]);
         let (root, _) = versions(&repo, "h", b"").await.unwrap();
         assert_eq!(root.len(), 30, "the root changes every time");
-        assert!(root.iter().all(|v| v.at.is_none()));
         let kinds = children(&*repo, &root).await.unwrap();
         assert_eq!(kinds.get(&b"etc"[..]), Some(&Kind::Dir));
         // A path that never existed: no versions.

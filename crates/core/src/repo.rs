@@ -266,26 +266,19 @@ impl Repository {
 
     /// One entry of a directory by name, loading at most one page.
     pub async fn lookup(&self, dir: &Id, name: &[u8]) -> Result<Option<Entry>> {
-        Ok(self.lookup_at(dir, name).await?.map(|(_, _, e)| e))
-    }
-
-    /// One entry of a directory by name, with where it is: the directory page holding it (the
-    /// directory's own tree unless it is paged) and its index there, as the mount addresses
-    /// entries. Loads at most one page.
-    pub async fn lookup_at(&self, dir: &Id, name: &[u8]) -> Result<Option<(Id, u32, Entry)>> {
         let t = self.tree(dir).await?;
-        let (page, mut entries) = if t.is_paged() {
+        let entries = if t.is_paged() {
             match t.page_for(name) {
-                Some(p) => (p.id, self.tree(&p.id).await?.entries),
+                Some(p) => self.tree(&p.id).await?.entries,
                 None => return Ok(None),
             }
         } else {
-            (*dir, t.entries)
+            t.entries
         };
         Ok(entries
             .binary_search_by(|e| e.name.as_slice().cmp(name))
             .ok()
-            .map(|i| (page, i as u32, entries.swap_remove(i))))
+            .map(|i| entries[i].clone()))
     }
 
     /// Resolves a `/`-separated path below a root tree. The empty path is the root itself,

@@ -130,6 +130,7 @@ impl Dirs {
         };
         match *at {
             EntryAt::Root => Ok(Some(EntryRef::Root(gen.clone()))),
+            EntryAt::Held(ref e) => Ok(Some(EntryRef::Held(e.clone()))),
             EntryAt::Page { page, idx } => {
                 let t = self.page(gen, path, &page).await?;
                 if idx as usize >= t.entries.len() {

@@ -145,18 +145,14 @@ pub(super) fn node_of(host: &Arc<str>, path: Arc<[u8]>, dir: bool) -> (u64, Node
 }
 
 /// The entry of version `v` of `path`, in its first generation `gen`: the generation's entry
-/// under an inode number of its own.
+/// under an inode number of its own, held by the node (its page is not in the mount's cache).
 pub(super) fn version_node(gen: Arc<GenCtx>, path: &Arc<[u8]>, v: &Version) -> (u64, Node, Attr) {
     let ino = hash_ino(&[b"version", gen.host.as_bytes(), path, gen.name.as_bytes()]);
     let attr = entry_attr(ino, &gen, &v.entry);
-    let at = match v.at {
-        Some((page, idx)) => EntryAt::Page { page, idx },
-        None => EntryAt::Root,
-    };
     let node = Node::Entry {
         gen,
         path: path.clone(),
-        at,
+        at: EntryAt::Held(Arc::new(v.entry.clone())),
     };
     (ino, node, attr)
 }

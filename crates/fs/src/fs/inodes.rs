@@ -10,7 +10,8 @@
 //! A node inside a generation holds where its entry is ([`EntryAt`]), not the entry: the kernel
 //! keeps every inode it was given (54 k after an `rsync` of a 54 k-file tree), and a full entry
 //! per inode was most of the daemon's memory. The entry is re-read from its parsed directory
-//! page when needed ([`crate::fs::dirs`]).
+//! page when needed ([`crate::fs::dirs`]). Only the versions of the history view hold their
+//! entries ([`EntryAt::Held`]): a few per path asked.
 
 use super::error::{lock, FsError, Result};
 use super::namespace::GenCtx;
@@ -84,12 +85,16 @@ pub enum Node {
 }
 
 /// Where a generation's entry is.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub enum EntryAt {
     /// The generation's root directory, in its manifest.
     Root,
     /// Entry `idx` of the directory page (tree blob) `page`.
     Page { page: Id, idx: u32 },
+    /// Held by the node itself: a version in the history view, found by a walk across
+    /// generations whose pages the mount's page cache does not hold (re-reading one page per
+    /// version for every `stat` cost a store read each on S3). Few are held at a time.
+    Held(Arc<Entry>),
 }
 
 /// An entry, kept alive by the page (or manifest) holding it.
@@ -97,6 +102,7 @@ pub enum EntryRef {
     Root(Arc<GenCtx>),
     /// Entry `.1` of the directory page `.0`, whose tree id is `.2`.
     Page(Arc<Tree>, u32, Id),
+    Held(Arc<Entry>),
 }
 
 impl std::ops::Deref for EntryRef {
@@ -105,6 +111,7 @@ impl std::ops::Deref for EntryRef {
         match self {
             EntryRef::Root(g) => &g.manifest.root,
             EntryRef::Page(t, i, _) => &t.entries[*i as usize],
+            EntryRef::Held(e) => e,
         }
     }
 }
