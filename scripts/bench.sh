@@ -68,6 +68,9 @@ if [ "${1:-}" = "--scale" ]; then shift; exec "$(dirname "$0")/bench-scale.sh" "
 # files, backtree on simulated repositories of 10^5-10^6 chunks over 1 and 100 hosts, an ingest
 # during a prune (scripts/bench-prune.sh).
 if [ "${1:-}" = "--prune" ]; then shift; exec "$(dirname "$0")/bench-prune.sh" "$@"; fi
+# `scripts/bench.sh --history` runs the history view benchmark: a host with a year of generations,
+# local and Garage (scripts/bench-history.sh).
+if [ "${1:-}" = "--history" ]; then shift; exec "$(dirname "$0")/bench-history.sh" "$@"; fi
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
