@@ -125,6 +125,10 @@ pub struct StoredBlob {
     pub raw_len: u32,
 }
 
+/// Largest decoded blob that [`StoredBlob::decode_blocking`] decodes on the calling task: 64 KiB
+/// decompress and hash in about 20–60 µs, about what a hand-off to another thread costs.
+pub const INLINE_DECODE: u32 = 64 << 10;
+
 impl StoredBlob {
     /// The stored bytes of the blob at `loc` (its bytes taken from a window of its pack, say).
     pub fn new(bytes: Bytes, loc: &Location) -> StoredBlob {
@@ -143,7 +147,15 @@ impl StoredBlob {
     /// [`StoredBlob::decode`] on the blocking pool: decompressing and hashing up to 8 MiB is CPU
     /// work that must not hold up an async worker. A decoding task that panicked or was
     /// cancelled is [`Error::TaskFailed`] (wrapped in [`Error::Blob`], which names the blob).
+    ///
+    /// A blob of at most [`INLINE_DECODE`] bytes is decoded on the calling task instead: that
+    /// takes tens of microseconds, less than the hand-off to the blocking pool and back (two
+    /// thread wake-ups, a futex each), which was most of the system time of a restore of many
+    /// small files (docs/benchmarks-restore.md).
     pub async fn decode_blocking(self, id: Id, what: String) -> Result<Vec<u8>> {
+        if self.raw_len <= INLINE_DECODE {
+            return self.decode(&id, &what);
+        }
         tokio::task::spawn_blocking(move || self.decode(&id, &what))
             .await
             .map_err(|e| Error::Blob {
