@@ -68,6 +68,10 @@ if [ "${1:-}" = "--scale" ]; then shift; exec "$(dirname "$0")/bench-scale.sh" "
 # files, backtree on simulated repositories of 10^5-10^6 chunks over 1 and 100 hosts, an ingest
 # during a prune (scripts/bench-prune.sh).
 if [ "${1:-}" = "--prune" ]; then shift; exec "$(dirname "$0")/bench-prune.sh" "$@"; fi
+# `scripts/bench.sh --restore` runs the restore benchmark: backtree restore vs restic restore and
+# borg extract of a tree and a disk image, and restores over a copy with 1% changed vs rsync from
+# the mount (scripts/bench-restore.sh).
+if [ "${1:-}" = "--restore" ]; then shift; exec "$(dirname "$0")/bench-restore.sh" "$@"; fi
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
