@@ -1,13 +1,13 @@
 //! `backtree restore`: fidelity on the edge-case tree (as the mount test checks rsync from the
 //! mount), a subtree and a single file, restoring over an existing tree (only what differs is
-//! written: counted in bytes fetched from the store), `--checksum`, `--delete`, and never
-//! writing through a symlink found in the target.
+//! written, a changed file in place, only its changed chunks: counted in bytes fetched from the
+//! store), `--checksum`, `--delete`, and never writing through a symlink found in the target.
 
 mod common;
 
 use backtree_core::testing::{build_fixture, compare_dirs, data_regions, set_times};
 use common::{bt, ok, repo_with};
-use std::os::unix::fs::MetadataExt;
+use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::Path;
 
 /// `backtree restore --json`: the summary.
@@ -82,17 +82,52 @@ fn restore_is_identical_and_incremental() {
     set_times(&out.join("multi.bin"), (1, 0), (2, 0));
     std::fs::remove_file(out.join("dir/sub/random.bin")).unwrap();
     let r = restore(&repo, "h/latest", &out, &[]);
-    assert_eq!(n(&r, "files_written"), 3, "{r}");
+    assert_eq!(
+        (n(&r, "files_written"), n(&r, "files_unchanged") > 0),
+        (2, true),
+        "the mtime-only change rewrites nothing: {r}"
+    );
     assert_eq!(
         n(&r, "bytes_fetched"),
-        300_000 + 6_000_000 + 3_000_000,
-        "only the changed files are read: {r}"
+        300_000 + 3_000_000,
+        "only the changed content is read: {r}"
     );
     let diffs = compare_dirs(&src, &out);
     assert!(
         diffs.is_empty(),
         "after the incremental restore: {diffs:#?}"
     );
+
+    // In place: a few bytes changed in the middle of the 6 MB file: only the chunk holding
+    // them is fetched; junk written into a hole of the sparse file is punched out again.
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(out.join("multi.bin"))
+        .unwrap()
+        .write_all_at(b"CHANGED", 3_000_000)
+        .unwrap();
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(out.join("sparse.img"))
+        .unwrap()
+        .write_all_at(b"junk", 20 << 20)
+        .unwrap();
+    let r = restore(&repo, "h/latest", &out, &[]);
+    assert_eq!(n(&r, "files_written"), 2, "{r}");
+    let fetched = n(&r, "bytes_fetched");
+    assert!(
+        fetched > 0 && fetched < 3_000_000,
+        "only the changed chunk is fetched: {r}"
+    );
+    let diffs = compare_dirs(&src, &out);
+    assert!(diffs.is_empty(), "after the in-place update: {diffs:#?}");
+    if info.sparse {
+        assert_eq!(
+            data_regions(&out.join("sparse.img")),
+            data_regions(&src.join("sparse.img")),
+            "the hole is a hole again"
+        );
+    }
 
     // --checksum: same size and mtime, different content.
     let m = std::fs::metadata(out.join("small.txt")).unwrap();

@@ -29,9 +29,15 @@
 //! * **Into an existing tree only what differs.** A regular file whose size and mtime match is
 //!   not rewritten; with [`RestoreOptions::checksum`], one of the same size is hashed piece by
 //!   piece along the stored chunk boundaries (BLAKE3 is the chunk id; a hole must read as
-//!   zeros), which reads nothing from the store but the chunk list. Metadata are always
-//!   reapplied (cheap, and fixes any difference without rewriting content).
-//!   [`RestoreOptions::delete`] removes entries the generation does not have.
+//!   zeros), which reads nothing from the store but the chunk list. A regular file that
+//!   differs is updated in place the same way: each piece is compared with the local bytes at
+//!   its offset and only the pieces that differ are fetched and written (a hole that does not
+//!   read as zeros is punched), then the length is set; so a touched mtime fetches nothing
+//!   and 1% changed in a disk image fetches the chunks holding that 1%. A file with other hard
+//!   links (or one that cannot be opened for writing) is replaced by a new file instead, so
+//!   the other names keep their content. Metadata are always reapplied (cheap, and fixes any
+//!   difference without rewriting content). [`RestoreOptions::delete`] removes entries the
+//!   generation does not have.
 //! * **Partial failures.** An entry that cannot be restored (an unreadable chunk, a device
 //!   node without privilege) is listed in [`RestoreReport::failures`] with its path and the
 //!   rest is restored; only failures to start (no such generation, TARGET unusable) are errors.
@@ -125,7 +131,7 @@ pub struct RestoreReport {
     pub entries: u64,
     /// Regular files whose content was written.
     pub files_written: u64,
-    /// Regular files left as they were (same size and mtime, or same content).
+    /// Regular files whose content was left as it was (same size and mtime, or same content).
     pub files_unchanged: u64,
     /// Logical size of the files written (holes included).
     pub bytes_written: u64,
@@ -551,11 +557,12 @@ impl Ctx<'_> {
     /// A regular file (a worker's job).
     fn restore_file(&self, job: &FileJob) -> io::Result<()> {
         let (dir, name, e) = (&job.dir, job.name.as_c_str(), &job.entry);
-        let mut unchanged = false;
+        // The length of an existing regular file that differs and is updated in place.
+        let mut update = None;
         match fstatat(dir, name)? {
             None => {}
             Some(st) if st.st_mode & libc::S_IFMT == libc::S_IFREG => {
-                unchanged = st.st_size as u64 == e.size
+                let unchanged = st.st_size as u64 == e.size
                     && if self.opts.checksum {
                         let f = File::from(openat(dir, name, libc::O_RDONLY, 0)?);
                         let list = self.block(self.repo.chunk_list(e))?;
@@ -563,27 +570,45 @@ impl Ctx<'_> {
                     } else {
                         (st.st_mtime, st.st_mtime_nsec as u32) == (e.mtime.0, e.mtime.1)
                     };
-                if !unchanged {
+                if unchanged {
+                    self.count(|r| r.files_unchanged += 1);
+                    return self.apply_fd(&File::from(openat(dir, name, libc::O_RDONLY, 0)?), e);
+                }
+                // Another hard link to it (outside the generation's link group) must not
+                // change: replace this name with a new file instead.
+                if st.st_nlink == 1 {
+                    update = Some(st.st_size as u64);
+                } else {
                     self.remove(dir, name)?;
                 }
             }
             Some(_) => self.remove(dir, name)?,
         }
-        let f = if unchanged {
-            self.count(|r| r.files_unchanged += 1);
-            File::from(openat(dir, name, libc::O_RDONLY, 0)?)
-        } else {
-            let f = File::from(openat(
-                dir,
-                name,
-                libc::O_WRONLY | libc::O_CREAT | libc::O_EXCL,
-                0o600,
-            )?);
-            self.write_content(&f, e)?;
-            self.progress.files_written.fetch_add(1, Ordering::Relaxed);
-            self.count(|r| r.bytes_written += e.size);
-            f
-        };
+        if let Some(old) = update {
+            match openat(dir, name, libc::O_RDWR, 0) {
+                Ok(fd) => {
+                    let f = File::from(fd);
+                    if self.update_content(&f, e, old)? {
+                        self.progress.files_written.fetch_add(1, Ordering::Relaxed);
+                        self.count(|r| r.bytes_written += e.size);
+                    } else {
+                        self.count(|r| r.files_unchanged += 1);
+                    }
+                    return self.apply_fd(&f, e);
+                }
+                // Not writable (not root, mode without w): replace it.
+                Err(_) => self.remove(dir, name)?,
+            }
+        }
+        let f = File::from(openat(
+            dir,
+            name,
+            libc::O_WRONLY | libc::O_CREAT | libc::O_EXCL,
+            0o600,
+        )?);
+        self.write_content(&f, e)?;
+        self.progress.files_written.fetch_add(1, Ordering::Relaxed);
+        self.count(|r| r.bytes_written += e.size);
         self.apply_fd(&f, e)
     }
 
@@ -594,19 +619,57 @@ impl Ctx<'_> {
     /// Writes a file's data pieces at their offsets, skipping holes, then sets its length.
     fn write_content(&self, f: &File, e: &Entry) -> io::Result<()> {
         let list = self.block(self.repo.chunk_list(e))?;
-        let mut ranges: Vec<(u64, u64)> = Vec::new();
+        let mut ranges = Vec::new();
         for (i, c) in list.0.iter().enumerate() {
-            if c.id.is_none() {
-                continue;
-            }
-            let s = list.start(i);
-            match ranges.last_mut() {
-                Some(last) if last.1 == s && c.end - last.0 <= RANGE => last.1 = c.end,
-                _ => ranges.push((s, c.end)),
+            if c.id.is_some() {
+                add_range(&mut ranges, list.start(i), c.end);
             }
         }
+        self.fetch_into(f, &list, ranges)?;
+        f.set_len(e.size)
+    }
+
+    /// Brings an existing file of `old` bytes to `e`'s content in place: a data piece is
+    /// fetched and written only if the file's bytes at its offset do not hash to its chunk id,
+    /// a hole piece is punched (or zeroed) only if those bytes are not zeros; then the length
+    /// is set. Reads the local file once; returns whether anything was written.
+    fn update_content(&self, f: &File, e: &Entry, old: u64) -> io::Result<bool> {
+        let list = self.block(self.repo.chunk_list(e))?;
+        let (mut ranges, mut wrote, mut buf) = (Vec::new(), false, Vec::new());
+        for (i, c) in list.0.iter().enumerate() {
+            let s = list.start(i);
+            match &c.id {
+                Some(id) => {
+                    let same = c.end <= old && {
+                        buf.resize((c.end - s) as usize, 0);
+                        f.read_exact_at(&mut buf, s)?;
+                        Id::of(&buf) == *id
+                    };
+                    if !same {
+                        add_range(&mut ranges, s, c.end);
+                    }
+                }
+                // Past the old end the final set_len leaves zeros (a hole).
+                None if s < old => {
+                    let end = c.end.min(old);
+                    if !reads_as_zeros(f, s, end)? {
+                        punch_hole(f, s, end)?;
+                        wrote = true;
+                    }
+                }
+                None => {}
+            }
+        }
+        wrote |= !ranges.is_empty() || old != e.size;
+        self.fetch_into(f, &list, ranges)?;
+        f.set_len(e.size)?;
+        Ok(wrote)
+    }
+
+    /// Fetches the byte ranges of `list` ([`RANGES_IN_FLIGHT`] at a time) and writes each at
+    /// its offset in `f`.
+    fn fetch_into(&self, f: &File, list: &ChunkList, ranges: Vec<(u64, u64)>) -> io::Result<()> {
         let repo = self.repo;
-        let list = &list;
         self.handle.block_on(async {
             let mut fetches = futures_util::stream::iter(ranges)
                 .map(|(s, end)| async move { (s, repo.read_range(list, s, end - s).await) })
@@ -619,8 +682,7 @@ impl Ctx<'_> {
                 f.write_all_at(&data, s)?;
             }
             io::Result::Ok(())
-        })?;
-        f.set_len(e.size)
+        })
     }
 
     /// Owner, mode, xattrs and times of an open file or directory.
@@ -678,17 +740,82 @@ pub fn same_content(f: &File, list: &ChunkList) -> io::Result<bool> {
     let mut buf = Vec::new();
     for (i, c) in list.0.iter().enumerate() {
         let s = list.start(i);
-        buf.resize((c.end - s) as usize, 0);
-        f.read_exact_at(&mut buf, s)?;
         let ok = match &c.id {
-            Some(id) => Id::of(&buf) == *id,
-            None => buf.iter().all(|&b| b == 0),
+            Some(id) => {
+                buf.resize((c.end - s) as usize, 0);
+                f.read_exact_at(&mut buf, s)?;
+                Id::of(&buf) == *id
+            }
+            // Read in bounded blocks, holes skipped: a hole piece may be gigabytes.
+            None => reads_as_zeros(f, s, c.end)?,
         };
         if !ok {
             return Ok(false);
         }
     }
     Ok(true)
+}
+
+/// Adds the piece `s..end` to `ranges`, merged with the last range if contiguous and the
+/// result stays within [`RANGE`].
+fn add_range(ranges: &mut Vec<(u64, u64)>, s: u64, end: u64) {
+    match ranges.last_mut() {
+        Some(last) if last.1 == s && end - last.0 <= RANGE => last.1 = end,
+        _ => ranges.push((s, end)),
+    }
+}
+
+/// Whether `f`'s bytes `s..end` are all zeros; holes (`SEEK_DATA`) are skipped unread.
+fn reads_as_zeros(f: &File, mut s: u64, end: u64) -> io::Result<bool> {
+    let mut buf = vec![0u8; 1 << 20];
+    while s < end {
+        // SAFETY: an open descriptor.
+        let d = unsafe { libc::lseek(f.as_raw_fd(), s as libc::off_t, libc::SEEK_DATA) };
+        if d < 0 {
+            let err = io::Error::last_os_error();
+            if err.raw_os_error() == Some(libc::ENXIO) {
+                return Ok(true); // no data from s to the end of the file
+            }
+            return Err(err);
+        }
+        s = s.max(d as u64);
+        if s >= end {
+            break;
+        }
+        let n = (end - s).min(buf.len() as u64) as usize;
+        f.read_exact_at(&mut buf[..n], s)?;
+        if buf[..n].iter().any(|&b| b != 0) {
+            return Ok(false);
+        }
+        s += n as u64;
+    }
+    Ok(true)
+}
+
+/// Makes `f`'s bytes `s..end` zeros: a punched hole, or written zeros where the filesystem
+/// cannot punch.
+fn punch_hole(f: &File, s: u64, end: u64) -> io::Result<()> {
+    let mode = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
+    // SAFETY: an open descriptor.
+    if unsafe {
+        libc::fallocate(
+            f.as_raw_fd(),
+            mode,
+            s as libc::off_t,
+            (end - s) as libc::off_t,
+        )
+    } == 0
+    {
+        return Ok(());
+    }
+    let zeros = vec![0u8; 1 << 20];
+    let mut at = s;
+    while at < end {
+        let n = (end - at).min(zeros.len() as u64) as usize;
+        f.write_all_at(&zeros[..n], at)?;
+        at += n as u64;
+    }
+    Ok(())
 }
 
 /// A directory `name` in `dir`, created if missing; anything else there is removed first.
