@@ -430,7 +430,7 @@ rotate() {
 # ---------------------------------------------------------------------------------------------
 
 report_md() {
-    echo "### Run of $(date -u '+%Y-%m-%d %H:%M UTC') (git ${BUILT_REV:-unknown, prebuilt binary})"
+    echo "### Run of $(date -u '+%Y-%m-%d %H:%M UTC') (git ${BUILT_REV:-unknown: prebuilt binary $BENCH_BACKTREE, worktree at $(source_rev)})"
     echo
     machine_lines
     echo "- Tools: backtree $("$BT" --version | awk '{ print $2 }') (release build, restore --jobs ${BENCH_JOBS:-default});" \
