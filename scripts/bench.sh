@@ -71,6 +71,10 @@ if [ "${1:-}" = "--prune" ]; then shift; exec "$(dirname "$0")/bench-prune.sh" "
 # `scripts/bench.sh --history` runs the history view benchmark: a host with a year of generations,
 # local and Garage (scripts/bench-history.sh).
 if [ "${1:-}" = "--history" ]; then shift; exec "$(dirname "$0")/bench-history.sh" "$@"; fi
+# `scripts/bench.sh --restore` runs the restore benchmark: backtree restore vs restic restore and
+# borg extract of a tree and a disk image, and restores over a copy with 1% changed vs rsync from
+# the mount (scripts/bench-restore.sh).
+if [ "${1:-}" = "--restore" ]; then shift; exec "$(dirname "$0")/bench-restore.sh" "$@"; fi
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
