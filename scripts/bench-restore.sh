@@ -63,7 +63,9 @@
 #                       right size (cp --sparse=always)           [/tmp/backtree-bench/image/disk.img]
 #   BENCH_DATASETS      datasets to run                           [tree image]
 #   BENCH_RESTORE_PARTS parts to run                              [full incr]
-#   BENCH_TOOLS         tools of the full part ("mount" is the rsync reference) [backtree restic borg mount]
+#   BENCH_TOOLS         tools of the full part ("mount" is the rsync reference; "floor" copies
+#                       the dataset from a tmpfs copy with `cp -a`: what writing it alone costs)
+#                                                                 [backtree restic borg mount floor]
 #   BENCH_JOBS          backtree restore --jobs, '' = its default []
 #   BENCH_CHANGE_PCT    percent changed for the incremental part  [1]
 #   BENCH_IMAGE_RUN_KB  size of one changed run in the image, KiB [256]
@@ -86,7 +88,7 @@ BENCH_IMAGE_SRC=${BENCH_IMAGE_SRC:-/usr}
 BENCH_IMAGE_REUSE=${BENCH_IMAGE_REUSE-/tmp/backtree-bench/image/disk.img}
 BENCH_DATASETS=${BENCH_DATASETS:-tree image}
 BENCH_RESTORE_PARTS=${BENCH_RESTORE_PARTS:-full incr}
-BENCH_TOOLS=${BENCH_TOOLS:-backtree restic borg mount}
+BENCH_TOOLS=${BENCH_TOOLS:-backtree restic borg mount floor}
 BENCH_JOBS=${BENCH_JOBS:-}
 BENCH_CHANGE_PCT=${BENCH_CHANGE_PCT:-1}
 BENCH_IMAGE_RUN_KB=${BENCH_IMAGE_RUN_KB:-256}
@@ -100,6 +102,7 @@ RESTORE_FS="a fresh ext4 for every restore (loop-mounted sparse file, mkfs.ext4 
 MNT=$BENCH_DIR/mnt   # where the backtree mount goes
 LOOP=$BENCH_DIR/loop # where the image is loop-mounted while it is filled
 RESULTS=$BENCH_DIR/results.tsv
+SHM=/dev/shm/backtree-bench-restore # the floor's source: the datasets copied into memory
 LOGS=$BENCH_DIR/logs
 IMG=$BENCH_DIR/image/disk.img
 CLK_TCK=$(getconf CLK_TCK)
@@ -157,6 +160,7 @@ cleanup() {
     local rc=$?
     trap - EXIT INT TERM
     stop_daemon
+    rm -rf "$SHM"
     unmount_dir "$MNT"
     unmount_dir "$LOOP"
     drop_restore_fs
@@ -265,6 +269,7 @@ restore_cmd() {
         restic) CMD=(restic --repo "$repo" --cache-dir "$RESTIC_CACHE" restore latest --target "$dest" "$@") ;;
         borg) CMD=(borg extract "$@" "$repo::$ds"); CMD_DIR=$dest ;;
         mount) CMD=(rsync -a "$@" "$MNT/$ds/latest/" "$dest/") ;;
+        floor) CMD=(cp -a --sparse=always "$SHM/$ds/." "$dest/") ;;
         *) die "unknown tool $tool" ;;
     esac
 }
@@ -277,6 +282,10 @@ layout_of() { case $1 in backtree* | mount) echo backtree ;; *) echo "$1" ;; esa
 verify() {
     local ds=$1 tool=$2 dest=$3 del=${4:-} src n=0 out=$LOGS/verify-$1-$2.txt rc=0
     : >"$out"
+    if [ "$tool" = floor ]; then
+        echo ok # a plain copy of the source, laid out as in SHM
+        return 0
+    fi
     if [ "$ds" = image ]; then
         cmp "$IMG" "$dest/$(path_in_root "$(layout_of "$tool")" "$IMG")" >"$out" 2>&1 || rc=1
         [ "$rc" -eq 0 ] && echo ok || echo differs
@@ -457,17 +466,17 @@ report_md() {
                 for (i = 2; i <= c; i++) { x = a[i]; for (j = i - 1; j >= 1 && f[a[j], 5] + 0 > f[x, 5] + 0; j--) a[j + 1] = a[j]; a[j + 1] = x }
                 key[k] = a[int((c + 1) / 2)]; range[k] = (c > 1) ? sprintf("%.2f–%.2f", f[a[1], 5], f[a[c], 5]) : "-"
             }
-            split("tree image", D, " "); split("backtree restic borg mount", T, " ")
+            split("tree image", D, " "); split("backtree restic borg mount floor", T, " ")
             print "#### Full restore into an empty filesystem"
             print ""
             print "Median of " rounds " round(s) by wall time (range: fastest–slowest round); the other columns are the median round'"'"'s."
             print ""
             print "| dataset | tool | wall s | range s | CPU s | peak RSS MiB | disk read MB | verify | wall ÷ backtree | load / others CPU s |"
             print "|---|---|---:|---|---:|---:|---:|---|---:|---|"
-            for (d = 1; d <= 2; d++) for (t = 1; t <= 4; t++) {
+            for (d = 1; d <= 2; d++) for (t = 1; t <= 5; t++) {
                 k = "full" SUBSEP D[d] SUBSEP T[t]; if (!(k in key)) continue
                 r = key[k]; b = g("full", D[d], "backtree", 5)
-                printf "| %s | %s | %.2f | %s | %s | %s | %s | %s%s | %s | %s / %s |\n", D[d], (T[t] == "mount" ? "rsync -a from backtree mount" : T[t]),
+                printf "| %s | %s | %.2f | %s | %s | %s | %s | %s%s | %s | %s / %s |\n", D[d], (T[t] == "mount" ? "rsync -a from backtree mount" : T[t] == "floor" ? "floor: `cp -a` of a tmpfs copy (writing alone)" : T[t]),
                     f[r, 5], range[k], f[r, 6], mib(f[r, 7]), mb(f[r, 9]), (k in badv) ? badv[k] : "ok", (k in bad) ? " (exit" bad[k] ")" : "",
                     (num(b) ? sprintf("%.2f", f[r, 5] / b) : "n/a"), f[r, 14], f[r, 15]
             }
@@ -544,6 +553,15 @@ main() {
             *) die "unknown dataset $ds" ;;
         esac
     done
+
+    if [[ " $BENCH_TOOLS " == *" floor "* ]]; then
+        say "copying the datasets to $SHM for the floor (not timed)"
+        rm -rf "$SHM"
+        mkdir -p "$SHM/tree" "$SHM/image"
+        for ds in $BENCH_DATASETS; do
+            if [ "$ds" = image ]; then cp --sparse=always "$IMG" "$SHM/image/"; else cp -a "${TREE_PATHS[@]}" "$SHM/tree/"; fi
+        done
+    fi
 
     say "ingesting (not timed)"
     for tool in backtree restic borg; do
