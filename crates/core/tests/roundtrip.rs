@@ -234,6 +234,20 @@ async fn several_sources_and_errors_before_writing() {
             "2026-11-20T010000Z-3"
         ]
     );
+    // A name forgotten a moment ago is not taken again within its second: readers (a mount)
+    // know a generation by its name.
+    repo.forget("same", "2026-11-20T010000Z").await.unwrap();
+    let mut o = opts("same", &a);
+    o.time = Some(t);
+    run(&repo, o).await.unwrap();
+    assert_eq!(
+        repo.generations("same").await.unwrap(),
+        [
+            "2026-11-20T010000Z-2",
+            "2026-11-20T010000Z-3",
+            "2026-11-20T010000Z-4"
+        ]
+    );
     assert_eq!(repo.hosts().await.unwrap(), ["h", "h2", "same"]);
 }
 

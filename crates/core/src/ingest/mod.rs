@@ -551,7 +551,14 @@ pub(crate) async fn commit(
     let conditional =
         repo.config().store_create_if_absent && repo.store().honors_create_if_absent();
     let session = claim::session_id();
-    let mut n = 1;
+    // Never below a name of the same second that exists: a generation forgotten a moment ago
+    // (`forget --keep-last` between two ingests of one second) must not have its name taken
+    // again, since readers treat a generation's name as its identity (a mount keeps what it
+    // read of `host/name`, the kernel caches its files by inode numbers derived from it).
+    let mut n = (existing.iter())
+        .filter_map(|e| same_second_suffix(e, &base))
+        .max()
+        .map_or(1, |k| k + 1);
     loop {
         if n > 10_000 {
             return Err(Error::NoFreeName { base });
@@ -589,6 +596,15 @@ pub(crate) async fn commit(
             return Ok(());
         }
     }
+}
+
+/// `n` if `name` is [`candidate_name`]`(base, n)`.
+fn same_second_suffix(name: &str, base: &str) -> Option<u32> {
+    let rest = name.strip_prefix(base)?;
+    if rest.is_empty() {
+        return Some(1);
+    }
+    rest.strip_prefix('-')?.parse().ok().filter(|&k| k >= 2)
 }
 
 /// The host's newest generation, if it can be read (otherwise the ingest simply reads all).

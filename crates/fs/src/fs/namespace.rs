@@ -256,7 +256,17 @@ impl Namespace {
     ) -> Result<Vec<String>> {
         match fresh.await {
             Ok(v) => {
-                lock(&self.listings).insert(key, v.clone());
+                let old = lock(&self.listings).insert(key.clone(), v.clone());
+                if let (false, Some(old)) = (key.is_empty(), old) {
+                    // A generation gone from the listing (forgotten) is dropped from the loaded
+                    // ones: were its name ever used again (`--time` of a night re-imported), its
+                    // new manifest must be read, not the one kept.
+                    let now: std::collections::HashSet<&String> = v.iter().collect();
+                    let mut gens = lock(&self.gens);
+                    for name in old.into_iter().filter(|n| !now.contains(n)) {
+                        gens.pop(&(key.clone(), name));
+                    }
+                }
                 Ok(v)
             }
             Err(e) => {
