@@ -1,7 +1,7 @@
 //! `backtree diff` and `backtree find`: comparing generations and searching across them, with
 //! core's walks that read only the subtrees that differ (core diff.rs, find.rs).
 
-use crate::output::{entry_json, size, time};
+use crate::output::{entry_json, host_globs, size, time};
 use anyhow::{bail, Context, Result};
 use backtree_core::diff::{diff_entries, Change};
 use backtree_core::find::{Finder, Pattern};
@@ -48,14 +48,7 @@ async fn generation(repo: &Repository, what: &str) -> Result<(String, String)> {
     if gen.contains('/') {
         bail!("expected HOST/GENERATION, not {what:?} (give the path as the third argument)");
     }
-    let gen = if gen == "latest" {
-        match repo.latest(host).await? {
-            Some(g) => g,
-            None => bail!("host {host:?} has no generations in this repository"),
-        }
-    } else {
-        gen.to_owned()
-    };
+    let gen = backtree_core::restore::resolve_generation(repo, host, gen).await?;
     Ok((host.to_owned(), gen))
 }
 
@@ -124,16 +117,7 @@ fn generations_text(g: &[String]) -> String {
 
 pub async fn find(repo: &Repository, args: &FindArgs) -> Result<i32> {
     let pattern = Pattern::new(&args.pattern)?;
-    let globs = {
-        let mut b = globset::GlobSetBuilder::new();
-        for h in &args.hosts {
-            b.add(
-                globset::Glob::new(h)
-                    .with_context(|| format!("--host {h:?} is not a valid glob"))?,
-            );
-        }
-        b.build()?
-    };
+    let globs = host_globs(&args.hosts)?;
     let mut all = Vec::new();
     for (host, gens) in repo.all_generations().await? {
         if !args.hosts.is_empty() && !globs.is_match(&host) {

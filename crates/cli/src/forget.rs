@@ -84,16 +84,7 @@ impl PolicyArgs {
 /// Runs `forget`; returns the exit code (1 if some manifest could not be deleted).
 pub async fn run(repo: &Repository, args: &PolicyArgs) -> Result<i32> {
     let policy = args.policy()?;
-    let globs = {
-        let mut b = globset::GlobSetBuilder::new();
-        for h in &args.hosts {
-            b.add(
-                globset::Glob::new(h)
-                    .with_context(|| format!("--host {h:?} is not a valid glob"))?,
-            );
-        }
-        b.build()?
-    };
+    let globs = crate::output::host_globs(&args.hosts)?;
     let hosts: Vec<String> = repo
         .hosts()
         .await?

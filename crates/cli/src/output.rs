@@ -25,7 +25,7 @@ pub fn stdout_failed(e: std::io::Error) -> ! {
     std::process::exit(1)
 }
 
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 use backtree_core::tree::{Entry, Kind};
 use backtree_core::Repository;
 use chrono::{TimeZone, Utc};
@@ -35,6 +35,15 @@ use serde_json::json;
 /// Manifests `ls HOST` fetches at once: each is a small GET, whose latency on S3 (tens of
 /// milliseconds) would otherwise add up to seconds for a year of nightly generations.
 const MANIFEST_FETCHES: usize = 16;
+
+/// The set of `--host` globs (an error names the one that is not a valid glob).
+pub fn host_globs(globs: &[String]) -> Result<globset::GlobSet> {
+    let mut b = globset::GlobSetBuilder::new();
+    for h in globs {
+        b.add(globset::Glob::new(h).with_context(|| format!("--host {h:?} is not a valid glob"))?);
+    }
+    Ok(b.build()?)
+}
 
 /// Bytes in binary units, like `ls -h`.
 pub fn size(n: u64) -> String {
@@ -172,14 +181,7 @@ pub async fn ls(repo: &Repository, what: Option<&str>, json: bool, recursive: bo
         }
         return Ok(());
     };
-    let gen = if gen == "latest" {
-        match repo.latest(host).await? {
-            Some(g) => g,
-            None => bail!("host {host:?} has no generations in this repository"),
-        }
-    } else {
-        gen.to_owned()
-    };
+    let gen = backtree_core::restore::resolve_generation(repo, host, gen).await?;
     let m = repo.manifest(host, &gen).await?;
     let entry = match repo
         .resolve(

@@ -3,7 +3,7 @@
 //! Exit codes (ripgrep-like): 0 the repository is sound (warnings allowed), 1 problems found,
 //! 2 verify could not run (the repository cannot be opened or listed).
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 use backtree_core::verify::{self, DataSubset, Report, VerifyOptions, VerifyProgress};
 use backtree_core::Repository;
 use clap::Args;
@@ -54,11 +54,7 @@ pub fn host_filter(globs: &[String]) -> Result<Option<verify::HostFilter>> {
     if globs.is_empty() {
         return Ok(None);
     }
-    let mut b = globset::GlobSetBuilder::new();
-    for h in globs {
-        b.add(globset::Glob::new(h).with_context(|| format!("--host {h:?} is not a valid glob"))?);
-    }
-    let set = b.build()?;
+    let set = crate::output::host_globs(globs)?;
     Ok(Some(Box::new(move |h: &str| set.is_match(h))))
 }
 

@@ -140,6 +140,9 @@ pub(crate) async fn hand_off() {
     tokio::task::yield_now().await;
 }
 
+/// An item of a virtual directory: inode, name, node.
+type Listed = (u64, Vec<u8>, Node);
+
 /// The filesystem: a coordinator over the modules that own its state (see the module docs).
 pub struct BacktreeFs {
     repo: Arc<Repository>,
@@ -294,20 +297,24 @@ impl BacktreeFs {
                 ino,
                 tree: dir_tree(entry.as_deref())?,
             },
-            Node::History { host, path } => {
-                DirHandle::Virtual(self.list_history(host, path).await?)
-            }
-            Node::Versions { host, path } => {
-                DirHandle::Virtual(self.list_versions(host, path).await?)
-            }
             _ => {
-                let items = self.namespace.list(&node).await?;
+                let items = match &node {
+                    Node::History { host, path } => self.list_history(host, path).await?,
+                    Node::Versions { host, path } => self.list_versions(host, path).await?,
+                    _ => self.namespace.list(&node).await?,
+                };
                 let items = items.into_iter().enumerate().map(|(i, (ino, name, node))| {
-                    let root = match &node {
+                    // The entries a virtual directory lists are generation roots (in their
+                    // manifests) and history versions (held by their nodes).
+                    let entry = match &node {
+                        Node::Entry {
+                            at: EntryAt::Held(e),
+                            ..
+                        } => Some(&**e),
                         Node::Entry { gen, .. } => Some(&gen.manifest.root),
                         _ => None,
                     };
-                    let (attr, ttl) = self.attr_of(ino, &node, root);
+                    let (attr, ttl) = self.attr_of(ino, &node, entry);
                     DirItem {
                         ino,
                         next: i as u64 + 1,
@@ -342,26 +349,18 @@ impl BacktreeFs {
     }
 
     /// The items of a directory of the history view: the names `path` has had.
-    async fn list_history(&self, host: &Arc<str>, path: &Arc<[u8]>) -> Result<Vec<DirItem>> {
+    async fn list_history(&self, host: &Arc<str>, path: &Arc<[u8]>) -> Result<Vec<Listed>> {
         let versions = self.versions(host, path).await?;
         let names = self.history.children(host, path, &versions).await?;
-        let items = names.into_iter().enumerate().map(|(i, (name, kind))| {
+        let items = names.into_iter().map(|(name, kind)| {
             let (ino, node) = history::node_of(host, history::join(path, &name), kind == Kind::Dir);
-            let (attr, ttl) = self.namespace.attr(ino, &node);
-            DirItem {
-                ino,
-                next: i as u64 + 1,
-                name,
-                attr,
-                ttl,
-                node,
-            }
+            (ino, name, node)
         });
         Ok(items.collect())
     }
 
     /// The items of a directory of versions: each version's entry in its first generation.
-    async fn list_versions(&self, host: &Arc<str>, path: &Arc<[u8]>) -> Result<Vec<DirItem>> {
+    async fn list_versions(&self, host: &Arc<str>, path: &Arc<[u8]>) -> Result<Vec<Listed>> {
         let versions = self.versions(host, path).await?;
         let mut items = Vec::with_capacity(versions.len());
         // The versions' generations are loaded 16 at a time (a file changed every night has a
@@ -383,15 +382,8 @@ impl BacktreeFs {
                 Err(FsError::NotFound) => continue,
                 Err(e) => return Err(e),
             };
-            let (ino, node, attr) = history::version_node(gen, path, v);
-            items.push(DirItem {
-                ino,
-                next: items.len() as u64 + 1,
-                name: v.first().as_bytes().to_vec(),
-                attr,
-                ttl: LONG_TTL,
-                node,
-            });
+            let (ino, node, _) = history::version_node(gen, path, v);
+            items.push((ino, v.first().as_bytes().to_vec(), node));
         }
         Ok(items)
     }
